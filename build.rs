@@ -1,0 +1,12 @@
+//! Generates the gRPC code and the descriptor set for reflection with protox (pure Rust: no system protoc).
+use std::path::PathBuf;
+
+fn main() -> anyhow::Result<()> {
+    let proto = "proto/omnibus/v1/inference.proto";
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile([proto], ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("omnibus_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! Dynamic batching in front of each model: bounded admission, time windows, token budgets, deadlines and
+//! cancellation. No tonic and no candle here: requests arrive as `validate::Valid*` types and leave as
+//! plain vectors; the model is reached only through the `engine` traits.
+mod state;
+mod task;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+pub use state::{Queued, State};
+
+use crate::engine::{EmbedEngine, EngineError};
+use crate::validate::ValidPredict;
+
+/// Batching limits of one embedding model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most inputs in one forward pass.
+    pub max_batch_size: usize,
+    /// How long the oldest waiting request may wait for company.
+    pub max_queue_delay: Duration,
+    /// Most padded tokens (inputs x longest) in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Most requests waiting (not yet in a running batch).
+    pub max_queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_batch_size: 32, max_queue_delay: Duration::from_millis(1), max_batch_tokens: 16384, max_queue: 256 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("server overloaded: the queue of model {model} is full ({max_queue} requests waiting); retry later")]
+    QueueFull { model: Arc<str>, max_queue: usize },
+    #[error("deadline exceeded after waiting {waited_ms} ms in the queue of model {model}")]
+    DeadlineExceeded { model: Arc<str>, waited_ms: u64 },
+    #[error("model {0} is shutting down")]
+    Closed(Arc<str>),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// A computed request, with what the caller may want to know about its batch.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    /// Inputs in the batch this request rode in.
+    pub batch_size: usize,
+    /// Requests in that batch.
+    pub batch_requests: usize,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+}
+
+/// One waiting request as the batcher's task holds it.
+struct Entry {
+    request: ValidPredict,
+    enqueued_at: Instant,
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Result<Embedded, BatchError>>,
+    /// Held while the request waits; released when its batch starts or the entry is dropped, which
+    /// frees its place in the queue.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Queued for Entry {
+    fn inputs(&self) -> usize {
+        self.request.inputs.len()
+    }
+    fn longest(&self) -> usize {
+        self.request.longest()
+    }
+    fn enqueued_at(&self) -> Instant {
+        self.enqueued_at
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    fn is_abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// A cheap, cloneable handle to one embedding model's batcher.
+#[derive(Clone)]
+pub struct EmbedBatcher {
+    model: Arc<str>,
+    tx: mpsc::Sender<Entry>,
+    /// Admission control: one permit per waiting request. Checked before anything else, so a full queue
+    /// is answered at once and no channel ever needs to block.
+    permits: Arc<Semaphore>,
+    max_queue: usize,
+}
+
+impl EmbedBatcher {
+    /// Starts the batcher's task on the current tokio runtime.
+    pub fn spawn(model: &str, engine: EmbedEngine, config: BatchConfig) -> Self {
+        let model: Arc<str> = model.into();
+        // The channel can never be full: a sender needs a permit first, and an entry in the channel
+        // still holds its permit, so at most max_queue entries are ever in it.
+        let (tx, rx) = mpsc::channel(config.max_queue);
+        let permits = Arc::new(Semaphore::new(config.max_queue));
+        let max_queue = config.max_queue;
+        tokio::spawn(task::run(model.clone(), rx, engine, config));
+        Self { model, tx, permits, max_queue }
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Requests waiting for a batch (not those already computing).
+    pub fn queue_len(&self) -> usize {
+        self.max_queue - self.permits.available_permits()
+    }
+
+    /// Queues a request and waits for its vectors. Dropping the future (the caller hung up) removes the
+    /// request before it reaches the model.
+    pub async fn embed(&self, request: ValidPredict, deadline: Option<Instant>) -> Result<Embedded, BatchError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BatchError::QueueFull { model: self.model.clone(), max_queue: self.max_queue })?;
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            // Already expired on arrival: not worth a place in the queue.
+            return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
+        }
+        let (reply, rx) = oneshot::channel();
+        let entry = Entry { request, enqueued_at: Instant::now(), deadline, reply, permit: Some(permit) };
+        self.tx.send(entry).await.map_err(|_| BatchError::Closed(self.model.clone()))?;
+        rx.await.map_err(|_| BatchError::Closed(self.model.clone()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The batcher's task with paused tokio time and a fake engine that records what reached it.
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::engine::Embedder;
+    use crate::validate::ValidInput;
+
+    #[derive(Clone, Default)]
+    struct Recorder {
+        seen: Arc<Mutex<Vec<Vec<u32>>>>,
+    }
+
+    impl Embedder for Recorder {
+        fn embed(&mut self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+            self.seen.lock().unwrap().extend(batch.iter().cloned());
+            Ok(batch.iter().map(|ids| vec![ids.len() as f32, ids[0] as f32]).collect())
+        }
+    }
+
+    fn config() -> BatchConfig {
+        BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(5),
+            max_batch_tokens: 1000,
+            max_queue: 64,
+        }
+    }
+
+    fn batcher(config: BatchConfig) -> (EmbedBatcher, Recorder) {
+        let recorder = Recorder::default();
+        let engine = EmbedEngine::spawn("fake", recorder.clone()).unwrap();
+        (EmbedBatcher::spawn("fake", engine, config), recorder)
+    }
+
+    fn req(first: u32, len: usize) -> ValidPredict {
+        let mut ids = vec![first];
+        ids.resize(len, 0);
+        ValidPredict { inputs: vec![ValidInput { ids }], normalize: false }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_request_waits_exactly_the_window() {
+        let (b, _) = batcher(config());
+        let out = b.embed(req(1, 3), None).await.unwrap();
+        assert_eq!(out.queue_time, Duration::from_millis(5));
+        assert_eq!((out.batch_size, out.batch_requests), (1, 1));
+        assert_eq!(out.vectors, vec![vec![3.0, 1.0]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_runs_at_once_and_the_rest_waits_for_the_next() {
+        let (b, _) = batcher(config());
+        let tasks: Vec<_> = (0..9u32)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.embed(req(i, 4), None).await.unwrap() })
+            })
+            .collect();
+        let mut sizes = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let out = t.await.unwrap();
+            assert_eq!(out.vectors[0][1], i as f32, "answers go back to their own caller");
+            sizes.push((out.batch_size, out.queue_time));
+        }
+        let full = sizes.iter().filter(|s| **s == (8, Duration::ZERO)).count();
+        assert_eq!(full, 8, "{sizes:?}");
+        assert!(sizes.contains(&(1, Duration::from_millis(5))), "{sizes:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_budget_splits_batches() {
+        let (b, _) = batcher(BatchConfig { max_batch_tokens: 100, ..config() });
+        let tasks: Vec<_> = (0..3u32)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.embed(req(i, 40), None).await.unwrap().batch_size })
+            })
+            .collect();
+        let mut sizes = Vec::new();
+        for t in tasks {
+            sizes.push(t.await.unwrap());
+        }
+        sizes.sort();
+        assert_eq!(sizes, vec![1, 2, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_hangs_up_never_reaches_the_model() {
+        let (b, recorder) = batcher(config());
+        let gone = {
+            let b = b.clone();
+            tokio::spawn(async move { b.embed(req(77, 3), None).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(b.queue_len(), 1);
+        gone.abort();
+        let out = b.embed(req(1, 3), None).await.unwrap();
+        assert_eq!(out.batch_requests, 1);
+        assert!(recorder.seen.lock().unwrap().iter().all(|ids| ids[0] != 77));
+        assert_eq!(b.queue_len(), 0, "the abandoned entry's place is free again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_request_is_answered_and_never_reaches_the_model() {
+        let (b, recorder) = batcher(config());
+        let deadline = Instant::now() + Duration::from_millis(2);
+        let err = b.embed(req(55, 3), Some(deadline)).await.unwrap_err();
+        assert!(matches!(err, BatchError::DeadlineExceeded { waited_ms: 2, .. }), "{err}");
+        let past = b.embed(req(56, 3), Some(Instant::now())).await.unwrap_err();
+        assert!(matches!(past, BatchError::DeadlineExceeded { waited_ms: 0, .. }), "{past}");
+        assert!(recorder.seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_at_once() {
+        let (b, _) = batcher(BatchConfig { max_queue: 2, max_queue_delay: Duration::from_secs(1), ..config() });
+        let waiting: Vec<_> = (0..2u32)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.embed(req(i, 3), None).await })
+            })
+            .collect();
+        while b.queue_len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
+        let err = b.embed(req(9, 3), None).await.unwrap_err();
+        assert!(matches!(err, BatchError::QueueFull { max_queue: 2, .. }), "{err}");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        for w in waiting {
+            assert_eq!(w.await.unwrap().unwrap().batch_size, 2);
+        }
+    }
+}

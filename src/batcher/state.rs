@@ -1,0 +1,263 @@
+//! The embedding queue's pure state: what waits, when a batch is due, and which entries ride in it.
+//! No channels and no clock of its own: every decision takes `now`, so it is unit-tested directly.
+use std::collections::VecDeque;
+
+use tokio::time::Instant;
+
+use super::BatchConfig;
+
+/// What the state needs to know about a waiting request.
+pub trait Queued {
+    /// Inputs this request adds to a batch (each counts against `max_batch_size`).
+    fn inputs(&self) -> usize;
+    /// Its longest input in tokens: the batch is padded to the longest of its members.
+    fn longest(&self) -> usize;
+    fn enqueued_at(&self) -> Instant;
+    fn deadline(&self) -> Option<Instant>;
+    /// True when nobody waits for the answer any more (the caller hung up).
+    fn is_abandoned(&self) -> bool;
+}
+
+#[derive(Debug)]
+pub struct State<E> {
+    queue: VecDeque<E>,
+    config: BatchConfig,
+}
+
+impl<E: Queued> State<E> {
+    pub fn new(config: BatchConfig) -> Self {
+        Self { queue: VecDeque::new(), config }
+    }
+
+    pub fn push(&mut self, entry: E) {
+        self.queue.push_back(entry);
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Removes entries nobody waits for (dropped silently) and entries past their deadline (returned,
+    /// so the caller can answer them with DEADLINE_EXCEEDED). Neither ever reaches the model.
+    pub fn remove_stale(&mut self, now: Instant) -> Vec<E> {
+        let mut expired = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for e in self.queue.drain(..) {
+            if e.is_abandoned() {
+                continue;
+            }
+            if e.deadline().is_some_and(|d| d <= now) {
+                expired.push(e);
+            } else {
+                kept.push_back(e);
+            }
+        }
+        self.queue = kept;
+        expired
+    }
+
+    /// A batch is due when the waiting inputs fill `max_batch_size`, or their padded tokens fill the
+    /// token budget, or the oldest entry has waited the whole window.
+    pub fn is_due(&self, now: Instant) -> bool {
+        let Some(oldest) = self.queue.front() else { return false };
+        if oldest.enqueued_at() + self.config.max_queue_delay <= now {
+            return true;
+        }
+        let inputs: usize = self.queue.iter().map(Queued::inputs).sum();
+        let tokens: usize = self.queue.iter().map(|e| e.inputs() * e.longest()).sum();
+        inputs >= self.config.max_batch_size || tokens >= self.config.max_batch_tokens
+    }
+
+    /// The next batch, if one is due. The oldest entry always rides (so nothing starves); the rest are
+    /// chosen by closeness of length to it (so padding stays small) while the batch stays within
+    /// `max_batch_size` inputs and `max_batch_tokens` padded tokens. Validation guarantees that any single
+    /// entry fits both bounds on its own.
+    pub fn next_batch(&mut self, now: Instant) -> Option<Vec<E>> {
+        if !self.is_due(now) {
+            return None;
+        }
+        let anchor = self.queue.front()?;
+        let anchor_len = anchor.longest();
+        let mut inputs = anchor.inputs();
+        let mut longest = anchor_len;
+        let mut chosen = vec![0usize];
+        let mut candidates: Vec<usize> = (1..self.queue.len()).collect();
+        // Stable sort: among equal distances the older entry goes first.
+        candidates.sort_by_key(|&i| self.queue[i].longest().abs_diff(anchor_len));
+        for i in candidates {
+            if inputs >= self.config.max_batch_size {
+                break;
+            }
+            let e = &self.queue[i];
+            let new_inputs = inputs + e.inputs();
+            let new_longest = longest.max(e.longest());
+            if new_inputs <= self.config.max_batch_size && new_inputs * new_longest <= self.config.max_batch_tokens {
+                inputs = new_inputs;
+                longest = new_longest;
+                chosen.push(i);
+            }
+        }
+        chosen.sort_unstable();
+        // Remove from the back so earlier indices stay valid; then restore arrival order.
+        let mut batch: Vec<E> = chosen.iter().rev().filter_map(|&i| self.queue.remove(i)).collect();
+        batch.reverse();
+        Some(batch)
+    }
+
+    /// When the loop must look again even if nothing arrives: the end of the oldest entry's window
+    /// (only useful while the model is idle) or the earliest deadline.
+    pub fn next_wakeup(&self, model_idle: bool) -> Option<Instant> {
+        let window =
+            if model_idle { self.queue.front().map(|e| e.enqueued_at() + self.config.max_queue_delay) } else { None };
+        let deadline = self.queue.iter().filter_map(Queued::deadline).min();
+        match (window, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    struct Fake {
+        id: usize,
+        inputs: usize,
+        longest: usize,
+        at: Instant,
+        deadline: Option<Instant>,
+        abandoned: bool,
+    }
+
+    impl Queued for Fake {
+        fn inputs(&self) -> usize {
+            self.inputs
+        }
+        fn longest(&self) -> usize {
+            self.longest
+        }
+        fn enqueued_at(&self) -> Instant {
+            self.at
+        }
+        fn deadline(&self) -> Option<Instant> {
+            self.deadline
+        }
+        fn is_abandoned(&self) -> bool {
+            self.abandoned
+        }
+    }
+
+    fn config() -> BatchConfig {
+        BatchConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(5),
+            max_batch_tokens: 1000,
+            max_queue: 64,
+        }
+    }
+
+    fn entry(id: usize, inputs: usize, longest: usize, at: Instant) -> Fake {
+        Fake { id, inputs, longest, at, deadline: None, abandoned: false }
+    }
+
+    fn ids(batch: &[Fake]) -> Vec<usize> {
+        batch.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn waits_for_the_window_then_runs_a_partial_batch() {
+        let t0 = Instant::now();
+        let mut s = State::new(config());
+        s.push(entry(1, 1, 10, t0));
+        s.push(entry(2, 1, 10, t0 + Duration::from_millis(1)));
+        assert!(s.next_batch(t0 + Duration::from_millis(4)).is_none());
+        assert_eq!(s.next_wakeup(true), Some(t0 + Duration::from_millis(5)));
+        let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
+        assert_eq!(ids(&batch), vec![1, 2]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_full_batch_runs_without_waiting_and_is_capped_by_size() {
+        let t0 = Instant::now();
+        let mut s = State::new(config());
+        for id in 0..5 {
+            s.push(entry(id, 2, 10, t0)); // 10 inputs waiting, cap 8
+        }
+        let batch = s.next_batch(t0).unwrap();
+        assert_eq!(batch.iter().map(|e| e.inputs).sum::<usize>(), 8);
+        assert_eq!(ids(&batch), vec![0, 1, 2, 3]);
+        assert_eq!(s.len(), 1);
+        // The rest is not due yet: one entry, window still open.
+        assert!(s.next_batch(t0 + Duration::from_millis(1)).is_none());
+    }
+
+    #[test]
+    fn the_token_budget_caps_the_batch_and_packs_by_length() {
+        let t0 = Instant::now();
+        let mut s = State::new(config()); // 1000 padded tokens
+        s.push(entry(0, 1, 100, t0)); // anchor, oldest
+        s.push(entry(1, 1, 400, t0));
+        s.push(entry(2, 1, 110, t0));
+        s.push(entry(3, 1, 90, t0));
+        s.push(entry(4, 1, 300, t0));
+        // 100+400+110+90+300 padded... the budget is hit, so the batch is due at once.
+        let batch = s.next_batch(t0).unwrap();
+        // Closest lengths first: 110 and 90 join (3 x 110 = 330), then 300 (4 x 300 = 1200) does not fit,
+        // nor 400.
+        assert_eq!(ids(&batch), vec![0, 2, 3]);
+        let padded = batch.len() * batch.iter().map(|e| e.longest).max().unwrap();
+        assert!(padded <= 1000);
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn the_oldest_entry_always_rides_so_nothing_starves() {
+        let t0 = Instant::now();
+        let mut s = State::new(config());
+        s.push(entry(0, 1, 500, t0)); // long and oldest
+        for id in 1..8 {
+            s.push(entry(id, 1, 10, t0 + Duration::from_millis(1)));
+        }
+        let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
+        assert_eq!(batch[0].id, 0);
+        // 2 x 500 = 1000 fits, a third at 500 padding does not.
+        assert_eq!(batch.len(), 2);
+    }
+
+    #[test]
+    fn abandoned_entries_are_dropped_and_expired_ones_returned() {
+        let t0 = Instant::now();
+        let mut s = State::new(config());
+        let mut gone = entry(0, 1, 10, t0);
+        gone.abandoned = true;
+        let mut late = entry(1, 1, 10, t0);
+        late.deadline = Some(t0 + Duration::from_millis(2));
+        s.push(gone);
+        s.push(late);
+        s.push(entry(2, 1, 10, t0));
+        assert_eq!(s.next_wakeup(false), Some(t0 + Duration::from_millis(2)));
+        let expired = s.remove_stale(t0 + Duration::from_millis(2));
+        assert_eq!(ids(&expired), vec![1]);
+        assert_eq!(s.len(), 1);
+        let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
+        assert_eq!(ids(&batch), vec![2]);
+    }
+
+    #[test]
+    fn no_window_wakeup_while_the_model_is_busy() {
+        let t0 = Instant::now();
+        let mut s = State::new(config());
+        s.push(entry(0, 1, 10, t0));
+        assert_eq!(s.next_wakeup(false), None);
+        assert!(s.next_wakeup(true).is_some());
+    }
+}

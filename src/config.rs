@@ -1,0 +1,237 @@
+//! Command-line flags (each also an `OMNIBUS_*` environment variable), checked together at start-up and
+//! turned into one typed config per layer.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::batcher::BatchConfig;
+pub use crate::engine::DeviceChoice;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "omnibus",
+    version,
+    about = "A model-serving server: gRPC embeddings and generation with dynamic batching"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve every model in the model directory over gRPC.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address for gRPC (h2c). Use port 0 to let the OS pick; the chosen address is printed on stdout.
+    #[arg(long, env = "OMNIBUS_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory holding the models: a folder per sentence-transformers (BERT) model; `python3
+    /// models/fetch.py` fills it with the defaults.
+    #[arg(long, env = "OMNIBUS_MODEL_DIR", default_value = "models")]
+    pub model_dir: PathBuf,
+
+    /// Embedding model that an empty `model` field resolves to (default: all-MiniLM-L6-v2 when present,
+    /// else the only or first one found).
+    #[arg(long, env = "OMNIBUS_EMBEDDING_MODEL")]
+    pub embedding_model: Option<String>,
+
+    /// Most inputs computed in one forward pass. Larger batches raise throughput per core until the
+    /// batch stops fitting in cache; they also bound how many inputs one request may carry.
+    #[arg(long, env = "OMNIBUS_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: u32,
+
+    /// The batching window: how long the oldest waiting request may wait for company before a partial
+    /// batch runs (e.g. `500us`, `2ms`). Adds up to this much latency at low load; under load batches
+    /// fill while the model is busy, so the window rarely matters there.
+    #[arg(long, env = "OMNIBUS_MAX_QUEUE_DELAY", default_value = "1ms", value_parser = parse_duration)]
+    pub max_queue_delay: Duration,
+
+    /// Padded-token budget per batch (inputs x longest input). Bounds the memory and latency of one
+    /// forward pass, and keeps one long input from padding many short ones.
+    #[arg(long, env = "OMNIBUS_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: u32,
+
+    /// Requests that may wait per model. Beyond it calls get RESOURCE_EXHAUSTED at once instead of
+    /// queueing without bound, so a client or autoscaler learns of overload immediately.
+    #[arg(long, env = "OMNIBUS_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: u32,
+
+    /// Compute threads for the model's matrix products (default: every core). Fewer leave room for
+    /// gRPC and tokenization on small machines.
+    #[arg(long, env = "OMNIBUS_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Where models run.
+    #[arg(long, env = "OMNIBUS_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+
+    /// Log line format.
+    #[arg(long, env = "OMNIBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// What the server layer needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+}
+
+/// What the registry needs to find and load models.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_dir: PathBuf,
+    pub embedding_model: Option<String>,
+    pub threads: usize,
+    pub device: DeviceChoice,
+}
+
+/// The whole, checked configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub server: ServerConfig,
+    pub batch: BatchConfig,
+    pub model: ModelConfig,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{flag} must be at least {min}, got {got}")]
+    TooSmall { flag: &'static str, min: u64, got: u64 },
+    #[error("--{flag} must be at most {max}, got {got}")]
+    TooLarge { flag: &'static str, max: u64, got: u64 },
+    #[error(
+        "--max-queue ({queue}) must be at least --max-batch-size ({batch}): a full batch of single-input \
+         requests has to fit in the queue, or batches could never fill"
+    )]
+    QueueSmallerThanBatch { queue: u32, batch: u32 },
+    #[error("--model-dir {0:?} is not a directory; run `python3 models/fetch.py` or point it at your models")]
+    NoModelDir(PathBuf),
+}
+
+impl ServeArgs {
+    /// Checks the flags together and splits them into per-layer configs.
+    pub fn validate(self) -> Result<ServeConfig, ConfigError> {
+        fn at_least(flag: &'static str, got: u64, min: u64) -> Result<(), ConfigError> {
+            if got < min { Err(ConfigError::TooSmall { flag, min, got }) } else { Ok(()) }
+        }
+        fn at_most(flag: &'static str, got: u64, max: u64) -> Result<(), ConfigError> {
+            if got > max { Err(ConfigError::TooLarge { flag, max, got }) } else { Ok(()) }
+        }
+        at_least("max-batch-size", self.max_batch_size.into(), 1)?;
+        // Beyond a few thousand inputs one forward pass takes seconds and the padded activations gigabytes.
+        at_most("max-batch-size", self.max_batch_size.into(), 4096)?;
+        at_least("max-queue", self.max_queue.into(), 1)?;
+        at_most("max-queue", self.max_queue.into(), 1_000_000)?;
+        at_least("max-batch-tokens", self.max_batch_tokens.into(), 1)?;
+        // A window above 10 s is a misconfiguration (a unit typo), never a batching strategy.
+        at_most("max-queue-delay (in ms)", self.max_queue_delay.as_millis() as u64, 10_000)?;
+        let threads = match self.threads {
+            Some(t) => {
+                at_least("threads", t as u64, 1)?;
+                at_most("threads", t as u64, 1024)?;
+                t
+            }
+            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        };
+        if self.max_queue < self.max_batch_size {
+            return Err(ConfigError::QueueSmallerThanBatch { queue: self.max_queue, batch: self.max_batch_size });
+        }
+        if !self.model_dir.is_dir() {
+            return Err(ConfigError::NoModelDir(self.model_dir));
+        }
+        Ok(ServeConfig {
+            server: ServerConfig { listen: self.listen },
+            batch: BatchConfig {
+                max_batch_size: self.max_batch_size as usize,
+                max_queue_delay: self.max_queue_delay,
+                max_batch_tokens: self.max_batch_tokens as usize,
+                max_queue: self.max_queue as usize,
+            },
+            model: ModelConfig {
+                model_dir: self.model_dir,
+                embedding_model: self.embedding_model,
+                threads,
+                device: self.device,
+            },
+            log_format: self.log_format,
+        })
+    }
+}
+
+/// Parses `250us`, `2ms`, `1.5s`, `1m`; a bare number is milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500us, 2ms or 1s"))?;
+    let secs = match unit.trim() {
+        "ns" => value / 1e9,
+        "us" | "µs" => value / 1e6,
+        "" | "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use ns, us, ms, s or m")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["omnibus", "serve", "--model-dir", "."];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => a,
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_millis(3));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cfg = args(&[]).validate().unwrap();
+        assert_eq!(cfg.batch.max_batch_size, 32);
+        assert_eq!(cfg.batch.max_queue_delay, Duration::from_millis(1));
+        assert!(cfg.model.threads >= 1);
+    }
+
+    #[test]
+    fn flags_are_checked_together() {
+        let err = args(&["--max-batch-size", "64", "--max-queue", "8"]).validate().unwrap_err();
+        assert_eq!(err, ConfigError::QueueSmallerThanBatch { queue: 8, batch: 64 });
+        assert!(err.to_string().contains("--max-queue (8)"));
+        let err = args(&["--max-batch-size", "0"]).validate().unwrap_err();
+        assert_eq!(err, ConfigError::TooSmall { flag: "max-batch-size", min: 1, got: 0 });
+        let err = args(&["--max-queue-delay", "20s"]).validate().unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { .. }));
+    }
+}

@@ -1,0 +1,165 @@
+//! A sentence-transformers folder (BERT weights + pooling + normalize config) as an [`Embedder`].
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::{Embedder, EngineError};
+use crate::models::bert::{Bert, BertConfig, cls_pool, max_pool, mean_pool};
+
+/// How token states become one sentence vector (sentence-transformers' Pooling module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+    /// Sum divided by sqrt(tokens).
+    MeanSqrtLen,
+}
+
+/// What the rest of the server needs to know about a loaded embedder.
+#[derive(Debug, Clone)]
+pub struct EmbedderInfo {
+    pub dimension: usize,
+    /// Longest input in tokens, special tokens included (sentence-transformers' max_seq_length).
+    pub max_input_tokens: usize,
+    /// Whether the model's own pipeline normalises (a Normalize module).
+    pub normalize: bool,
+    pub pooling: Pooling,
+}
+
+pub struct SentenceEmbedder {
+    bert: Bert,
+    device: Device,
+    pooling: Pooling,
+    pad_id: u32,
+}
+
+#[derive(Deserialize)]
+struct Module {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize, Default)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, EngineError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::load(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::load(path, e))
+}
+
+impl SentenceEmbedder {
+    /// Loads `config.json`, `model.safetensors` and the sentence-transformers module configs of `dir`.
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, EmbedderInfo), EngineError> {
+        let config: BertConfig = read_json(&dir.join("config.json"))?;
+        // RoBERTa-style models offset their positions by the pad id; only plain BERT is implemented.
+        if let Some(t) = config.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(EngineError::load(dir.join("config.json"), format!("model_type {t:?} is not BERT")));
+        }
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(EngineError::load(&weights, "missing (only safetensors weights are supported)"));
+        }
+        // SAFETY: the file is memory-mapped read-only; omnibus never writes model files, and one that is
+        // changed underneath a running server is outside what any server can defend against.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .map_err(|e| EngineError::load(&weights, e))?;
+
+        let (pooling, normalize) = Self::pipeline(dir)?;
+        let st: Option<SentenceBertConfig> = match dir.join("sentence_bert_config.json") {
+            p if p.exists() => Some(read_json(&p)?),
+            _ => None,
+        };
+        let max_input_tokens = st
+            .and_then(|c| c.max_seq_length)
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
+        let pad_id = config.pad_token_id;
+        let dimension = config.hidden_size;
+        let bert = Bert::load(vb, config).map_err(|e| EngineError::load(&weights, e))?;
+        let info = EmbedderInfo { dimension, max_input_tokens, normalize, pooling };
+        Ok((Self { bert, device: device.clone(), pooling, pad_id }, info))
+    }
+
+    /// Reads modules.json: which pooling, and whether a Normalize module follows. A folder without it is
+    /// a plain transformer: mean pooling, no normalisation (what sentence-transformers assumes too).
+    fn pipeline(dir: &Path) -> Result<(Pooling, bool), EngineError> {
+        let modules_path = dir.join("modules.json");
+        if !modules_path.exists() {
+            return Ok((Pooling::Mean, false));
+        }
+        let modules: Vec<Module> = read_json(&modules_path)?;
+        let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
+        let pooling = match modules.iter().find(|m| m.kind.ends_with(".Pooling")) {
+            None => Pooling::Mean,
+            Some(m) => {
+                let p = dir.join(&m.path).join("config.json");
+                let c: PoolingConfig = if p.exists() { read_json(&p)? } else { PoolingConfig::default() };
+                match (
+                    c.pooling_mode_cls_token,
+                    c.pooling_mode_mean_tokens,
+                    c.pooling_mode_max_tokens,
+                    c.pooling_mode_mean_sqrt_len_tokens,
+                ) {
+                    (true, false, false, false) => Pooling::Cls,
+                    (false, false, true, false) => Pooling::Max,
+                    (false, false, false, true) => Pooling::MeanSqrtLen,
+                    (false, true, false, false) | (false, false, false, false) => Pooling::Mean,
+                    _ => {
+                        return Err(EngineError::load(p, "several pooling modes at once are not supported"));
+                    }
+                }
+            }
+        };
+        Ok((pooling, normalize))
+    }
+}
+
+impl Embedder for SentenceEmbedder {
+    fn embed(&mut self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let len = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut mask = Vec::with_capacity(batch.len() * len);
+        for seq in batch {
+            ids.extend_from_slice(seq);
+            ids.extend(std::iter::repeat_n(self.pad_id, len - seq.len()));
+            mask.extend(std::iter::repeat_n(1f32, seq.len()));
+            mask.extend(std::iter::repeat_n(0f32, len - seq.len()));
+        }
+        let ids = Tensor::from_vec(ids, (batch.len(), len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (batch.len(), len), &self.device)?;
+        let hidden = self.bert.forward(&ids, &mask)?;
+        let pooled = match self.pooling {
+            Pooling::Mean => mean_pool(&hidden, &mask)?,
+            Pooling::Cls => cls_pool(&hidden)?,
+            Pooling::Max => max_pool(&hidden, &mask)?,
+            Pooling::MeanSqrtLen => {
+                let m = mask.unsqueeze(2)?;
+                let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+                sum.broadcast_div(&m.sum(1)?.sqrt()?)?
+            }
+        };
+        Ok(pooled.to_dtype(DType::F32)?.to_vec2()?)
+    }
+}

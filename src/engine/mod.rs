@@ -1,0 +1,147 @@
+//! Where candle starts: device choice, the synchronous model traits the batchers drive, and the OS thread
+//! each model runs on (never the async runtime's workers).
+mod device;
+mod embed;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tracing::error;
+
+pub use device::{DeviceChoice, device_name, select_device};
+pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot load {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("the batch failed: {0}")]
+    Batch(String),
+    #[error("the model thread panicked: {0}")]
+    Panicked(String),
+    #[error("the model thread is busy or has stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    pub fn load(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Self::Load { path: path.into(), reason: reason.to_string() }
+    }
+}
+
+/// A sentence-embedding model as the engine thread drives it.
+pub trait Embedder: Send + 'static {
+    /// One pooled, not yet normalised, vector per token-id sequence, in order.
+    fn embed(&mut self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError>;
+}
+
+/// What a batch's forward pass produced.
+#[derive(Debug)]
+pub struct EngineOutput {
+    pub vectors: Vec<Vec<f32>>,
+    pub elapsed: Duration,
+}
+
+struct Job {
+    inputs: Vec<Vec<u32>>,
+    reply: oneshot::Sender<Result<EngineOutput, EngineError>>,
+}
+
+/// Handle to an embedding model running on its own OS thread.
+#[derive(Clone)]
+pub struct EmbedEngine {
+    tx: SyncSender<Job>,
+}
+
+impl EmbedEngine {
+    /// Moves the model onto a new thread named after it.
+    pub fn spawn<M: Embedder>(name: &str, mut model: M) -> std::io::Result<Self> {
+        // The batcher keeps at most one batch in flight, so one slot is all it can use; a second is
+        // headroom so that a bug there fails a batch with `Stopped` instead of blocking the runtime.
+        let (tx, rx) = sync_channel::<Job>(2);
+        std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                if job.reply.is_closed() {
+                    continue;
+                }
+                let start = Instant::now();
+                // A panic inside candle must not take the model (and every later request) with it.
+                let result = catch_unwind(AssertUnwindSafe(|| model.embed(&job.inputs)))
+                    .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(&panic))));
+                if let Err(err) = &result {
+                    error!(error = %err, "embedding batch failed");
+                }
+                let _ = job.reply.send(result.map(|vectors| EngineOutput { vectors, elapsed: start.elapsed() }));
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Hands a batch to the model thread; the answer comes on the returned receiver.
+    pub fn submit(&self, inputs: Vec<Vec<u32>>) -> oneshot::Receiver<Result<EngineOutput, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = self.tx.try_send(Job { inputs, reply })
+        {
+            let _ = job.reply.send(Err(EngineError::Stopped));
+        }
+        rx
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Scales a vector to unit length (sentence-transformers' Normalize module); a zero vector stays zero.
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        // Same epsilon-free division as torch.nn.functional.normalize for non-degenerate inputs.
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_gives_unit_length_and_keeps_zero() {
+        let mut v = vec![3.0, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, vec![0.6, 0.8]);
+        let mut z = vec![0.0; 3];
+        l2_normalize(&mut z);
+        assert_eq!(z, vec![0.0; 3]);
+    }
+
+    struct Boom;
+    impl Embedder for Boom {
+        fn embed(&mut self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+            if batch.is_empty() {
+                panic!("boom");
+            }
+            Ok(batch.iter().map(|s| vec![s.len() as f32]).collect())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_fails_alone_and_the_thread_lives_on() {
+        let engine = EmbedEngine::spawn("boom", Boom).unwrap();
+        let err = engine.submit(vec![]).await.unwrap().unwrap_err();
+        assert!(matches!(err, EngineError::Panicked(ref m) if m == "boom"), "{err}");
+        let ok = engine.submit(vec![vec![1, 2, 3]]).await.unwrap().unwrap();
+        assert_eq!(ok.vectors, vec![vec![3.0]]);
+    }
+}

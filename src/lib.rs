@@ -1,0 +1,27 @@
+//! omnibus: a model-serving server. gRPC `Predict` (sentence embeddings) and, later, streaming `Generate`,
+//! with a dynamic batcher in front of each model.
+//!
+//! # Layout
+//! Layers call only downward:
+//! - [`config`]: clap flags and their cross-field check, turned into one typed config per layer.
+//! - [`server`]: the only module that imports tonic and the generated code: services, health,
+//!   reflection, the one table from errors to gRPC codes.
+//! - [`validate`]: untrusted requests become `Valid*` types here, or a [`validate::ValidationError`]
+//!   naming the field, the bound and the value.
+//! - [`batcher`]: queues, time windows, token budgets, deadlines and cancellation; no tonic, no candle.
+//! - [`engine`]: candle starts here: device choice, the sync model traits, the model's own OS thread.
+//! - [`models`]: plain model structs with `forward` (BERT), weights separate from per-request state.
+//! - [`tokenizer`]: tokenization and truncation, run off the async runtime's workers.
+//! - [`registry`]: finds the models in the model directory and loads them.
+//! - [`telemetry`]: the tracing subscriber.
+#![deny(rust_2018_idioms)]
+
+pub mod batcher;
+pub mod config;
+pub mod engine;
+pub mod models;
+pub mod registry;
+pub mod server;
+pub mod telemetry;
+pub mod tokenizer;
+pub mod validate;

@@ -1,0 +1,59 @@
+//! The `omnibus` binary: parse and check the flags, start telemetry, serve until SIGTERM or SIGINT.
+use anyhow::Context;
+use clap::Parser;
+use omnibus::config::{Cli, Command};
+use omnibus::{server, telemetry};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.validate()?;
+            telemetry::init(config.log_format);
+            // candle's CPU matrix products size their thread pool from RAYON_NUM_THREADS when they first
+            // run, so --threads must be in the environment before any model code.
+            // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads the
+            // environment concurrently.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", config.model.threads.to_string()) };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("omnibus-rt")
+                .build()
+                .context("building the tokio runtime")?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(config.server.listen)
+                    .await
+                    .with_context(|| format!("binding {}", config.server.listen))?;
+                let addr = listener.local_addr()?;
+                // The one line on stdout: scripts and tests read the bound port (useful with :0) from it.
+                println!("omnibus listening on {addr}");
+                tracing::info!(%addr, "gRPC listening");
+                server::serve(config, listener, shutdown_signal()).await?;
+                tracing::info!("stopped");
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

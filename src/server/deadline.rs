@@ -1,0 +1,126 @@
+//! Call deadlines from the `grpc-timeout` header (an integer of at most 8 digits and a unit, H M S m u n).
+//!
+//! tonic's transport enforces that header itself and answers an expired call with CANCELLED, a code
+//! that Istio's default retry policy retries. This layer sits just inside tonic's and fires a
+//! millisecond earlier, so an expired unary call ends with DEADLINE_EXCEEDED; it also puts the
+//! [`Deadline`] into the request's extensions, where handlers pass it to the batchers (which drop
+//! expired work before it reaches a model, and end streams that run past it).
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::Status;
+
+/// When the caller stops waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+/// Margin by which our deadline precedes tonic's: one tick of tokio's millisecond timer wheel, so both
+/// never fire in an order that lets tonic answer first.
+const MARGIN: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadlineService<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for DeadlineService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        let timeout = match req.headers().get("grpc-timeout").map(|v| v.to_str().ok().and_then(parse)) {
+            None => None,
+            Some(Some(t)) => Some(t),
+            Some(None) => {
+                let raw = req.headers().get("grpc-timeout").map(|v| format!("{v:?}")).unwrap_or_default();
+                let status = Status::invalid_argument(format!(
+                    "grpc-timeout: header {raw} is malformed (expected up to 8 digits and a unit H, M, S, m, u or n)"
+                ));
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        };
+        let Some(timeout) = timeout else { return Box::pin(self.inner.call(req)) };
+        let deadline = Instant::now() + timeout.saturating_sub(MARGIN);
+        req.extensions_mut().insert(Deadline(deadline));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, fut).await {
+                Ok(result) => result,
+                Err(_) => Ok(Status::deadline_exceeded(format!(
+                    "deadline exceeded: the call's grpc-timeout of {} ms ran out",
+                    timeout.as_millis()
+                ))
+                .into_http()),
+            }
+        })
+    }
+}
+
+/// Reads the deadline the layer stored for this call.
+pub fn of<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    request.extensions().get::<Deadline>().map(|d| d.0)
+}
+
+fn parse(s: &str) -> Option<Duration> {
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = s.split_at(s.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit_and_rejects_junk() {
+        assert_eq!(parse("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("10n"), Some(Duration::from_nanos(10)));
+        assert_eq!(parse("S"), None);
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("+5S"), None);
+        assert_eq!(parse("123456789S"), None); // more than 8 digits
+    }
+}
