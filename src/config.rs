@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve every model in the model directory over gRPC.
     Serve(ServeArgs),
+    /// Load-test a running omnibus over gRPC and report throughput and latency percentiles.
+    #[command(subcommand)]
+    Bench(crate::loadgen::BenchTarget),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -203,6 +206,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(a) => a,
+            Command::Bench(_) => unreachable!("parsed a serve command line"),
         }
     }
 

@@ -14,11 +14,13 @@
 //! - [`tokenizer`]: tokenization and truncation, run off the async runtime's workers.
 //! - [`registry`]: finds the models in the model directory and loads them.
 //! - [`telemetry`]: the tracing subscriber.
+//! - [`loadgen`]: `omnibus bench`, a gRPC client that load-tests any omnibus; outside the layers above.
 #![deny(rust_2018_idioms)]
 
 pub mod batcher;
 pub mod config;
 pub mod engine;
+pub mod loadgen;
 pub mod models;
 pub mod registry;
 pub mod server;

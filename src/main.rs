@@ -1,5 +1,9 @@
 //! The `omnibus` binary: parse and check the flags, start telemetry, serve until SIGTERM or SIGINT.
 use anyhow::Context;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use omnibus::config::{Cli, Command};
 use omnibus::{server, telemetry};
@@ -7,6 +11,10 @@ use omnibus::{server, telemetry};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(target) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(omnibus::loadgen::run(target))
+        }
         Command::Serve(args) => {
             let config = args.validate()?;
             telemetry::init(config.log_format);

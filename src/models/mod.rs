@@ -1,3 +1,4 @@
 //! Model architectures as plain structs with a constructor from weights and a `forward`, like candle's.
 //! Weights are immutable; anything per request is an argument.
 pub mod bert;
+pub mod ops;

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -114,13 +113,16 @@ pub async fn serve(
         }
     });
 
+    // Nagle's algorithm holds small responses back for the peer's delayed ACK (40 ms and more per
+    // call); a request-response protocol wants every frame out at once.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
         .layer(deadline::DeadlineLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         result = server => Ok(result?),
         Ok(err) = failed_rx => Err(err.into()),
