@@ -256,7 +256,7 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
 async fn a_request_past_its_deadline_in_the_queue_gets_deadline_exceeded() {
     // A lone request waits up to the 2 s window; its 100 ms deadline ends first.
     let server = Server::start(&["--max-queue-delay", "2s"]).await;
-    let mut client = server.client().await;
+    let mut client = server.client_without_timer();
     let mut req = Request::new(request(&["waiting for company"]));
     req.set_timeout(Duration::from_millis(100));
     let started = std::time::Instant::now();

@@ -1,8 +1,10 @@
 //! Call deadlines from the `grpc-timeout` header (an integer of at most 8 digits and a unit, H M S m u n).
 //!
 //! tonic's transport enforces that header itself and answers an expired call with CANCELLED, a code
-//! that Istio's default retry policy retries. This layer sits just inside tonic's and fires a
-//! millisecond earlier, so an expired unary call ends with DEADLINE_EXCEEDED; it also puts the
+//! that Istio's default retry policy retries; so do clients' own timers (tonic's client reports CANCELLED
+//! too). This layer sits just inside tonic's and fires a little earlier (see [`margin`]), so that an
+//! expired unary call ends with DEADLINE_EXCEEDED and that status reaches the caller before its own
+//! timer fires; it also puts the
 //! [`Deadline`] into the request's extensions, where handlers pass it to the batchers (which drop
 //! expired work before it reaches a model, and end streams that run past it).
 use std::future::Future;
@@ -17,9 +19,12 @@ use tonic::Status;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
 
-/// Margin by which our deadline precedes tonic's: one tick of tokio's millisecond timer wheel, so both
-/// never fire in an order that lets tonic answer first.
-const MARGIN: Duration = Duration::from_millis(1);
+/// How much earlier than the caller's deadline we give up: enough for the status to travel back before
+/// the caller's (and tonic's) timer fires, which takes a few ms on a busy machine; at least one tick of
+/// tokio's millisecond timer wheel, and at most a tenth of a short timeout.
+fn margin(timeout: Duration) -> Duration {
+    Duration::from_millis(5).min(timeout / 10).max(Duration::from_millis(1))
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeadlineLayer;
@@ -66,7 +71,7 @@ where
             }
         };
         let Some(timeout) = timeout else { return Box::pin(self.inner.call(req)) };
-        let deadline = Instant::now() + timeout.saturating_sub(MARGIN);
+        let deadline = Instant::now() + timeout.saturating_sub(margin(timeout));
         req.extensions_mut().insert(Deadline(deadline));
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -110,6 +115,13 @@ fn parse(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_margin_is_small_and_bounded() {
+        assert_eq!(margin(Duration::from_secs(10)), Duration::from_millis(5));
+        assert_eq!(margin(Duration::from_millis(20)), Duration::from_millis(2));
+        assert_eq!(margin(Duration::from_millis(3)), Duration::from_millis(1));
+    }
 
     #[test]
     fn parses_every_unit_and_rejects_junk() {

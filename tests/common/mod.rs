@@ -21,6 +21,9 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
+pub type RawClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, tonic::body::Body>;
+
 /// A running server; killed when dropped.
 pub struct Server {
     child: Child,
@@ -76,6 +79,15 @@ impl Server {
 
     pub async fn client(&self) -> InferenceClient<Channel> {
         InferenceClient::new(self.channel().await)
+    }
+
+    /// A client over plain hyper HTTP/2, without the client-side timer tonic's `Channel` runs for
+    /// `grpc-timeout`: what a caller then sees at a deadline is what the server answered.
+    pub fn client_without_timer(&self) -> InferenceClient<RawClient> {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        InferenceClient::with_origin(client, self.url().parse().unwrap())
     }
 
     /// Follows grpc.health.v1.Health/Watch for the whole server until it says SERVING.
