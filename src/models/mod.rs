@@ -1,4 +1,6 @@
 //! Model architectures as plain structs with a constructor from weights and a `forward`, like candle's.
 //! Weights are immutable; anything per request is an argument.
+mod attention;
 pub mod bert;
+pub mod llama;
 pub mod ops;

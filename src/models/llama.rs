@@ -1,0 +1,324 @@
+//! A llama-architecture decoder loaded from GGUF. The weights are immutable and shared; each sequence's
+//! KV cache and position live in a [`KvCache`] passed to `forward`, so one forward pass can advance many
+//! sequences at once, each at its own position, some prefilling and some decoding.
+//!
+//! Numerics follow llama.cpp's CPU path, so greedy tokens match it: quantized weights multiply
+//! activations that are themselves quantized per block (candle's `QMatMul` does what ggml does), the
+//! KV cache is f32, RMSNorm accumulates in f64, and RoPE angles are built by repeated f32
+//! multiplication as ggml builds them. Every row's result depends only on its own sequence, so a
+//! sequence decodes to the same tokens alone or in any batch.
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Result, Tensor, bail};
+
+/// Hyper-parameters from the GGUF metadata (`llama.*`).
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub rope_base: f32,
+    pub rope_dims: usize,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+fn md<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
+    md.get(key).ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no {key}")))
+}
+
+impl LlamaConfig {
+    pub fn from_metadata(m: &HashMap<String, Value>) -> Result<Self> {
+        let arch = md(m, "general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            bail!("general.architecture is {arch:?}; only \"llama\" is supported");
+        }
+        let u = |k: &str| -> Result<usize> { Ok(md(m, &format!("llama.{k}"))?.to_u32()? as usize) };
+        let n_embd = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_kv_head = u("attention.head_count_kv").unwrap_or(n_head);
+        let head_dim = n_embd / n_head;
+        let cfg = Self {
+            n_layer: u("block_count")?,
+            n_embd,
+            n_head,
+            n_kv_head,
+            head_dim,
+            n_ff: u("feed_forward_length")?,
+            rope_base: m.get("llama.rope.freq_base").map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0),
+            rope_dims: u("rope.dimension_count").unwrap_or(head_dim),
+            rms_eps: md(m, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?,
+            context_length: u("context_length")?,
+            vocab_size: 0,
+        };
+        if n_head % cfg.n_kv_head != 0 || n_embd % n_head != 0 {
+            bail!("inconsistent heads: {n_head} heads, {} kv heads, width {n_embd}", cfg.n_kv_head);
+        }
+        Ok(cfg)
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    /// The token embedding, dequantized once (ggml's get_rows dequantizes the same way per lookup).
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: QMatMul,
+    device: Device,
+    /// The weight types found, for logs.
+    pub weight_types: Vec<GgmlDType>,
+}
+
+/// One sequence's attention state: per layer, the keys and values of every position so far.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self { k: vec![Vec::new(); config.n_layer], v: vec![Vec::new(); config.n_layer], len: 0 }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One sequence's share of a forward pass.
+pub struct Step<'a> {
+    /// Tokens to append (the whole or part of a prompt, or one generated token).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether the logits after the last of `tokens` are wanted.
+    pub logits: bool,
+}
+
+fn load_vec(t: QTensor, device: &Device) -> Result<Vec<f32>> {
+    t.dequantize(device)?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl Llama {
+    /// Loads every tensor named the way llama.cpp's converter names them.
+    pub fn load<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, device: &Device) -> Result<Self> {
+        let mut config = LlamaConfig::from_metadata(&content.metadata)?;
+        let mut types = Vec::new();
+        let mut q = |name: &str, r: &mut R| -> Result<QTensor> {
+            let t = content.tensor(r, name, device)?;
+            if !types.contains(&t.dtype()) {
+                types.push(t.dtype());
+            }
+            Ok(t)
+        };
+        let tok = q("token_embd.weight", reader)?;
+        let (vocab, width) = tok.shape().dims2()?;
+        if width != config.n_embd {
+            bail!("token_embd.weight is {vocab}x{width}, expected width {}", config.n_embd);
+        }
+        config.vocab_size = vocab;
+        let embed = tok.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            QMatMul::from_qtensor(q("output.weight", reader)?)?
+        } else {
+            // Tied embeddings: the output head is the embedding matrix.
+            QMatMul::from_qtensor(tok)?
+        };
+        let norm = load_vec(q("output_norm.weight", reader)?, device)?;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("blk.{i}");
+            let mut m = |n: &str| -> Result<QMatMul> { QMatMul::from_qtensor(q(&format!("{p}.{n}.weight"), reader)?) };
+            let layer = Layer {
+                wq: m("attn_q")?,
+                wk: m("attn_k")?,
+                wv: m("attn_v")?,
+                wo: m("attn_output")?,
+                w_gate: m("ffn_gate")?,
+                w_up: m("ffn_up")?,
+                w_down: m("ffn_down")?,
+                attn_norm: load_vec(q(&format!("{p}.attn_norm.weight"), reader)?, device)?,
+                ffn_norm: load_vec(q(&format!("{p}.ffn_norm.weight"), reader)?, device)?,
+            };
+            layers.push(layer);
+        }
+        Ok(Self { config, embed, layers, norm, output, device: device.clone(), weight_types: types })
+    }
+
+    /// Advances every step's sequence by its tokens and returns, for each step that asked, the logits
+    /// after its last token.
+    pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.config;
+        let (h, kv_dim, q_dim) = (c.n_embd, c.kv_dim(), c.n_head * c.head_dim);
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        if total == 0 {
+            return Ok(steps.iter().map(|_| None).collect());
+        }
+        // Row r belongs to sequence seq_of[r] at position pos_of[r].
+        let mut pos_of = Vec::with_capacity(total);
+        let mut x = Vec::with_capacity(total * h);
+        for s in steps.iter() {
+            if s.cache.len + s.tokens.len() > c.context_length {
+                bail!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    s.cache.len + s.tokens.len(),
+                    c.context_length
+                );
+            }
+            for (j, &t) in s.tokens.iter().enumerate() {
+                let t = t as usize;
+                if t >= c.vocab_size {
+                    bail!("token id {t} is outside the vocabulary of {}", c.vocab_size);
+                }
+                x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
+                pos_of.push(s.cache.len + j);
+            }
+        }
+        let rope = RopeRows::new(c, &pos_of);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let xn = rms_norm(&x, &layer.attn_norm, h, c.rms_eps);
+            let xt = Tensor::from_vec(xn, (total, h), &self.device)?;
+            let mut q = rows(&layer.wq, &xt)?;
+            let mut k = rows(&layer.wk, &xt)?;
+            let v = rows(&layer.wv, &xt)?;
+            rope.apply(&mut q, c.n_head, c.head_dim);
+            rope.apply(&mut k, c.n_kv_head, c.head_dim);
+            let mut attn = vec![0f32; total * q_dim];
+            let mut row = 0;
+            for s in steps.iter_mut() {
+                let n = s.tokens.len();
+                let start = s.cache.len;
+                s.cache.k[li].extend_from_slice(&k[row * kv_dim..(row + n) * kv_dim]);
+                s.cache.v[li].extend_from_slice(&v[row * kv_dim..(row + n) * kv_dim]);
+                super::attention::causal(
+                    &q[row * q_dim..(row + n) * q_dim],
+                    &s.cache.k[li],
+                    &s.cache.v[li],
+                    start,
+                    c.n_head,
+                    c.n_kv_head,
+                    c.head_dim,
+                    &mut attn[row * q_dim..(row + n) * q_dim],
+                );
+                row += n;
+            }
+            let o = rows(&layer.wo, &Tensor::from_vec(attn, (total, q_dim), &self.device)?)?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);
+            let xt = Tensor::from_vec(xn, (total, h), &self.device)?;
+            let gate = rows(&layer.w_gate, &xt)?;
+            let up = rows(&layer.w_up, &xt)?;
+            let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let down = rows(&layer.w_down, &Tensor::from_vec(act, (total, c.n_ff), &self.device)?)?;
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        // Only the last row of each sequence that wants logits goes through the head.
+        let mut wanted = Vec::new();
+        let mut last_rows = Vec::new();
+        let mut row = 0;
+        for (i, s) in steps.iter_mut().enumerate() {
+            row += s.tokens.len();
+            s.cache.len += s.tokens.len();
+            if s.logits && !s.tokens.is_empty() {
+                wanted.push(i);
+                last_rows.extend_from_slice(&x[(row - 1) * h..row * h]);
+            }
+        }
+        let mut out: Vec<Option<Vec<f32>>> = steps.iter().map(|_| None).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let xn = rms_norm(&last_rows, &self.norm, h, c.rms_eps);
+        let logits = rows(&self.output, &Tensor::from_vec(xn, (wanted.len(), h), &self.device)?)?;
+        let vocab = c.vocab_size;
+        for (j, i) in wanted.into_iter().enumerate() {
+            out[i] = Some(logits[j * vocab..(j + 1) * vocab].to_vec());
+        }
+        Ok(out)
+    }
+}
+
+/// `x @ w.T` for a `[rows, in]` activation, flattened.
+fn rows(w: &QMatMul, x: &Tensor) -> Result<Vec<f32>> {
+    w.forward(x)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// RMSNorm per row as ggml computes it: the mean square in f64, then `x * (1/sqrt(mean + eps)) * w` in f32.
+fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(width) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / width as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(&v, &g)| (v * scale) * g));
+    }
+    out
+}
+
+/// RoPE (llama's "normal" mode: rotate adjacent pairs) with the cos/sin of every row's position.
+struct RopeRows {
+    /// Per row, `rope_dims / 2` (cos, sin) pairs.
+    table: Vec<(f32, f32)>,
+    half: usize,
+}
+
+impl RopeRows {
+    fn new(c: &LlamaConfig, positions: &[usize]) -> Self {
+        let half = c.rope_dims / 2;
+        // ggml: theta_scale = powf(base, -2/n_dims); theta starts at the position and is multiplied
+        // by theta_scale once per pair, in f32. The same rounding gives the same angles.
+        let theta_scale = c.rope_base.powf(-2.0 / c.rope_dims as f32);
+        let mut table = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            let mut theta = p as f32;
+            for _ in 0..half {
+                table.push((theta.cos(), theta.sin()));
+                theta *= theta_scale;
+            }
+        }
+        Self { table, half }
+    }
+
+    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize) {
+        let row_width = heads * head_dim;
+        for (r, row) in x.chunks_exact_mut(row_width).enumerate() {
+            let cs = &self.table[r * self.half..(r + 1) * self.half];
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, &(cos, sin)) in cs.iter().enumerate() {
+                    let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = x0 * cos - x1 * sin;
+                    head[2 * i + 1] = x0 * sin + x1 * cos;
+                }
+            }
+        }
+    }
+}

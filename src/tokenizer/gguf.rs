@@ -1,0 +1,234 @@
+//! The tokenizer of a GGUF file, built from its own metadata (vocabulary, merges, token types,
+//! pre-tokenizer name, special ids), so the one file is enough; and incremental detokenization that
+//! emits text only in whole UTF-8 characters.
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use super::TokenizerError;
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
+/// Llama 3's pre-tokenizer regex (`tokenizers`' ByteLevel applies GPT-2's own when use_regex is on).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Names of control tokens that end a generation besides the declared EOS (llama.cpp's EOG list).
+const END_OF_GENERATION: &[&str] =
+    &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>", "<|eom_id|>"];
+
+pub struct GgufTokenizer {
+    tokenizer: Tokenizer,
+    /// Each token's bytes as it appears in text (control tokens: none).
+    bytes: Vec<Vec<u8>>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    /// Tokens that end a generation.
+    pub end_of_generation: Vec<u32>,
+    pub chat_template: Option<String>,
+    /// Text of each token, for chat-template variables like `bos_token`.
+    tokens: Vec<String>,
+}
+
+fn err(reason: impl ToString) -> TokenizerError {
+    TokenizerError::Load { path: "GGUF metadata".into(), reason: reason.to_string() }
+}
+
+fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, TokenizerError> {
+    let v = md.get(key).ok_or_else(|| err(format!("no {key}")))?.to_vec().map_err(err)?;
+    v.iter().map(|x| x.to_string().cloned().map_err(err)).collect()
+}
+
+/// GPT-2's byte-to-unicode table, reversed: the printable stand-in of each byte back to the byte.
+fn byte_decoder() -> HashMap<char, u8> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable.into_iter().zip(chars).map(|(b, c)| (char::from_u32(c).unwrap(), b as u8)).collect()
+}
+
+impl GgufTokenizer {
+    pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self, TokenizerError> {
+        let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer.ggml.model {model:?} is not supported yet (only byte-level BPE, \"gpt2\")"
+            )));
+        }
+        let tokens = strings(md, "tokenizer.ggml.tokens")?;
+        let merges = strings(md, "tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v.to_vec().map_err(err)?.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("bad merge {m:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(err)?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let pre =
+            md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+        let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
+            let pattern = SplitPattern::Regex(re.into());
+            Ok(PreTokenizerWrapper::Split(Split::new(pattern, SplitDelimiterBehavior::Isolated, false).map_err(err)?))
+        };
+        let pre_tokenizer = match pre.as_str() {
+            // llama.cpp's SMOLLM: every digit on its own, then GPT-2's regex.
+            "smollm" => Sequence::new(vec![split(r"\p{N}")?, ByteLevel::new(false, false, true).into()]),
+            "gpt2" | "default" => Sequence::new(vec![ByteLevel::new(false, false, true).into()]),
+            "llama3" | "llama-bpe" | "smaug-bpe" => {
+                Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, false, false).into()])
+            }
+            other => return Err(err(format!("tokenizer.ggml.pre {other:?} is not supported yet"))),
+        };
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
+            .map(|(s, t)| AddedToken::from(s.clone(), *t == TOKEN_CONTROL))
+            .collect();
+        tokenizer.add_special_tokens(&special);
+
+        let decoder = byte_decoder();
+        let bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(s, &t)| match t {
+                TOKEN_CONTROL => Vec::new(),
+                TOKEN_USER_DEFINED => s.as_bytes().to_vec(),
+                _ => s.chars().map(|c| decoder.get(&c).copied().unwrap_or(b'?')).collect(),
+            })
+            .collect();
+        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
+        for (i, (s, &t)) in tokens.iter().zip(&types).enumerate() {
+            if t == TOKEN_CONTROL && END_OF_GENERATION.contains(&s.as_str()) && !end_of_generation.contains(&(i as u32))
+            {
+                end_of_generation.push(i as u32);
+            }
+        }
+        Ok(Self {
+            tokenizer,
+            bytes,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            end_of_generation,
+            chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+            tokens,
+        })
+    }
+
+    /// Token ids of `text`, special tokens in it recognised, with BOS first when the model asks for it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// A token's bytes in generated text (empty for control tokens and unknown ids).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.contains(&id)
+    }
+}
+
+/// Turns a stream of token ids into text pieces that never split a UTF-8 character: bytes of an
+/// incomplete character wait for the next token.
+#[derive(Debug, Default, Clone)]
+pub struct Detokenizer {
+    pending: Vec<u8>,
+}
+
+impl Detokenizer {
+    /// The text completed by this token (possibly empty).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            // Invalid bytes (not merely incomplete): emit them as U+FFFD rather than wait forever.
+            Err(_) => {
+                let text = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                return text;
+            }
+        };
+        let rest = self.pending.split_off(valid);
+        let text = String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid above");
+        text
+    }
+
+    /// Whatever is left at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multibyte_characters_are_never_split() {
+        let mut d = Detokenizer::default();
+        let euro = "€".as_bytes(); // 3 bytes
+        assert_eq!(d.push(b"a"), "a");
+        assert_eq!(d.push(&euro[..1]), "");
+        assert_eq!(d.push(&euro[1..2]), "");
+        assert_eq!(d.push(&[euro[2], b'b']), "€b");
+        assert_eq!(d.push(&[0xFF]), "\u{FFFD}");
+        assert_eq!(d.finish(), "");
+    }
+
+    #[test]
+    fn the_byte_table_covers_every_byte_once() {
+        let d = byte_decoder();
+        assert_eq!(d.len(), 256);
+        assert_eq!(d[&'Ġ'], b' ');
+        assert_eq!(d[&'Ċ'], b'\n');
+        assert_eq!(d[&'a'], b'a');
+    }
+}
