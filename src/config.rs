@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::batcher::BatchConfig;
+use crate::batcher::generate::GenConfig;
 pub use crate::engine::DeviceChoice;
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,34 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_EMBEDDING_MODEL")]
     pub embedding_model: Option<String>,
 
+    /// Generation model that an empty `model` field resolves to (default: SmolLM2-135M-Instruct.Q4_1
+    /// when present, else the first GGUF file found).
+    #[arg(long, env = "OMNIBUS_GENERATION_MODEL")]
+    pub generation_model: Option<String>,
+
+    /// Most sequences decoded together by a generation model. More streams share each pass over the
+    /// weights (throughput) but each waits for a longer step (latency per token).
+    #[arg(long, env = "OMNIBUS_MAX_RUNNING_SEQS", default_value_t = 16)]
+    pub max_running_seqs: u32,
+
+    /// KV-cache positions reserved across running sequences (each reserves prompt + max_new_tokens).
+    /// Bounds generation memory: about 46 KiB per position for SmolLM2-135M.
+    #[arg(long, env = "OMNIBUS_MAX_KV_TOKENS", default_value_t = 32768)]
+    pub max_kv_tokens: u32,
+
+    /// Generate requests that may wait for a running slot; beyond it RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "OMNIBUS_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: u32,
+
+    /// The largest max_new_tokens a request may ask for.
+    #[arg(long, env = "OMNIBUS_MAX_NEW_TOKENS", default_value_t = 2048)]
+    pub max_new_tokens: u32,
+
+    /// Prompt tokens read per decode step across new sequences (chunked prefill): a long prompt is read
+    /// in chunks so running streams keep getting tokens while it loads.
+    #[arg(long, env = "OMNIBUS_PREFILL_CHUNK", default_value_t = 256)]
+    pub prefill_chunk: u32,
+
     /// Most inputs computed in one forward pass. Larger batches raise throughput per core until the
     /// batch stops fitting in cache; they also bound how many inputs one request may carry.
     #[arg(long, env = "OMNIBUS_MAX_BATCH_SIZE", default_value_t = 32)]
@@ -94,11 +123,20 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
 }
 
+/// Generation limits and the scheduler's.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub scheduler: GenConfig,
+    pub max_new_tokens: usize,
+    pub prefill_chunk: usize,
+}
+
 /// What the registry needs to find and load models.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub model_dir: PathBuf,
     pub embedding_model: Option<String>,
+    pub generation_model: Option<String>,
     pub threads: usize,
     pub device: DeviceChoice,
 }
@@ -108,6 +146,7 @@ pub struct ModelConfig {
 pub struct ServeConfig {
     pub server: ServerConfig,
     pub batch: BatchConfig,
+    pub generate: GenerateConfig,
     pub model: ModelConfig,
     pub log_format: LogFormat,
 }
@@ -123,7 +162,12 @@ pub enum ConfigError {
          requests has to fit in the queue, or batches could never fill"
     )]
     QueueSmallerThanBatch { queue: u32, batch: u32 },
-    #[error("--model-dir {0:?} is not a directory; run `python3 models/fetch.py` or point it at your models")]
+    #[error(
+        "--max-kv-tokens ({kv}) must exceed --max-new-tokens ({new}): one sequence of a one-token prompt and \
+         the longest allowed answer has to fit"
+    )]
+    KvBelowNewTokens { kv: u32, new: u32 },
+    #[error("--model-dir {0:?} does not exist; run `python3 models/fetch.py` or point it at your models")]
     NoModelDir(PathBuf),
 }
 
@@ -152,10 +196,18 @@ impl ServeArgs {
             }
             None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         };
+        at_least("max-running-seqs", self.max_running_seqs.into(), 1)?;
+        at_most("max-running-seqs", self.max_running_seqs.into(), 1024)?;
+        at_least("max-waiting", self.max_waiting.into(), 1)?;
+        at_least("max-new-tokens", self.max_new_tokens.into(), 1)?;
+        at_least("prefill-chunk", self.prefill_chunk.into(), 1)?;
+        if self.max_kv_tokens < self.max_new_tokens + 1 {
+            return Err(ConfigError::KvBelowNewTokens { kv: self.max_kv_tokens, new: self.max_new_tokens });
+        }
         if self.max_queue < self.max_batch_size {
             return Err(ConfigError::QueueSmallerThanBatch { queue: self.max_queue, batch: self.max_batch_size });
         }
-        if !self.model_dir.is_dir() {
+        if !self.model_dir.exists() {
             return Err(ConfigError::NoModelDir(self.model_dir));
         }
         Ok(ServeConfig {
@@ -166,9 +218,20 @@ impl ServeArgs {
                 max_batch_tokens: self.max_batch_tokens as usize,
                 max_queue: self.max_queue as usize,
             },
+            generate: GenerateConfig {
+                scheduler: GenConfig {
+                    max_running: self.max_running_seqs as usize,
+                    max_kv_tokens: self.max_kv_tokens as usize,
+                    max_waiting: self.max_waiting as usize,
+                    max_queue_delay: self.max_queue_delay,
+                },
+                max_new_tokens: self.max_new_tokens as usize,
+                prefill_chunk: self.prefill_chunk as usize,
+            },
             model: ModelConfig {
                 model_dir: self.model_dir,
                 embedding_model: self.embedding_model,
+                generation_model: self.generation_model,
                 threads,
                 device: self.device,
             },

@@ -6,24 +6,34 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+use crate::batcher::generate::{GenBatcher, GenConfig};
 use crate::batcher::{BatchConfig, EmbedBatcher};
-use crate::config::ModelConfig;
-use crate::engine::{EmbedEngine, Embedder, EngineError, SentenceEmbedder, device_name, select_device};
+use crate::config::{GenerateConfig, ModelConfig};
+use crate::engine::{
+    EmbedEngine, Embedder, EngineError, GenEngine, LlamaGenerator, SentenceEmbedder, device_name, select_device,
+};
+use crate::models::llama::{KvCache, Llama, Step};
+use crate::tokenizer::chat::ChatTemplate;
+use crate::tokenizer::gguf::GgufTokenizer;
 use crate::tokenizer::{TextTokenizer, TokenizerError};
-use crate::validate::{PredictLimits, ValidationError};
+use crate::validate::{GenerateLimits, PredictLimits, ValidationError};
 
 /// The embedding model an empty request model means when it is loaded.
 pub const DEFAULT_EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
+/// The generation model an empty request model means when it is loaded.
+pub const DEFAULT_GENERATION_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(
-        "no embedding model found in {0}: expected a folder with config.json, model.safetensors and \
-         tokenizer.json (run `python3 models/fetch.py` for the defaults)"
+        "no model found in {0}: expected a folder with config.json, model.safetensors and tokenizer.json, \
+         or a .gguf file (run `python3 models/fetch.py` for the defaults)"
     )]
     NoModels(PathBuf),
-    #[error("--embedding-model {name:?} is not among the loaded models ({loaded})")]
-    UnknownDefault { name: String, loaded: String },
+    #[error("--{flag} {name:?} is not among the loaded models ({loaded})")]
+    UnknownDefault { flag: &'static str, name: String, loaded: String },
+    #[error("{path}: {reason}")]
+    Gguf { path: PathBuf, reason: String },
     #[error(
         "model {model}: --max-batch-tokens {budget} is below its max_input_tokens {max_input}: a single \
          full-length input could never run"
@@ -56,9 +66,48 @@ pub struct EmbeddingModel {
     pub batcher: EmbedBatcher,
 }
 
+/// A loaded generation model, ready for requests.
+pub struct GenerationModel {
+    pub name: Arc<str>,
+    pub source: String,
+    pub device: String,
+    pub tokenizer: Arc<GgufTokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub limits: GenerateLimits,
+    pub scheduler: GenConfig,
+    pub batcher: GenBatcher,
+}
+
 pub struct Registry {
     embedders: BTreeMap<String, Arc<EmbeddingModel>>,
-    default_embedder: String,
+    default_embedder: Option<String>,
+    generators: BTreeMap<String, Arc<GenerationModel>>,
+    default_generator: Option<String>,
+}
+
+/// A generation model loaded on a blocking thread, before its scheduler starts.
+struct LoadedGen {
+    name: String,
+    source: String,
+    device: String,
+    tokenizer: Arc<GgufTokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+    limits: GenerateLimits,
+    engine: GenEngine,
+}
+
+fn pick_default(
+    flag: &'static str,
+    wanted: &Option<String>,
+    names: &[String],
+    fallback: &str,
+) -> Result<Option<String>, RegistryError> {
+    match wanted {
+        Some(name) if names.contains(name) => Ok(Some(name.clone())),
+        Some(name) => Err(RegistryError::UnknownDefault { flag, name: name.clone(), loaded: names.join(", ") }),
+        None if names.iter().any(|n| n == fallback) => Ok(Some(fallback.to_string())),
+        None => Ok(names.first().cloned()),
+    }
 }
 
 /// A model loaded on a blocking thread, before its batcher starts.
@@ -75,19 +124,41 @@ struct Loaded {
 impl Registry {
     /// Loads every model of the directory, each warmed by one forward pass. Must run on a tokio runtime
     /// (the batchers are tasks); the loading itself happens on a blocking thread.
-    pub async fn load(config: ModelConfig, batch: BatchConfig) -> Result<Self, RegistryError> {
-        let batch_for_load = batch.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_all(&config, &batch_for_load).map(|l| (l, config)))
-            .await
-            .map_err(|e| RegistryError::Join(e.to_string()))?;
-        let (loaded, config) = loaded?;
+    pub async fn load(
+        config: ModelConfig,
+        batch: BatchConfig,
+        generate: GenerateConfig,
+    ) -> Result<Self, RegistryError> {
+        let (batch_for_load, gen_for_load) = (batch.clone(), generate.clone());
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_all(&config, &batch_for_load, &gen_for_load).map(|(l, g)| (l, g, config))
+        })
+        .await
+        .map_err(|e| RegistryError::Join(e.to_string()))?;
+        let (loaded, loaded_gen, config) = loaded?;
         let names: Vec<String> = loaded.iter().map(|l| l.name.clone()).collect();
-        let default_embedder = match &config.embedding_model {
-            Some(name) if names.contains(name) => name.clone(),
-            Some(name) => return Err(RegistryError::UnknownDefault { name: name.clone(), loaded: names.join(", ") }),
-            None if names.iter().any(|n| n == DEFAULT_EMBEDDING_MODEL) => DEFAULT_EMBEDDING_MODEL.to_string(),
-            None => names.first().cloned().ok_or_else(|| RegistryError::NoModels(config.model_dir.clone()))?,
-        };
+        let default_embedder =
+            pick_default("embedding-model", &config.embedding_model, &names, DEFAULT_EMBEDDING_MODEL)?;
+        let gen_names: Vec<String> = loaded_gen.iter().map(|l| l.name.clone()).collect();
+        let default_generator =
+            pick_default("generation-model", &config.generation_model, &gen_names, DEFAULT_GENERATION_MODEL)?;
+        let generators = loaded_gen
+            .into_iter()
+            .map(|l| {
+                let batcher = GenBatcher::spawn(&l.name, l.engine, generate.scheduler.clone());
+                let model = GenerationModel {
+                    name: l.name.as_str().into(),
+                    source: l.source,
+                    device: l.device,
+                    tokenizer: l.tokenizer,
+                    template: l.template,
+                    limits: l.limits,
+                    scheduler: generate.scheduler.clone(),
+                    batcher,
+                };
+                (l.name, Arc::new(model))
+            })
+            .collect();
         let embedders = loaded
             .into_iter()
             .map(|l| {
@@ -105,12 +176,12 @@ impl Registry {
                 (l.name, Arc::new(model))
             })
             .collect();
-        Ok(Self { embedders, default_embedder })
+        Ok(Self { embedders, default_embedder, generators, default_generator })
     }
 
     /// The embedding model a request names; empty means the default one.
     pub fn embedder(&self, name: &str) -> Result<Arc<EmbeddingModel>, ValidationError> {
-        let name = if name.is_empty() { self.default_embedder.as_str() } else { name };
+        let name = if name.is_empty() { self.default_embedder.as_deref().unwrap_or("") } else { name };
         self.embedders.get(name).cloned().ok_or_else(|| ValidationError::UnknownModel {
             kind: "embedding",
             name: name.to_string(),
@@ -122,17 +193,40 @@ impl Registry {
         self.embedders.values()
     }
 
-    pub fn default_embedder(&self) -> &str {
-        &self.default_embedder
+    pub fn default_embedder(&self) -> Option<&str> {
+        self.default_embedder.as_deref()
+    }
+
+    /// The generation model a request names; empty means the default one.
+    pub fn generator(&self, name: &str) -> Result<Arc<GenerationModel>, ValidationError> {
+        let name = if name.is_empty() { self.default_generator.as_deref().unwrap_or("") } else { name };
+        self.generators.get(name).cloned().ok_or_else(|| ValidationError::UnknownModel {
+            kind: "generation",
+            name: name.to_string(),
+            loaded: self.generators.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn generators(&self) -> impl Iterator<Item = &Arc<GenerationModel>> {
+        self.generators.values()
+    }
+
+    pub fn default_generator(&self) -> Option<&str> {
+        self.default_generator.as_deref()
     }
 }
 
-/// Model folders in the directory: the directory itself when it is one model, else its subfolders.
-fn discover(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
+/// Model folders and GGUF files in the directory (or the directory itself when it is one model folder,
+/// or a path to one GGUF file).
+fn discover(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), RegistryError> {
     let is_embedder = |p: &Path| p.join("config.json").is_file() && p.join("tokenizer.json").is_file();
     if is_embedder(dir) {
-        return Ok(vec![dir.to_path_buf()]);
+        return Ok((vec![dir.to_path_buf()], Vec::new()));
     }
+    if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+        return Ok((Vec::new(), vec![dir.to_path_buf()]));
+    }
+    let mut ggufs = Vec::new();
     let io = |source| RegistryError::Io { path: dir.to_path_buf(), source };
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
@@ -143,22 +237,101 @@ fn discover(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
         }
         if path.is_dir() && is_embedder(&path) {
             found.push(path);
-        } else if path.extension().is_some_and(|e| e == "gguf") {
-            // Generation models are served once Generate exists; until then they are only noted.
-            info!(path = %path.display(), "GGUF file found; generation models are not served by this build");
+        } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            ggufs.push(path);
         }
     }
     found.sort();
-    Ok(found)
+    ggufs.sort();
+    Ok((found, ggufs))
 }
 
-fn load_all(config: &ModelConfig, batch: &BatchConfig) -> Result<Vec<Loaded>, RegistryError> {
-    let folders = discover(&config.model_dir)?;
-    if folders.is_empty() {
+fn load_all(
+    config: &ModelConfig,
+    batch: &BatchConfig,
+    generate: &GenerateConfig,
+) -> Result<(Vec<Loaded>, Vec<LoadedGen>), RegistryError> {
+    let (folders, ggufs) = discover(&config.model_dir)?;
+    if folders.is_empty() && ggufs.is_empty() {
         return Err(RegistryError::NoModels(config.model_dir.clone()));
     }
     let device = select_device(config.device)?;
-    folders.iter().map(|dir| load_embedder(dir, &config.model_dir, &device, batch)).collect()
+    let embedders = folders
+        .iter()
+        .map(|dir| load_embedder(dir, &config.model_dir, &device, batch))
+        .collect::<Result<Vec<_>, _>>()?;
+    let generators = ggufs
+        .iter()
+        .map(|path| load_generator(path, &config.model_dir, &device, generate))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((embedders, generators))
+}
+
+fn load_generator(
+    path: &Path,
+    root: &Path,
+    device: &candle_core::Device,
+    generate: &GenerateConfig,
+) -> Result<LoadedGen, RegistryError> {
+    let started = std::time::Instant::now();
+    let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("generation").to_string();
+    let gguf_err = |reason: String| RegistryError::Gguf { path: path.to_path_buf(), reason };
+    let mut file = std::fs::File::open(path).map_err(|source| RegistryError::Io { path: path.into(), source })?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| gguf_err(e.to_string()))?;
+    let tokenizer = Arc::new(GgufTokenizer::from_metadata(&content.metadata)?);
+    let model = Llama::load(&content, &mut file, device).map_err(|e| gguf_err(e.to_string()))?;
+    if tokenizer.vocab_size() != model.config.vocab_size {
+        return Err(gguf_err(format!(
+            "the tokenizer has {} tokens but the embedding {} rows",
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    let template = match tokenizer.chat_template.as_deref() {
+        None => None,
+        Some(source) => {
+            let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
+            match ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.eos)) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    warn!(model = %name, error = %e, "chat template unusable; only raw prompts are served");
+                    None
+                }
+            }
+        }
+    };
+    // Warm-up: one real forward pass before health says SERVING.
+    let mut cache = KvCache::new(&model.config);
+    let first = tokenizer.bos.unwrap_or(0);
+    model
+        .forward(&mut [Step { tokens: &[first], cache: &mut cache, logits: true }])
+        .map_err(|e| gguf_err(e.to_string()))?;
+    let context_length = model.config.context_length;
+    info!(
+        model = %name,
+        layers = model.config.n_layer,
+        width = model.config.n_embd,
+        context_length,
+        weights = ?model.weight_types,
+        chat_template = template.is_some(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "generation model loaded and warmed"
+    );
+    let generator = LlamaGenerator::new(model, tokenizer.clone(), generate.prefill_chunk);
+    let engine =
+        GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?;
+    Ok(LoadedGen {
+        source: path.strip_prefix(root).unwrap_or(path).display().to_string(),
+        device: device_name(device),
+        limits: GenerateLimits {
+            context_length: context_length.min(generate.scheduler.max_kv_tokens),
+            max_new_tokens: generate.max_new_tokens,
+        },
+        tokenizer,
+        template,
+        engine,
+        name,
+    })
 }
 
 fn load_embedder(

@@ -1,9 +1,12 @@
 //! Parse, don't validate: untrusted request fields become `Valid*` types here, in one place, or a
 //! [`ValidationError`] that names the field, the bound and the given value. Later layers take only
 //! `Valid*` types. No tonic here: `server::convert` hands over plain fields.
+use crate::engine::sampling::SamplingConfig;
+use crate::tokenizer::chat::ChatTemplate;
+use crate::tokenizer::gguf::GgufTokenizer;
 use crate::tokenizer::{TextTokenizer, TokenizerError, Truncation};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ValidationError {
     #[error("model: no {kind} model named {name:?} is loaded (loaded: {loaded})")]
     UnknownModel { kind: &'static str, name: String, loaded: String },
@@ -25,6 +28,34 @@ pub enum ValidationError {
          model's max_batch_tokens of {max}; send fewer or shorter inputs per request"
     )]
     TooManyBatchTokens { inputs: usize, longest: usize, total: usize, max: usize },
+    #[error("prompt, messages: exactly one must be set, got {0}")]
+    PromptOrMessages(&'static str),
+    #[error("max_new_tokens: must be between 1 and {max}, got {got}")]
+    MaxNewTokens { max: usize, got: u32 },
+    #[error(
+        "max_new_tokens: the prompt's {prompt} tokens plus max_new_tokens {new} make {total}, above the model's \
+         context length of {max}"
+    )]
+    ContextOverflow { prompt: usize, new: usize, total: usize, max: usize },
+    #[error("sampling.temperature: must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("sampling.top_p: must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("sampling.repetition_penalty: must be a finite number > 0, got {0}")]
+    RepetitionPenalty(f32),
+    #[error("messages[{index}].role: must be one of system, user, assistant, tool; got {role:?}")]
+    UnknownRole { index: usize, role: String },
+    #[error("stop: at most {max} stop sequences, got {got}")]
+    TooManyStops { max: usize, got: usize },
+    #[error("stop[{index}]: must be 1 to {max} bytes long, got {got}")]
+    StopLength { index: usize, max: usize, got: usize },
+    #[error("messages: {0}")]
+    ChatTemplate(String),
+    #[error("prompt: {source}")]
+    PromptTokenizer {
+        #[source]
+        source: TokenizerErrorEq,
+    },
     #[error("inputs[{index}]: {source}")]
     Tokenizer {
         index: usize,
@@ -120,4 +151,130 @@ pub fn predict(
         return Err(ValidationError::TooManyBatchTokens { inputs: n, longest, total, max: limits.max_batch_tokens });
     }
     Ok(valid)
+}
+
+/// The most stop sequences a request may carry, and their longest length in bytes: both bound the
+/// work of matching them against every generated token.
+pub const MAX_STOPS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+
+/// A Generate request's fields, as the wire gave them.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// (role, content)
+    pub messages: Vec<(String, String)>,
+    pub max_new_tokens: u32,
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub logprobs: bool,
+}
+
+/// What a Generate request is checked against.
+#[derive(Debug, Clone)]
+pub struct GenerateLimits {
+    pub context_length: usize,
+    /// The server's cap on max_new_tokens.
+    pub max_new_tokens: usize,
+}
+
+/// A Generate request that fits its model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidGenerate {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    pub stop: Vec<String>,
+    pub logprobs: bool,
+}
+
+impl ValidGenerate {
+    /// KV-cache positions this sequence may need at most.
+    pub fn kv_tokens(&self) -> usize {
+        self.prompt_ids.len() + self.max_new_tokens
+    }
+}
+
+/// Checks a Generate request, renders its chat template if any, and tokenizes it. CPU work: call it
+/// off the async runtime's workers.
+pub fn generate(
+    params: GenerateParams,
+    limits: &GenerateLimits,
+    tokenizer: &GgufTokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<ValidGenerate, ValidationError> {
+    let text = match (params.prompt.is_empty(), params.messages.is_empty()) {
+        (false, false) => return Err(ValidationError::PromptOrMessages("both")),
+        (true, true) => return Err(ValidationError::PromptOrMessages("neither (or an empty prompt)")),
+        (false, true) => params.prompt,
+        (true, false) => {
+            if let Some((index, (role, _))) =
+                params.messages.iter().enumerate().find(|(_, (r, _))| !ROLES.contains(&r.as_str()))
+            {
+                return Err(ValidationError::UnknownRole { index, role: role.clone() });
+            }
+            let template = template.ok_or_else(|| {
+                ValidationError::ChatTemplate("this model has no chat template; send a raw prompt instead".into())
+            })?;
+            template.render(&params.messages).map_err(ValidationError::ChatTemplate)?
+        }
+    };
+    if params.max_new_tokens == 0 || params.max_new_tokens as usize > limits.max_new_tokens {
+        return Err(ValidationError::MaxNewTokens { max: limits.max_new_tokens, got: params.max_new_tokens });
+    }
+    let t = params.temperature;
+    if !t.is_finite() || t < 0.0 {
+        return Err(ValidationError::Temperature(t));
+    }
+    let top_p = params.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ValidationError::TopP(top_p));
+    }
+    let penalty = params.repetition_penalty.unwrap_or(1.0);
+    if !penalty.is_finite() || penalty <= 0.0 {
+        return Err(ValidationError::RepetitionPenalty(penalty));
+    }
+    if params.stop.len() > MAX_STOPS {
+        return Err(ValidationError::TooManyStops { max: MAX_STOPS, got: params.stop.len() });
+    }
+    if let Some((index, s)) = params.stop.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(ValidationError::StopLength { index, max: MAX_STOP_BYTES, got: s.len() });
+    }
+    let prompt_ids = tokenizer.encode(&text).map_err(|e| ValidationError::PromptTokenizer { source: e.into() })?;
+    if prompt_ids.is_empty() {
+        return Err(ValidationError::PromptOrMessages("neither (the prompt has no tokens)"));
+    }
+    let new = params.max_new_tokens as usize;
+    if prompt_ids.len() + new > limits.context_length {
+        return Err(ValidationError::ContextOverflow {
+            prompt: prompt_ids.len(),
+            new,
+            total: prompt_ids.len() + new,
+            max: limits.context_length,
+        });
+    }
+    Ok(ValidGenerate {
+        prompt_ids,
+        max_new_tokens: new,
+        sampling: SamplingConfig {
+            temperature: t,
+            top_k: params.top_k as usize,
+            top_p,
+            repetition_penalty: penalty,
+            // Unseeded requests still get a seed, so every sampled stream is reproducible from logs.
+            seed: params.seed.unwrap_or_else(random_seed),
+        },
+        stop: params.stop,
+        logprobs: params.logprobs,
+    })
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
 }

@@ -1,6 +1,7 @@
 //! Dynamic batching in front of each model: bounded admission, time windows, token budgets, deadlines and
 //! cancellation. No tonic and no candle here: requests arrive as `validate::Valid*` types and leave as
 //! plain vectors; the model is reached only through the `engine` traits.
+pub mod generate;
 mod state;
 mod task;
 

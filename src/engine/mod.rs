@@ -2,6 +2,9 @@
 //! each model runs on (never the async runtime's workers).
 mod device;
 mod embed;
+mod generate;
+pub mod sampling;
+pub mod text;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use tracing::error;
 
 pub use device::{DeviceChoice, device_name, select_device};
 pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
+pub use generate::{Finish, GenEngine, Generator, LlamaGenerator, SeqEvent, SeqId, StepPlan, StepReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

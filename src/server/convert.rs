@@ -1,7 +1,7 @@
 //! Wire messages to plain domain types: enum integers are checked here, everything else in `validate`.
 use super::pb;
 use crate::tokenizer::Truncation;
-use crate::validate::{PredictParams, ValidationError};
+use crate::validate::{GenerateParams, PredictParams, ValidationError};
 
 pub fn predict_params(req: pb::PredictRequest) -> Result<PredictParams, ValidationError> {
     let direction = match pb::TruncationDirection::try_from(req.truncation_direction) {
@@ -15,6 +15,22 @@ pub fn predict_params(req: pb::PredictRequest) -> Result<PredictParams, Validati
         }
     };
     Ok(PredictParams { inputs: req.inputs, truncate: req.truncate, direction, normalize: req.normalize })
+}
+
+pub fn generate_params(req: pb::GenerateRequest) -> GenerateParams {
+    let sampling = req.sampling.unwrap_or_default();
+    GenerateParams {
+        prompt: req.prompt,
+        messages: req.messages.into_iter().map(|m| (m.role, m.content)).collect(),
+        max_new_tokens: req.max_new_tokens,
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+        repetition_penalty: sampling.repetition_penalty,
+        seed: sampling.seed,
+        stop: req.stop,
+        logprobs: req.logprobs,
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! background (health says NOT_SERVING until every model is loaded and warmed), and serves until shutdown.
 mod convert;
 mod deadline;
+mod generate;
 mod models;
 mod predict;
 mod status;
@@ -62,6 +63,13 @@ impl Inference for InferenceService {
         predict::predict(registry, request).await.map_err(Status::from)
     }
 
+    type GenerateStream = generate::GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let registry = self.registry()?;
+        generate::generate(registry, request).await.map_err(Status::from)
+    }
+
     async fn list_models(
         &self,
         _request: Request<pb::ListModelsRequest>,
@@ -97,9 +105,10 @@ pub async fn serve(
 
     // Models load while the server already answers health checks (NOT_SERVING), as startup probes expect.
     let (failed_tx, failed_rx) = oneshot::channel::<RegistryError>();
-    let (model_config, batch_config) = (config.model.clone(), config.batch.clone());
+    let (model_config, batch_config, gen_config) =
+        (config.model.clone(), config.batch.clone(), config.generate.clone());
     tokio::spawn(async move {
-        match Registry::load(model_config, batch_config).await {
+        match Registry::load(model_config, batch_config, gen_config).await {
             Ok(registry) => {
                 let _ = cell.set(Arc::new(registry));
                 reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::Serving).await;

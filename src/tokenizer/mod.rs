@@ -1,6 +1,7 @@
 //! Text to token ids for embedding models, with the model's length limit applied as the request asks.
 //! Callers run it off the async runtime's workers (it is CPU work). [`gguf`] builds a generation model's
 //! tokenizer from its GGUF metadata and detokenizes incrementally.
+pub mod chat;
 pub mod gguf;
 
 use std::path::Path;

@@ -1,0 +1,134 @@
+//! Continuous batching for generation models: between decode steps the scheduler admits waiting
+//! sequences (their prefill runs in the next step) and removes finished, abandoned and expired ones;
+//! each step advances every running sequence by a token in one batched forward pass.
+mod state;
+mod task;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+
+pub use state::{GenConfig, GenState, Leave, Pending};
+
+use super::BatchError;
+use crate::engine::{Finish, GenEngine};
+use crate::validate::ValidGenerate;
+
+/// What a Generate caller receives, in order: tokens, then exactly one `End` (or an error).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    Token {
+        id: u32,
+        text: String,
+        logprob: f32,
+        index: u32,
+    },
+    End {
+        finish: Finish,
+        stop: Option<String>,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        queue_time: Duration,
+        time_to_first_token: Duration,
+        total: Duration,
+    },
+}
+
+pub type GenStream = mpsc::Receiver<Result<GenEvent, BatchError>>;
+
+struct Entry {
+    /// Taken when the sequence is admitted and handed to the engine.
+    request: Option<ValidGenerate>,
+    kv_tokens: usize,
+    enqueued_at: Instant,
+    deadline: Option<Instant>,
+    admitted_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    tx: mpsc::Sender<Result<GenEvent, BatchError>>,
+    /// Held while waiting; released at admission.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Pending for Entry {
+    fn kv_tokens(&self) -> usize {
+        self.kv_tokens
+    }
+    fn enqueued_at(&self) -> Instant {
+        self.enqueued_at
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+    fn is_abandoned(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Live counts, for ListModels and autoscaling.
+#[derive(Debug, Default)]
+pub struct GenStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    /// Expired requests answered before reaching the model.
+    pub expired_waiting: AtomicUsize,
+}
+
+/// A cheap, cloneable handle to one generation model's scheduler.
+#[derive(Clone)]
+pub struct GenBatcher {
+    model: Arc<str>,
+    tx: mpsc::Sender<Entry>,
+    permits: Arc<Semaphore>,
+    max_waiting: usize,
+    pub stats: Arc<GenStats>,
+}
+
+impl GenBatcher {
+    pub fn spawn(model: &str, engine: GenEngine, config: GenConfig) -> Self {
+        let model: Arc<str> = model.into();
+        // Never full: a sender needs a permit first and an entry in the channel still holds it.
+        let (tx, rx) = mpsc::channel(config.max_waiting);
+        let permits = Arc::new(Semaphore::new(config.max_waiting));
+        let stats = Arc::new(GenStats::default());
+        let max_waiting = config.max_waiting;
+        tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
+        Self { model, tx, permits, max_waiting, stats }
+    }
+
+    pub fn running(&self) -> usize {
+        self.stats.running.load(Ordering::Relaxed)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.max_waiting - self.permits.available_permits()
+    }
+
+    /// Queues a request; its tokens arrive on the returned stream. Dropping the stream cancels it.
+    pub async fn generate(&self, request: ValidGenerate, deadline: Option<Instant>) -> Result<GenStream, BatchError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BatchError::QueueFull { model: self.model.clone(), max_queue: self.max_waiting })?;
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
+        }
+        // Room for every token and the end: the scheduler's try_send can then never find it full.
+        let (tx, rx) = mpsc::channel(request.max_new_tokens + 2);
+        let entry = Entry {
+            kv_tokens: request.kv_tokens(),
+            request: Some(request),
+            enqueued_at: Instant::now(),
+            deadline,
+            admitted_at: None,
+            first_token_at: None,
+            tx,
+            permit: Some(permit),
+        };
+        self.tx.send(entry).await.map_err(|_| BatchError::Closed(self.model.clone()))?;
+        Ok(rx)
+    }
+}

@@ -1,0 +1,250 @@
+//! A generation model on its own OS thread. It owns the weights and every running sequence's KV cache,
+//! sampler and text state, and runs one batched step whenever the scheduler (`batcher::generate`) asks:
+//! new sequences' prompts go in as prefill chunks beside the decode rows of running ones.
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+
+use tokio::sync::oneshot;
+use tracing::error;
+
+use super::EngineError;
+use super::sampling::{Rng, SamplingConfig, logprob, sample};
+use super::text::{Matched, StopMatcher, TextToken};
+use crate::models::llama::{KvCache, Llama, Step};
+use crate::tokenizer::gguf::{Detokenizer, GgufTokenizer};
+use crate::validate::ValidGenerate;
+
+/// The scheduler's name for a sequence.
+pub type SeqId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    StopSequence,
+    EndOfSequence,
+}
+
+/// What happened to one sequence in a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqEvent {
+    Token { token: TextToken, index: u32 },
+    End { finish: Finish, stop: Option<String>, prompt_tokens: u32, completion_tokens: u32 },
+    Failed(String),
+}
+
+/// One step's instructions: sequences to start and sequences to forget (cancelled or expired).
+#[derive(Debug, Default)]
+pub struct StepPlan {
+    pub admit: Vec<(SeqId, ValidGenerate)>,
+    pub drop: Vec<SeqId>,
+}
+
+#[derive(Debug, Default)]
+pub struct StepReport {
+    pub events: Vec<(SeqId, SeqEvent)>,
+}
+
+/// A generation model as the engine thread drives it; a fake one tests the scheduler's timing.
+pub trait Generator: Send + 'static {
+    fn step(&mut self, plan: StepPlan) -> Result<StepReport, EngineError>;
+}
+
+struct Job {
+    plan: StepPlan,
+    reply: oneshot::Sender<Result<StepReport, EngineError>>,
+}
+
+/// Handle to a generator running on its own OS thread.
+#[derive(Clone)]
+pub struct GenEngine {
+    tx: SyncSender<Job>,
+}
+
+impl GenEngine {
+    pub fn spawn<G: Generator>(name: &str, mut generator: G) -> std::io::Result<Self> {
+        // The scheduler waits for each step before planning the next, so one slot is all it uses; a
+        // second is headroom so a bug there fails a step with `Stopped` instead of blocking the runtime.
+        let (tx, rx) = sync_channel::<Job>(2);
+        std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                let result = catch_unwind(AssertUnwindSafe(|| generator.step(job.plan)))
+                    .unwrap_or_else(|p| Err(EngineError::Panicked(super::panic_message(&p))));
+                if let Err(err) = &result {
+                    error!(error = %err, "generation step failed");
+                }
+                let _ = job.reply.send(result);
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    pub fn submit(&self, plan: StepPlan) -> oneshot::Receiver<Result<StepReport, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = self.tx.try_send(Job { plan, reply }) {
+            let _ = job.reply.send(Err(EngineError::Stopped));
+        }
+        rx
+    }
+}
+
+struct Sequence {
+    cache: KvCache,
+    prompt: Vec<u32>,
+    /// Prompt tokens already through the model.
+    fed: usize,
+    generated: Vec<u32>,
+    emitted: u32,
+    max_new_tokens: usize,
+    sampling: SamplingConfig,
+    rng: Rng,
+    logprobs: bool,
+    detok: Detokenizer,
+    stops: StopMatcher,
+}
+
+/// The real generator: a llama model and its tokenizer.
+pub struct LlamaGenerator {
+    model: Llama,
+    tokenizer: Arc<GgufTokenizer>,
+    /// Prompt tokens fed per step across all sequences: bounds how long one step can stall the
+    /// running streams' next tokens while a long prompt is read.
+    prefill_chunk: usize,
+    seqs: BTreeMap<SeqId, Sequence>,
+}
+
+impl LlamaGenerator {
+    pub fn new(model: Llama, tokenizer: Arc<GgufTokenizer>, prefill_chunk: usize) -> Self {
+        Self { model, tokenizer, prefill_chunk: prefill_chunk.max(1), seqs: BTreeMap::new() }
+    }
+
+    pub fn running(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// After a sampled token: text, stop sequences and end conditions.
+    fn after_token(&mut self, id: SeqId, token: u32, logits: &[f32], events: &mut Vec<(SeqId, SeqEvent)>) -> bool {
+        let tokenizer = self.tokenizer.clone();
+        let seq = self.seqs.get_mut(&id).expect("a sequence of this step");
+        seq.generated.push(token);
+        let end = |finish, stop, seq: &Sequence| SeqEvent::End {
+            finish,
+            stop,
+            prompt_tokens: seq.prompt.len() as u32,
+            completion_tokens: seq.generated.len() as u32,
+        };
+        let push = |t: TextToken, seq: &mut Sequence, events: &mut Vec<(SeqId, SeqEvent)>| {
+            events.push((id, SeqEvent::Token { token: t, index: seq.emitted }));
+            seq.emitted += 1;
+        };
+        if tokenizer.is_end_of_generation(token) {
+            for t in seq.stops.flush() {
+                push(t, seq, events);
+            }
+            events.push((id, end(Finish::EndOfSequence, None, seq)));
+            return true;
+        }
+        let text = seq.detok.push(tokenizer.token_bytes(token));
+        let lp = if seq.logprobs { logprob(logits, token) } else { 0.0 };
+        match seq.stops.push(TextToken { id: token, text, logprob: lp }) {
+            Matched::Emit(ts) => ts.into_iter().for_each(|t| push(t, seq, events)),
+            Matched::Stop { emit, stop } => {
+                emit.into_iter().for_each(|t| push(t, seq, events));
+                events.push((id, end(Finish::StopSequence, Some(stop), seq)));
+                return true;
+            }
+        }
+        if seq.generated.len() >= seq.max_new_tokens {
+            for t in seq.stops.flush() {
+                push(t, seq, events);
+            }
+            events.push((id, end(Finish::Length, None, seq)));
+            return true;
+        }
+        false
+    }
+}
+
+impl Generator for LlamaGenerator {
+    fn step(&mut self, plan: StepPlan) -> Result<StepReport, EngineError> {
+        for id in &plan.drop {
+            self.seqs.remove(id);
+        }
+        for (id, req) in plan.admit {
+            self.seqs.insert(
+                id,
+                Sequence {
+                    cache: KvCache::new(&self.model.config),
+                    rng: Rng::new(req.sampling.seed),
+                    prompt: req.prompt_ids,
+                    fed: 0,
+                    generated: Vec::new(),
+                    emitted: 0,
+                    max_new_tokens: req.max_new_tokens,
+                    sampling: req.sampling,
+                    logprobs: req.logprobs,
+                    detok: Detokenizer::default(),
+                    stops: StopMatcher::new(req.stop),
+                },
+            );
+        }
+        // This step's rows: one token per decoding sequence, prompt chunks within the prefill budget.
+        let mut budget = self.prefill_chunk;
+        let mut inputs: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
+        for (&id, seq) in &self.seqs {
+            if seq.fed < seq.prompt.len() {
+                let n = (seq.prompt.len() - seq.fed).min(budget);
+                if n == 0 {
+                    continue;
+                }
+                budget -= n;
+                let done = seq.fed + n == seq.prompt.len();
+                inputs.push((id, seq.prompt[seq.fed..seq.fed + n].to_vec(), done));
+            } else if let Some(&last) = seq.generated.last() {
+                inputs.push((id, vec![last], true));
+            }
+        }
+        let mut report = StepReport::default();
+        if inputs.is_empty() {
+            return Ok(report);
+        }
+        let logits = {
+            let mut by_id: BTreeMap<SeqId, &mut Sequence> = self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(inputs.len());
+            for (id, tokens, want) in &inputs {
+                let seq = by_id.remove(id).expect("planned sequences exist");
+                seq.fed += if seq.fed < seq.prompt.len() { tokens.len() } else { 0 };
+                steps.push(Step { tokens, cache: &mut seq.cache, logits: *want });
+            }
+            match self.model.forward(&mut steps) {
+                Ok(l) => l,
+                Err(e) => {
+                    drop(steps);
+                    // Half-advanced caches cannot be trusted: the scheduler fails every running sequence.
+                    self.seqs.clear();
+                    return Err(e.into());
+                }
+            }
+        };
+        let mut finished = Vec::new();
+        for ((id, _, _), logits) in inputs.iter().zip(logits) {
+            let Some(mut logits) = logits else { continue };
+            let raw = if self.seqs[id].logprobs { Some(logits.clone()) } else { None };
+            let seq = self.seqs.get_mut(id).expect("planned sequences exist");
+            let history: Vec<u32> = if seq.sampling.repetition_penalty != 1.0 {
+                seq.prompt.iter().chain(&seq.generated).copied().collect()
+            } else {
+                Vec::new()
+            };
+            let token = sample(&mut logits, &history, &seq.sampling, &mut seq.rng);
+            if self.after_token(*id, token, raw.as_deref().unwrap_or(&logits), &mut report.events) {
+                finished.push(*id);
+            }
+        }
+        for id in finished {
+            self.seqs.remove(&id);
+        }
+        Ok(report)
+    }
+}

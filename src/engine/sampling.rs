@@ -1,0 +1,162 @@
+//! Choosing the next token from logits: greedy, or temperature with top-k, top-p and a repetition
+//! penalty, from a seeded generator so that the same seed gives the same tokens.
+
+/// Sampling settings of one sequence, already validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no limit.
+    pub top_k: usize,
+    /// In (0, 1].
+    pub top_p: f32,
+    /// 1 means off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+/// SplitMix64: tiny, fast, and with a fixed output for a fixed seed on every platform.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The first index of the largest value (ties go to the lower id, as llama.cpp's argmax does).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log softmax(logits)[id], computed stably.
+pub fn logprob(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    ((logits[id as usize] - max) as f64 - sum.ln()) as f32
+}
+
+/// Picks the next token. `history` is the prompt and output so far (for the repetition penalty).
+pub fn sample(logits: &mut [f32], history: &[u32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
+    if cfg.repetition_penalty != 1.0 {
+        let mut seen = std::collections::HashSet::new();
+        for &t in history {
+            if seen.insert(t) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    // CTRL's penalty, as llama.cpp and HF apply it.
+                    *l = if *l > 0.0 { *l / cfg.repetition_penalty } else { *l * cfg.repetition_penalty };
+                }
+            }
+        }
+    }
+    if cfg.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let mut candidates: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, l / cfg.temperature)).collect();
+    // Highest first; ties by id so that the order (and thus the draw) is deterministic.
+    candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if cfg.top_k > 0 {
+        candidates.truncate(cfg.top_k);
+    }
+    let max = candidates[0].1;
+    let mut probs: Vec<f64> = candidates.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if cfg.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cumulative += p;
+            if cumulative >= cfg.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut draw = rng.next_f64();
+    for (i, p) in probs.iter().enumerate() {
+        if draw < *p {
+            return candidates[i].0;
+        }
+        draw -= p;
+    }
+    candidates[probs.len() - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_largest_and_ties_go_low() {
+        let mut l = vec![0.1, 3.0, 3.0, -1.0];
+        assert_eq!(sample(&mut l, &[], &SamplingConfig::default(), &mut Rng::new(1)), 1);
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let cfg = SamplingConfig { temperature: 1.0, seed: 7, ..Default::default() };
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..20).map(|_| sample(&mut logits.clone(), &[], &cfg, &mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits: Vec<f32> = vec![0.5, 2.0, 1.0];
+        let k1 = SamplingConfig { temperature: 5.0, top_k: 1, ..Default::default() };
+        let p = SamplingConfig { temperature: 5.0, top_p: 1e-6, ..Default::default() };
+        for seed in 0..20 {
+            assert_eq!(sample(&mut logits.clone(), &[], &k1, &mut Rng::new(seed)), 1);
+            assert_eq!(sample(&mut logits.clone(), &[], &p, &mut Rng::new(seed)), 1);
+        }
+    }
+
+    #[test]
+    fn the_repetition_penalty_demotes_seen_tokens() {
+        let cfg = SamplingConfig { repetition_penalty: 2.0, ..Default::default() };
+        let mut l = vec![1.0, 1.5, 0.2];
+        assert_eq!(sample(&mut l, &[1], &cfg, &mut Rng::new(0)), 0);
+        assert_eq!(l[1], 0.75);
+    }
+
+    #[test]
+    fn logprob_is_a_log_softmax() {
+        let l = vec![0.0f32, 0.0];
+        assert!((logprob(&l, 0) - 0.5f32.ln()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,310 @@
+//! Generate end to end: the real binary, the real SmolLM2 GGUF, a generated tonic client.
+mod common;
+
+use std::time::Duration;
+
+use common::Server;
+use omnibus::server::pb::generate_response::Kind;
+use omnibus::server::pb::{self, ChatMessage, GenerateRequest, SamplingParams};
+use serde::Deserialize;
+use tonic::{Code, Request};
+
+#[derive(Deserialize, Clone)]
+struct Case {
+    prompt: String,
+    prompt_token_ids: Vec<u32>,
+    token_ids: Vec<u32>,
+    text: String,
+}
+
+fn cases() -> Vec<Case> {
+    #[derive(Deserialize)]
+    struct R {
+        cases: Vec<Case>,
+    }
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation.json")).unwrap();
+    serde_json::from_str::<R>(&text).unwrap().cases
+}
+
+fn greedy(prompt: &str, n: u32) -> GenerateRequest {
+    GenerateRequest { prompt: prompt.into(), max_new_tokens: n, ..Default::default() }
+}
+
+/// Everything a finished stream said.
+#[derive(Debug, Default)]
+struct Collected {
+    ids: Vec<u32>,
+    text: String,
+    indexes: Vec<u32>,
+    logprobs: Vec<f32>,
+    end: Option<pb::GenerateEnd>,
+}
+
+async fn collect(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Result<Collected, tonic::Status> {
+    let mut c = Collected::default();
+    while let Some(msg) = stream.message().await? {
+        assert!(c.end.is_none(), "a message after the end");
+        match msg.kind.expect("every message has a kind") {
+            Kind::Token(t) => {
+                c.ids.push(t.id);
+                c.text.push_str(&t.text);
+                c.indexes.push(t.index);
+                c.logprobs.push(t.logprob);
+            }
+            Kind::End(e) => c.end = Some(e),
+        }
+    }
+    Ok(c)
+}
+
+#[tokio::test]
+async fn greedy_streams_match_llama_cpp_and_end_once() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    for case in cases() {
+        let stream = client.generate(greedy(&case.prompt, 24)).await.unwrap().into_inner();
+        let c = collect(stream).await.unwrap();
+        assert_eq!(c.ids, case.token_ids, "prompt {:?}", case.prompt);
+        assert_eq!(c.text, case.text, "detokenized text of {:?}", case.prompt);
+        assert_eq!(c.indexes, (0..24).collect::<Vec<_>>());
+        let end = c.end.expect("exactly one end");
+        assert_eq!(end.finish_reason, pb::FinishReason::Length as i32);
+        let usage = end.usage.unwrap();
+        assert_eq!(usage.prompt_tokens as usize, case.prompt_token_ids.len());
+        assert_eq!(usage.completion_tokens, 24);
+        let t = end.timings.unwrap();
+        assert!(t.time_to_first_token_us > 0 && t.time_to_first_token_us <= t.total_time_us);
+        assert_eq!(end.model, "SmolLM2-135M-Instruct.Q4_1");
+    }
+}
+
+#[tokio::test]
+async fn streams_that_join_a_running_batch_decode_as_they_would_alone() {
+    let server = Server::start(&[]).await;
+    let client = server.client().await;
+    let cases = cases();
+    // Case 0 starts; case 1 joins once case 0 has streamed 3 tokens, case 2 once case 1 has 5.
+    let mut first = client.clone().generate(greedy(&cases[0].prompt, 24)).await.unwrap().into_inner();
+    let mut head0 = Vec::new();
+    while head0.len() < 3 {
+        if let Some(Kind::Token(t)) = first.message().await.unwrap().unwrap().kind {
+            head0.push(t.id);
+        }
+    }
+    let mut second = client.clone().generate(greedy(&cases[1].prompt, 24)).await.unwrap().into_inner();
+    let mut head1 = Vec::new();
+    while head1.len() < 5 {
+        if let Some(Kind::Token(t)) = second.message().await.unwrap().unwrap().kind {
+            head1.push(t.id);
+        }
+    }
+    let third = tokio::spawn({
+        let mut c = client.clone();
+        let p = cases[2].prompt.clone();
+        async move { collect(c.generate(greedy(&p, 24)).await.unwrap().into_inner()).await.unwrap() }
+    });
+    let (rest0, rest1) = tokio::join!(collect(first), collect(second));
+    let mut ids0 = head0;
+    ids0.extend(rest0.unwrap().ids);
+    let mut ids1 = head1;
+    ids1.extend(rest1.unwrap().ids);
+    assert_eq!(ids0, cases[0].token_ids);
+    assert_eq!(ids1, cases[1].token_ids);
+    assert_eq!(third.await.unwrap().ids, cases[2].token_ids);
+}
+
+#[tokio::test]
+async fn seeded_sampling_repeats_and_logprobs_are_reported() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let sampled = |seed: u64| GenerateRequest {
+        prompt: "Once upon a time".into(),
+        max_new_tokens: 16,
+        sampling: Some(SamplingParams {
+            temperature: 1.0,
+            top_k: 40,
+            top_p: Some(0.95),
+            seed: Some(seed),
+            ..Default::default()
+        }),
+        logprobs: true,
+        ..Default::default()
+    };
+    let a = collect(client.generate(sampled(7)).await.unwrap().into_inner()).await.unwrap();
+    let b = collect(client.generate(sampled(7)).await.unwrap().into_inner()).await.unwrap();
+    let c = collect(client.generate(sampled(8)).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(a.ids, b.ids, "the same seed gives the same tokens");
+    assert_ne!(a.ids, c.ids, "another seed gives other tokens");
+    assert!(a.logprobs.iter().all(|&l| l < 0.0 && l.is_finite()), "{:?}", a.logprobs);
+}
+
+#[tokio::test]
+async fn stop_sequences_end_the_stream_and_are_not_sent() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let case = &cases()[0]; // " is designed to be used as a text editor. ..."
+    let mut req = greedy(&case.prompt, 24);
+    req.stop = vec!["text editor".into(), "never appears".into()];
+    let c = collect(client.generate(req).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(c.text, " is designed to be used as a ");
+    let end = c.end.unwrap();
+    assert_eq!(end.finish_reason, pb::FinishReason::StopSequence as i32);
+    assert_eq!(end.stop_sequence, "text editor");
+}
+
+#[tokio::test]
+async fn chat_messages_are_rendered_with_the_models_template() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let req = GenerateRequest {
+        messages: vec![ChatMessage { role: "user".into(), content: "Say hello.".into() }],
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    let c = collect(client.generate(req).await.unwrap().into_inner()).await.unwrap();
+    let end = c.end.unwrap();
+    // The template adds SmolLM's system prompt and the role markers around the 3-token content.
+    assert!(end.usage.unwrap().prompt_tokens > 20);
+    assert!(!c.text.trim().is_empty());
+    assert!(!c.text.contains("<|im_end|>"), "control tokens are not sent as text: {:?}", c.text);
+}
+
+async fn running(server: &Server) -> u32 {
+    let models = server.client().await.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    models.iter().find(|m| m.kind == pb::ModelKind::Generation as i32).unwrap().load.unwrap().running
+}
+
+async fn wait_until_idle(server: &Server) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while running(server).await != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the running count never returned to zero");
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_frees_its_sequence() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let mut stream = client.generate(greedy("Tell me a very long story about", 2000)).await.unwrap().into_inner();
+    for _ in 0..2 {
+        stream.message().await.unwrap().unwrap();
+    }
+    assert_eq!(running(&server).await, 1);
+    drop(stream);
+    wait_until_idle(&server).await;
+}
+
+#[tokio::test]
+async fn a_deadline_mid_stream_ends_it_with_deadline_exceeded() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client_without_timer();
+    let mut req = Request::new(greedy("Tell me a very long story about", 2000));
+    req.set_timeout(Duration::from_millis(1500));
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut tokens = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => tokens += 1,
+            Ok(None) => panic!("the stream ended normally after {tokens} tokens"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(tokens > 0 && tokens < 2000, "{tokens} tokens before the deadline");
+    wait_until_idle(&server).await;
+}
+
+#[tokio::test]
+async fn a_full_waiting_room_answers_resource_exhausted() {
+    let server = Server::start(&["--max-running-seqs", "1", "--max-waiting", "1"]).await;
+    let client = server.client().await;
+    let mut running_stream = client.clone().generate(greedy("Count to a thousand:", 2000)).await.unwrap().into_inner();
+    running_stream.message().await.unwrap().unwrap();
+    let _waiting = client.clone().generate(greedy("Waiting", 10)).await.unwrap().into_inner();
+    let status = client.clone().generate(greedy("One too many", 10)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("overloaded"));
+}
+
+fn assert_invalid(
+    result: Result<tonic::Response<tonic::Streaming<pb::GenerateResponse>>, tonic::Status>,
+    code: Code,
+    needles: &[&str],
+) {
+    let status = result.expect_err("the call must fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    for n in needles {
+        assert!(status.message().contains(n), "{:?} does not mention {n:?}", status.message());
+    }
+}
+
+#[tokio::test]
+async fn bad_generate_requests_get_precise_statuses() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let ok = greedy("Hello", 4);
+    let with = |f: &dyn Fn(&mut GenerateRequest)| {
+        let mut r = ok.clone();
+        f(&mut r);
+        r
+    };
+    let user = ChatMessage { role: "user".into(), content: "hi".into() };
+    assert_invalid(
+        client.generate(with(&|r| r.prompt.clear())).await,
+        Code::InvalidArgument,
+        &["prompt, messages", "neither"],
+    );
+    let both = with(&|r| r.messages = vec![user.clone()]);
+    assert_invalid(client.generate(both).await, Code::InvalidArgument, &["prompt, messages", "both"]);
+    assert_invalid(
+        client.generate(with(&|r| r.max_new_tokens = 0)).await,
+        Code::InvalidArgument,
+        &["max_new_tokens", "got 0"],
+    );
+    assert_invalid(
+        client.generate(with(&|r| r.max_new_tokens = 100_000)).await,
+        Code::InvalidArgument,
+        &["max_new_tokens", "2048", "100000"],
+    );
+    let long = "word ".repeat(7000);
+    assert_invalid(
+        client
+            .generate(with(&|r| {
+                r.prompt = long.clone();
+                r.max_new_tokens = 2000
+            }))
+            .await,
+        Code::InvalidArgument,
+        &["max_new_tokens", "8192", "2000"],
+    );
+    let sampling = |s: SamplingParams| with(&move |r| r.sampling = Some(s));
+    assert_invalid(
+        client.generate(sampling(SamplingParams { temperature: -0.5, ..Default::default() })).await,
+        Code::InvalidArgument,
+        &["sampling.temperature", "-0.5"],
+    );
+    assert_invalid(
+        client.generate(sampling(SamplingParams { temperature: f32::NAN, ..Default::default() })).await,
+        Code::InvalidArgument,
+        &["sampling.temperature", "NaN"],
+    );
+    for bad in [0.0, 1.5] {
+        assert_invalid(
+            client.generate(sampling(SamplingParams { top_p: Some(bad), ..Default::default() })).await,
+            Code::InvalidArgument,
+            &["sampling.top_p", "(0, 1]", &bad.to_string()],
+        );
+    }
+    let role = with(&|r| {
+        r.prompt.clear();
+        r.messages = vec![ChatMessage { role: "wizard".into(), content: "hi".into() }]
+    });
+    assert_invalid(client.generate(role).await, Code::InvalidArgument, &["messages[0].role", "wizard"]);
+    assert_invalid(client.generate(with(&|r| r.model = "nope".into())).await, Code::NotFound, &["nope", "SmolLM2"]);
+    // And the server still generates.
+    let c = collect(client.generate(ok.clone()).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(c.ids.len(), 4);
+}
