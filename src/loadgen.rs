@@ -15,12 +15,35 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::parse_duration;
-use crate::server::pb::{PredictRequest, inference_client::InferenceClient};
+use crate::server::pb::{GenerateRequest, PredictRequest, SamplingParams, inference_client::InferenceClient};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum BenchTarget {
     /// Drive Predict (embeddings).
     Predict(PredictArgs),
+    /// Drive Generate (streamed tokens).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Model name (empty: the server's default).
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// The raw prompt.
+    #[arg(long, default_value = "Once upon a time, in a small village by the sea,")]
+    pub prompt: String,
+    /// Repeat the prompt this many times (to make long prompts for prefill figures).
+    #[arg(long, default_value_t = 1)]
+    pub prompt_repeat: usize,
+    /// Tokens to generate per request.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -85,8 +108,13 @@ pub struct Report {
     /// Items per second: sentences for Predict.
     pub items_per_s: f64,
     pub latency_ms: Percentiles,
-    /// Mean of the server-reported batch sizes.
+    /// Mean of the server-reported batch sizes (Predict).
     pub mean_batch_size: f64,
+    /// Generate only: time to first token and the gaps between tokens, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<Percentiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inter_token_ms: Option<Percentiles>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,9 +141,24 @@ impl Percentiles {
     }
 }
 
+/// What one call measured beyond its latency.
+#[derive(Default)]
+struct CallStats {
+    items: u64,
+    batch: u64,
+    ttft_us: Option<u64>,
+    gaps_us: Vec<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
 #[derive(Default)]
 struct Tally {
     latency_us: Option<Histogram<u64>>,
+    ttft_us: Option<Histogram<u64>>,
+    gap_us: Option<Histogram<u64>>,
     ok: u64,
     items: u64,
     batch_sum: u64,
@@ -123,14 +166,18 @@ struct Tally {
 }
 
 impl Tally {
-    fn record(&mut self, latency: Duration, result: Result<(u64, u64), tonic::Code>) {
+    fn record(&mut self, latency: Duration, result: Result<CallStats, tonic::Code>) {
         match result {
-            Ok((items, batch)) => {
-                let h = self.latency_us.get_or_insert_with(|| Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap());
-                h.saturating_record(latency.as_micros() as u64);
+            Ok(stats) => {
+                self.latency_us.get_or_insert_with(histogram).saturating_record(latency.as_micros() as u64);
+                if let Some(t) = stats.ttft_us {
+                    self.ttft_us.get_or_insert_with(histogram).saturating_record(t);
+                }
+                let gaps = self.gap_us.get_or_insert_with(histogram);
+                stats.gaps_us.iter().for_each(|&g| gaps.saturating_record(g));
                 self.ok += 1;
-                self.items += items;
-                self.batch_sum += batch;
+                self.items += stats.items;
+                self.batch_sum += stats.batch;
             }
             Err(code) => *self.errors.entry(format!("{code:?}")).or_default() += 1,
         }
@@ -138,7 +185,10 @@ impl Tally {
 }
 
 pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
-    let BenchTarget::Predict(args) = target;
+    let args = match target {
+        BenchTarget::Predict(args) => args,
+        BenchTarget::Generate(args) => return run_generate(args).await,
+    };
     let mut inputs = args.inputs.clone();
     if let Some(path) = &args.input_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -164,7 +214,7 @@ pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let batch = resp.metadata.map(|m| m.batch_size as u64).unwrap_or(0);
-                Ok((resp.outputs.len() as u64, batch))
+                Ok(CallStats { items: resp.outputs.len() as u64, batch, ..Default::default() })
             }
             Err(status) => Err(status.code()),
         }
@@ -205,7 +255,7 @@ where
     Req: Send + 'static,
     Make: Fn(u64) -> Req + Clone + Send + Sync + 'static,
     Call: Fn(Channel, Req) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(u64, u64), tonic::Code>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<CallStats, tonic::Code>> + Send + 'static,
 {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
@@ -302,7 +352,51 @@ fn report(load: &LoadArgs, t: &Tally, elapsed: Duration) -> Report {
         items_per_s: t.items as f64 / secs,
         latency_ms: Percentiles::of(h),
         mean_batch_size: if t.ok > 0 { t.batch_sum as f64 / t.ok as f64 } else { 0.0 },
+        ttft_ms: t.ttft_us.as_ref().map(Percentiles::of),
+        inter_token_ms: t.gap_us.as_ref().map(Percentiles::of),
     }
+}
+
+async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let load = args.load.clone();
+    let channels = connect(&load).await?;
+    let prompt = vec![args.prompt.as_str(); args.prompt_repeat.max(1)].join(" ");
+    let make = {
+        let (model, n, temperature) = (args.model.clone(), args.max_new_tokens, args.temperature);
+        move |i: u64| GenerateRequest {
+            model: model.clone(),
+            prompt: prompt.clone(),
+            max_new_tokens: n,
+            sampling: Some(SamplingParams { temperature, seed: Some(i), ..Default::default() }),
+            ..Default::default()
+        }
+    };
+    let call = |channel: Channel, req: GenerateRequest| async move {
+        use crate::server::pb::generate_response::Kind;
+        let started = Instant::now();
+        let mut client = InferenceClient::new(channel);
+        let mut stream = client.generate(req).await.map_err(|s| s.code())?.into_inner();
+        let mut stats = CallStats::default();
+        let mut last = started;
+        while let Some(msg) = stream.message().await.map_err(|s| s.code())? {
+            if let Some(Kind::Token(_)) = msg.kind {
+                let now = Instant::now();
+                if stats.ttft_us.is_none() {
+                    stats.ttft_us = Some(now.duration_since(started).as_micros() as u64);
+                } else {
+                    stats.gaps_us.push(now.duration_since(last).as_micros() as u64);
+                }
+                last = now;
+                stats.items += 1;
+            }
+        }
+        Ok(stats)
+    };
+    if !load.warmup.is_zero() {
+        drive(&load, &channels, load.warmup, None, &make, &call, true).await;
+    }
+    let (tally, elapsed) = drive(&load, &channels, load.duration, load.requests, &make, &call, load.quiet).await;
+    print_report(&report(&load, &tally, elapsed), load.json)
 }
 
 fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
@@ -312,13 +406,20 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
     }
     println!("{} c={} {}", r.mode, r.concurrency, r.rate.map(|x| format!("rate={x}/s")).unwrap_or_default());
     println!("  ok requests   {:>10}  in {:.2} s", r.requests_ok, r.elapsed_s);
-    println!("  throughput    {:>10.1} req/s  {:>10.1} items/s", r.requests_per_s, r.items_per_s);
+    println!("  throughput    {:>10.1} req/s  {:>10.1} items/s (sentences or tokens)", r.requests_per_s, r.items_per_s);
     let l = &r.latency_ms;
     println!(
         "  latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  mean {:.2}",
         l.p50, l.p90, l.p99, l.p999, l.max, l.mean
     );
-    println!("  mean batch    {:>10.2}", r.mean_batch_size);
+    if let Some(t) = &r.ttft_ms {
+        println!("  first token   p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2} ms", t.p50, t.p90, t.p99, t.max);
+    }
+    if let Some(t) = &r.inter_token_ms {
+        println!("  between tokens p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2} ms", t.p50, t.p90, t.p99, t.max);
+    } else {
+        println!("  mean batch    {:>10.2}", r.mean_batch_size);
+    }
     if r.errors.is_empty() {
         println!("  errors        none");
     } else {

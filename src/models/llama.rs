@@ -68,16 +68,42 @@ impl LlamaConfig {
     }
 }
 
+/// A weight matrix: our column-stationary kernel for Q4_1 on the CPU, candle's QMatMul otherwise.
+enum Linear {
+    Q4_1(super::q4_1::Q4_1Matrix),
+    Candle(QMatMul, Device),
+}
+
+impl Linear {
+    fn new(t: QTensor, device: &Device) -> Result<Self> {
+        if device.is_cpu() && t.dtype() == GgmlDType::Q4_1 {
+            return Ok(Self::Q4_1(super::q4_1::Q4_1Matrix::from_qtensor(&t)?));
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(t)?, device.clone()))
+    }
+
+    /// `x @ w.T` for `rows` rows of `x`, flattened.
+    fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Q4_1(m) => Ok(m.forward(&x, rows)),
+            Self::Candle(w, device) => {
+                let width = x.len() / rows.max(1);
+                w.forward(&Tensor::from_vec(x, (rows, width), device)?)?.flatten_all()?.to_vec1::<f32>()
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 pub struct Llama {
@@ -86,8 +112,7 @@ pub struct Llama {
     embed: Vec<f32>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    output: QMatMul,
-    device: Device,
+    output: Linear,
     /// The weight types found, for logs.
     pub weight_types: Vec<GgmlDType>,
 }
@@ -148,16 +173,16 @@ impl Llama {
         config.vocab_size = vocab;
         let embed = tok.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
         let output = if content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(q("output.weight", reader)?)?
+            Linear::new(q("output.weight", reader)?, device)?
         } else {
             // Tied embeddings: the output head is the embedding matrix.
-            QMatMul::from_qtensor(tok)?
+            Linear::new(tok, device)?
         };
         let norm = load_vec(q("output_norm.weight", reader)?, device)?;
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let p = format!("blk.{i}");
-            let mut m = |n: &str| -> Result<QMatMul> { QMatMul::from_qtensor(q(&format!("{p}.{n}.weight"), reader)?) };
+            let mut m = |n: &str| -> Result<Linear> { Linear::new(q(&format!("{p}.{n}.weight"), reader)?, device) };
             let layer = Layer {
                 wq: m("attn_q")?,
                 wk: m("attn_k")?,
@@ -171,7 +196,7 @@ impl Llama {
             };
             layers.push(layer);
         }
-        Ok(Self { config, embed, layers, norm, output, device: device.clone(), weight_types: types })
+        Ok(Self { config, embed, layers, norm, output, weight_types: types })
     }
 
     /// Advances every step's sequence by its tokens and returns, for each step that asked, the logits
@@ -206,10 +231,9 @@ impl Llama {
         let rope = RopeRows::new(c, &pos_of);
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.attn_norm, h, c.rms_eps);
-            let xt = Tensor::from_vec(xn, (total, h), &self.device)?;
-            let mut q = rows(&layer.wq, &xt)?;
-            let mut k = rows(&layer.wk, &xt)?;
-            let v = rows(&layer.wv, &xt)?;
+            let mut q = layer.wq.forward(xn.clone(), total)?;
+            let mut k = layer.wk.forward(xn.clone(), total)?;
+            let v = layer.wv.forward(xn, total)?;
             rope.apply(&mut q, c.n_head, c.head_dim);
             rope.apply(&mut k, c.n_kv_head, c.head_dim);
             let mut attn = vec![0f32; total * q_dim];
@@ -231,14 +255,13 @@ impl Llama {
                 );
                 row += n;
             }
-            let o = rows(&layer.wo, &Tensor::from_vec(attn, (total, q_dim), &self.device)?)?;
+            let o = layer.wo.forward(attn, total)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);
-            let xt = Tensor::from_vec(xn, (total, h), &self.device)?;
-            let gate = rows(&layer.w_gate, &xt)?;
-            let up = rows(&layer.w_up, &xt)?;
+            let gate = layer.w_gate.forward(xn.clone(), total)?;
+            let up = layer.w_up.forward(xn, total)?;
             let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let down = rows(&layer.w_down, &Tensor::from_vec(act, (total, c.n_ff), &self.device)?)?;
+            let down = layer.w_down.forward(act, total)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         // Only the last row of each sequence that wants logits goes through the head.
@@ -258,18 +281,13 @@ impl Llama {
             return Ok(out);
         }
         let xn = rms_norm(&last_rows, &self.norm, h, c.rms_eps);
-        let logits = rows(&self.output, &Tensor::from_vec(xn, (wanted.len(), h), &self.device)?)?;
+        let logits = self.output.forward(xn, wanted.len())?;
         let vocab = c.vocab_size;
         for (j, i) in wanted.into_iter().enumerate() {
             out[i] = Some(logits[j * vocab..(j + 1) * vocab].to_vec());
         }
         Ok(out)
     }
-}
-
-/// `x @ w.T` for a `[rows, in]` activation, flattened.
-fn rows(w: &QMatMul, x: &Tensor) -> Result<Vec<f32>> {
-    w.forward(x)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// RMSNorm per row as ggml computes it: the mean square in f64, then `x * (1/sqrt(mean + eps)) * w` in f32.

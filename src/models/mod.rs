@@ -4,3 +4,4 @@ mod attention;
 pub mod bert;
 pub mod llama;
 pub mod ops;
+pub mod q4_1;
