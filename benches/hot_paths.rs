@@ -1,0 +1,141 @@
+//! Criterion benchmarks of the hot paths that are ours: batch selection, tokenization, the Q4_1 kernel,
+//! and the models' forward pass per batch size. `cargo bench --bench hot_paths` (after
+//! `python3 models/fetch.py`); filter with e.g. `-- q4_1`.
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use omnibus::batcher::{BatchConfig, Queued, State};
+use omnibus::engine::{Embedder, SentenceEmbedder};
+use omnibus::models::llama::{KvCache, Llama, Step};
+use omnibus::models::q4_1::Q4_1Matrix;
+use omnibus::tokenizer::gguf::GgufTokenizer;
+use omnibus::tokenizer::{TextTokenizer, Truncation};
+use tokio::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn models() -> &'static Path {
+    Box::leak(Path::new(env!("CARGO_MANIFEST_DIR")).join("models").into_boxed_path())
+}
+
+#[derive(Clone)]
+struct Waiting {
+    len: usize,
+    at: Instant,
+}
+
+impl Queued for Waiting {
+    fn inputs(&self) -> usize {
+        1
+    }
+    fn longest(&self) -> usize {
+        self.len
+    }
+    fn enqueued_at(&self) -> Instant {
+        self.at
+    }
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    fn is_abandoned(&self) -> bool {
+        false
+    }
+}
+
+fn batch_selection(c: &mut Criterion) {
+    let t0 = Instant::now();
+    let mut state = State::new(BatchConfig::default());
+    for i in 0..256 {
+        state.push(Waiting { len: 8 + (i * 37) % 200, at: t0 });
+    }
+    c.bench_function("batcher/next_batch of 256 waiting", |b| {
+        b.iter_batched(
+            || {
+                let mut s = State::new(BatchConfig::default());
+                for i in 0..256 {
+                    s.push(Waiting { len: 8 + (i * 37) % 200, at: t0 });
+                }
+                s
+            },
+            |mut s| black_box(s.next_batch(t0 + Duration::from_millis(5))),
+            BatchSize::SmallInput,
+        )
+    });
+    drop(state);
+}
+
+fn tokenization(c: &mut Criterion) {
+    let tok = TextTokenizer::from_file(&models().join("all-MiniLM-L6-v2/tokenizer.json"), 256).unwrap();
+    c.bench_function("tokenizer/minilm 10 words", |b| {
+        b.iter(|| tok.encode(black_box("The quick brown fox jumps over the lazy dog again"), Truncation::None))
+    });
+    let long = "tensor cores and queues ".repeat(60);
+    c.bench_function("tokenizer/minilm 240 words truncated", |b| {
+        b.iter(|| tok.encode(black_box(&long), Truncation::Right))
+    });
+    let mut file = std::fs::File::open(models().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let gtok = GgufTokenizer::from_metadata(&content.metadata).unwrap();
+    c.bench_function("tokenizer/smollm2 240 words", |b| b.iter(|| gtok.encode(black_box(&long))));
+}
+
+fn q4_1_kernel(c: &mut Criterion) {
+    let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).unwrap();
+    let m = Q4_1Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+    for rows in [1usize, 8, 16, 64] {
+        let x: Vec<f32> = (0..rows * 576).map(|i| (i as f32 * 0.37).sin()).collect();
+        c.bench_function(&format!("q4_1/1536x576 x {rows} rows"), |b| b.iter(|| black_box(m.forward(&x, rows))));
+    }
+}
+
+fn forward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("forward");
+    g.sample_size(10);
+    let dir = models().join("all-MiniLM-L6-v2");
+    let (mut bert, info) = SentenceEmbedder::load(&dir, &Device::Cpu).unwrap();
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), info.max_input_tokens).unwrap();
+    let ids = tok.encode("The quick brown fox jumps over the lazy dog again", Truncation::None).unwrap();
+    for batch in [1usize, 8, 32] {
+        let inputs = vec![ids.clone(); batch];
+        g.bench_function(format!("minilm 12 tokens x {batch}"), |b| b.iter(|| bert.embed(&inputs).unwrap()));
+    }
+    let mut file = std::fs::File::open(models().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let llama = Llama::load(&content, &mut file, &Device::Cpu).unwrap();
+    for batch in [1usize, 4, 16] {
+        // One decode step of `batch` sequences, each with 32 positions already cached.
+        let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&llama.config)).collect();
+        let prompt: Vec<u32> = (100..132).collect();
+        for cache in caches.iter_mut() {
+            llama.forward(&mut [Step { tokens: &prompt, cache, logits: false }]).unwrap();
+        }
+        g.bench_function(format!("smollm2 decode step x {batch}"), |b| {
+            b.iter_batched(
+                || caches.clone(),
+                |mut caches| {
+                    let tokens = [42u32];
+                    let mut steps: Vec<Step<'_>> =
+                        caches.iter_mut().map(|cache| Step { tokens: &tokens, cache, logits: true }).collect();
+                    black_box(llama.forward(&mut steps).unwrap())
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    let prompt: Vec<u32> = (1000..1256).collect();
+    g.bench_function("smollm2 prefill 256 tokens", |b| {
+        b.iter(|| {
+            let mut cache = KvCache::new(&llama.config);
+            black_box(llama.forward(&mut [Step { tokens: &prompt, cache: &mut cache, logits: true }]).unwrap())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, batch_selection, tokenization, q4_1_kernel, forward);
+criterion_main!(benches);
