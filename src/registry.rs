@@ -10,9 +10,9 @@ use crate::batcher::generate::{GenBatcher, GenConfig};
 use crate::batcher::{BatchConfig, EmbedBatcher};
 use crate::config::{GenerateConfig, ModelConfig};
 use crate::engine::{
-    EmbedEngine, Embedder, EngineError, GenEngine, LlamaGenerator, SentenceEmbedder, device_name, select_device,
+    Device, EmbedEngine, Embedder, EngineError, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name,
+    select_device,
 };
-use crate::models::llama::{KvCache, Llama, Step};
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
 use crate::tokenizer::{TextTokenizer, TokenizerError};
@@ -32,8 +32,6 @@ pub enum RegistryError {
     NoModels(PathBuf),
     #[error("--{flag} {name:?} is not among the loaded models ({loaded})")]
     UnknownDefault { flag: &'static str, name: String, loaded: String },
-    #[error("{path}: {reason}")]
-    Gguf { path: PathBuf, reason: String },
     #[error(
         "model {model}: --max-batch-tokens {budget} is below its max_input_tokens {max_input}: a single \
          full-length input could never run"
@@ -270,23 +268,12 @@ fn load_all(
 fn load_generator(
     path: &Path,
     root: &Path,
-    device: &candle_core::Device,
+    device: &Device,
     generate: &GenerateConfig,
 ) -> Result<LoadedGen, RegistryError> {
-    let started = std::time::Instant::now();
     let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("generation").to_string();
-    let gguf_err = |reason: String| RegistryError::Gguf { path: path.to_path_buf(), reason };
-    let mut file = std::fs::File::open(path).map_err(|source| RegistryError::Io { path: path.into(), source })?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| gguf_err(e.to_string()))?;
-    let tokenizer = Arc::new(GgufTokenizer::from_metadata(&content.metadata)?);
-    let model = Llama::load(&content, &mut file, device).map_err(|e| gguf_err(e.to_string()))?;
-    if tokenizer.vocab_size() != model.config.vocab_size {
-        return Err(gguf_err(format!(
-            "the tokenizer has {} tokens but the embedding {} rows",
-            tokenizer.vocab_size(),
-            model.config.vocab_size
-        )));
-    }
+    let LoadedLlama { generator, tokenizer, context_length } =
+        LlamaGenerator::load(path, device, generate.prefill_chunk)?;
     let template = match tokenizer.chat_template.as_deref() {
         None => None,
         Some(source) => {
@@ -300,24 +287,7 @@ fn load_generator(
             }
         }
     };
-    // Warm-up: one real forward pass before health says SERVING.
-    let mut cache = KvCache::new(&model.config);
-    let first = tokenizer.bos.unwrap_or(0);
-    model
-        .forward(&mut [Step { tokens: &[first], cache: &mut cache, logits: true }])
-        .map_err(|e| gguf_err(e.to_string()))?;
-    let context_length = model.config.context_length;
-    info!(
-        model = %name,
-        layers = model.config.n_layer,
-        width = model.config.n_embd,
-        context_length,
-        weights = ?model.weight_types,
-        chat_template = template.is_some(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "generation model loaded and warmed"
-    );
-    let generator = LlamaGenerator::new(model, tokenizer.clone(), generate.prefill_chunk);
+    info!(model = %name, chat_template = template.is_some(), "generation model ready");
     let engine =
         GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?;
     Ok(LoadedGen {
@@ -334,12 +304,7 @@ fn load_generator(
     })
 }
 
-fn load_embedder(
-    dir: &Path,
-    root: &Path,
-    device: &candle_core::Device,
-    batch: &BatchConfig,
-) -> Result<Loaded, RegistryError> {
+fn load_embedder(dir: &Path, root: &Path, device: &Device, batch: &BatchConfig) -> Result<Loaded, RegistryError> {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("embedding").to_string();
     let started = std::time::Instant::now();
     let (mut model, info) = SentenceEmbedder::load(dir, device)?;

@@ -6,8 +6,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+use std::path::Path;
 use tokio::sync::oneshot;
-use tracing::error;
+use tracing::{error, info};
 
 use super::EngineError;
 use super::sampling::{Rng, SamplingConfig, logprob, sample};
@@ -114,13 +117,54 @@ pub struct LlamaGenerator {
     seqs: BTreeMap<SeqId, Sequence>,
 }
 
+/// What loading a GGUF file tells the rest of the server.
+pub struct LoadedLlama {
+    pub generator: LlamaGenerator,
+    pub tokenizer: Arc<GgufTokenizer>,
+    pub context_length: usize,
+}
+
 impl LlamaGenerator {
     pub fn new(model: Llama, tokenizer: Arc<GgufTokenizer>, prefill_chunk: usize) -> Self {
         Self { model, tokenizer, prefill_chunk: prefill_chunk.max(1), seqs: BTreeMap::new() }
     }
 
-    pub fn running(&self) -> usize {
-        self.seqs.len()
+    /// Loads a llama GGUF and its tokenizer from the same file, and warms it with one forward pass.
+    pub fn load(path: &Path, device: &Device, prefill_chunk: usize) -> Result<LoadedLlama, EngineError> {
+        let started = std::time::Instant::now();
+        let mut file = std::fs::File::open(path).map_err(|e| EngineError::load(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::load(path, e))?;
+        let tokenizer =
+            Arc::new(GgufTokenizer::from_metadata(&content.metadata).map_err(|e| EngineError::load(path, e))?);
+        let model = Llama::load(&content, &mut file, device).map_err(|e| EngineError::load(path, e))?;
+        if tokenizer.vocab_size() != model.config.vocab_size {
+            return Err(EngineError::load(
+                path,
+                format!(
+                    "the tokenizer has {} tokens but the embedding {} rows",
+                    tokenizer.vocab_size(),
+                    model.config.vocab_size
+                ),
+            ));
+        }
+        // Warm-up: one real forward pass before health says SERVING.
+        let mut cache = KvCache::new(&model.config);
+        let first = tokenizer.bos.unwrap_or(0);
+        model
+            .forward(&mut [Step { tokens: &[first], cache: &mut cache, logits: true }])
+            .map_err(|e| EngineError::load(path, e))?;
+        let context_length = model.config.context_length;
+        info!(
+            path = %path.display(),
+            layers = model.config.n_layer,
+            width = model.config.n_embd,
+            context_length,
+            weights = ?model.weight_types,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "generation model loaded and warmed"
+        );
+        let generator = Self::new(model, tokenizer.clone(), prefill_chunk);
+        Ok(LoadedLlama { generator, tokenizer, context_length })
     }
 
     /// After a sampled token: text, stop sequences and end conditions.

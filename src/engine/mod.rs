@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::error;
 
+/// The device models run on; callers above the engine name it through here, never through candle.
+pub use candle_core::Device;
 pub use device::{DeviceChoice, device_name, select_device};
 pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
-pub use generate::{Finish, GenEngine, Generator, LlamaGenerator, SeqEvent, SeqId, StepPlan, StepReport};
+pub use generate::{Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, SeqEvent, SeqId, StepPlan, StepReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
