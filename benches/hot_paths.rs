@@ -1,17 +1,17 @@
 //! Criterion benchmarks of the hot paths that are ours: batch selection, tokenization, the Q4_1 kernel,
 //! and the models' forward pass per batch size. `cargo bench --bench hot_paths` (after
-//! `python3 models/fetch.py`); filter with e.g. `-- q4_1`.
+//! `python3 models/fetch.py`); filter with e.g. `-- qmatmul`.
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{Device, Module, Tensor};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use omnibus::batcher::{BatchConfig, Queued, State};
 use omnibus::engine::{Embedder, SentenceEmbedder};
 use omnibus::models::llama::{KvCache, Llama, Step};
-use omnibus::models::q4_1::Q4_1Matrix;
+use omnibus::models::qmatmul::QMatrix;
 use omnibus::tokenizer::gguf::GgufTokenizer;
 use omnibus::tokenizer::{TextTokenizer, Truncation};
 use tokio::time::Instant;
@@ -84,12 +84,22 @@ fn tokenization(c: &mut Criterion) {
     c.bench_function("tokenizer/smollm2 240 words", |b| b.iter(|| gtok.encode(black_box(&long))));
 }
 
-fn q4_1_kernel(c: &mut Criterion) {
-    let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).unwrap();
-    let m = Q4_1Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
-    for rows in [1usize, 8, 16, 64] {
-        let x: Vec<f32> = (0..rows * 576).map(|i| (i as f32 * 0.37).sin()).collect();
-        c.bench_function(&format!("q4_1/1536x576 x {rows} rows"), |b| b.iter(|| black_box(m.forward(&x, rows))));
+fn quantized_matmul(c: &mut Criterion) {
+    // SmolLM2's FFN shape; each type through our kernel and through candle's QMatMul, same inputs.
+    let w = Tensor::randn(0f32, 1.0, (1536, 512), &Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        let ours = QMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap();
+        let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+        for rows in [1usize, 8, 64] {
+            let x: Vec<f32> = (0..rows * 512).map(|i| (i as f32 * 0.37).sin()).collect();
+            let xt = Tensor::from_vec(x.clone(), (rows, 512), &Device::Cpu).unwrap();
+            c.bench_function(&format!("qmatmul/{dtype:?} 1536x512 x {rows} rows/omnibus"), |b| {
+                b.iter(|| black_box(ours.forward(&x, rows)))
+            });
+            c.bench_function(&format!("qmatmul/{dtype:?} 1536x512 x {rows} rows/candle"), |b| {
+                b.iter(|| black_box(candle.forward(&xt).unwrap()))
+            });
+        }
     }
 }
 
@@ -137,5 +147,5 @@ fn forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, batch_selection, tokenization, q4_1_kernel, forward);
+criterion_group!(benches, batch_selection, tokenization, quantized_matmul, forward);
 criterion_main!(benches);

@@ -16,8 +16,8 @@ pub fn causal(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+    if super::cpu::features().avx2_fma {
+        // SAFETY: the CPU has AVX2 and FMA (detected at run time).
         return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, out) };
     }
     causal_generic(q, k, v, start, n_head, n_kv, head_dim, out)

@@ -3,7 +3,7 @@
 //! sequences at once, each at its own position, some prefilling and some decoding.
 //!
 //! Numerics follow llama.cpp's CPU path, so greedy tokens match it: quantized weights multiply
-//! activations that are themselves quantized per block (candle's `QMatMul` does what ggml does), the
+//! activations that are themselves quantized per block, as ggml does (see `qmatmul`), the
 //! KV cache is f32, RMSNorm accumulates in f64, and RoPE angles are built by repeated f32
 //! multiplication as ggml builds them. Every row's result depends only on its own sequence, so a
 //! sequence decodes to the same tokens alone or in any batch.
@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, bail};
+
+use super::qmatmul::QMatrix;
 
 /// Hyper-parameters from the GGUF metadata (`llama.*`).
 #[derive(Debug, Clone)]
@@ -68,25 +70,26 @@ impl LlamaConfig {
     }
 }
 
-/// A weight matrix: our column-stationary kernel for Q4_1 on the CPU, candle's QMatMul otherwise.
+/// A weight matrix. The one place the matrix-product path is chosen: on the CPU our weight-stationary
+/// kernels for every GGUF type (`qmatmul`), on other devices candle's `QMatMul` and its device kernels.
 enum Linear {
-    Q4_1(super::q4_1::Q4_1Matrix),
-    Candle(QMatMul, Device),
+    Cpu(QMatrix),
+    Device(QMatMul, Device),
 }
 
 impl Linear {
     fn new(t: QTensor, device: &Device) -> Result<Self> {
-        if device.is_cpu() && t.dtype() == GgmlDType::Q4_1 {
-            return Ok(Self::Q4_1(super::q4_1::Q4_1Matrix::from_qtensor(&t)?));
+        if device.is_cpu() {
+            return Ok(Self::Cpu(QMatrix::from_qtensor(&t)?));
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(t)?, device.clone()))
+        Ok(Self::Device(QMatMul::from_qtensor(t)?, device.clone()))
     }
 
     /// `x @ w.T` for `rows` rows of `x`, flattened.
     fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
         match self {
-            Self::Q4_1(m) => Ok(m.forward(&x, rows)),
-            Self::Candle(w, device) => {
+            Self::Cpu(m) => Ok(m.forward(&x, rows)),
+            Self::Device(w, device) => {
                 let width = x.len() / rows.max(1);
                 w.forward(&Tensor::from_vec(x, (rows, width), device)?)?.flatten_all()?.to_vec1::<f32>()
             }

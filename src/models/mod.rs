@@ -2,6 +2,8 @@
 //! Weights are immutable; anything per request is an argument.
 mod attention;
 pub mod bert;
+pub mod cpu;
 pub mod llama;
 pub mod ops;
-pub mod q4_1;
+pub mod qmatmul;
+pub mod team;

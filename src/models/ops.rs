@@ -51,7 +51,7 @@ fn softmax_rows(xs: &[f32], out: &mut [f32], dim: usize) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    // SAFETY (both): only called after `is_x86_feature_detected!("avx2")` and `("fma")` returned true.
+    // SAFETY (both): only called when `cpu::features().avx2_fma` is true.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gelu(xs: &[f32], out: &mut [f32]) {
         super::gelu_slice(xs, out)
@@ -63,12 +63,7 @@ mod avx2 {
 }
 
 fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    super::cpu::features().avx2_fma
 }
 
 /// Below this many elements one thread is faster than waking the others.

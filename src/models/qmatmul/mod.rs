@@ -1,0 +1,283 @@
+//! Quantized weights times f32 activations on the CPU, weight-stationary: the output columns are split
+//! into chunks claimed by the compute team, and each weight column is applied to every activation row
+//! of the batch while it sits in L1, so a batch of 8 decode rows reads the model once, not 8 times
+//! (candle's `QMatMul` walks the rows outside and streams every weight once per row).
+//!
+//! Numerics are ggml's: activations are quantized per block to the type each weight type dots with
+//! (Q8_1 for Q4_1; Q8_0 for Q4_0/Q5_x/Q8_0; Q8_K for the K-quants), the block dot products are integer,
+//! and blocks accumulate in f32. Q4_1 (candle's dot is scalar), Q8_0 and Q4_0 have their own kernels
+//! here (AVX-512 VNNI or AVX2, chosen at run time, each weight block shared by four rows); every other
+//! type, and these two off x86, uses candle's per-block `vec_dot` (AVX2 at run time on x86-64, NEON on
+//! arm64) inside our tiling and threads. This is the CPU's only matrix-product path for GGUF weights; on CUDA the model
+//! keeps candle's `QMatMul` (see `llama::Linear`).
+mod q4_1;
+mod q8_0;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Range;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K,
+};
+use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
+use candle_core::{Result, bail};
+use half::{bf16, f16};
+
+pub use q4_1::Q4_1Matrix;
+use q8_0::Q8Matrix;
+
+use super::team::Team;
+
+/// Where a kernel writes its results: `rows x n`, row-major. Each task owns a disjoint range of
+/// columns, so concurrent writes never touch the same element.
+pub(crate) struct Out {
+    ptr: *mut f32,
+    rows: usize,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint (row, column) elements; the buffer outlives the parallel region.
+unsafe impl Sync for Out {}
+
+impl Out {
+    #[inline(always)]
+    pub(crate) fn set(&self, r: usize, c: usize, v: f32) {
+        assert!(r < self.rows && c < self.n);
+        // SAFETY: in bounds (checked above) and owned by the calling task (see the type's comment).
+        unsafe { *self.ptr.add(r * self.n + c) = v }
+    }
+}
+
+/// One weight format's half of the product.
+pub(crate) trait Kernel: Sync {
+    /// The activations, quantized the way this weight type's dot product wants them.
+    type Act: Sync;
+    fn out_features(&self) -> usize;
+    fn in_features(&self) -> usize;
+    fn quantize(&self, x: &[f32], rows: usize) -> Self::Act;
+    /// Writes `out[r][c]` for every row `r` and every column `c` in `cols`.
+    fn columns(&self, act: &Self::Act, rows: usize, cols: Range<usize>, out: &Out);
+}
+
+/// Columns per task: several tasks per thread so a slow thread doesn't hold the region, at least 16
+/// (a 64-byte line of one output row, so no two tasks write the same cache line in a decode step).
+fn column_chunk(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads * 8).next_multiple_of(16).clamp(16, 512)
+}
+
+pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> {
+    let (n, k) = (kernel.out_features(), kernel.in_features());
+    assert_eq!(x.len(), rows * k, "activations are {} values, expected {rows} x {k}", x.len());
+    let act = kernel.quantize(x, rows);
+    // Poisoned: an element no task wrote stays NaN and fails every comparison downstream.
+    let mut out = vec![f32::NAN; rows * n];
+    let o = Out { ptr: out.as_mut_ptr(), rows, n };
+    let team = Team::global();
+    let chunk = column_chunk(n, team.threads());
+    team.run(n.div_ceil(chunk), &|t| {
+        let c0 = t * chunk;
+        kernel.columns(&act, rows, c0..(c0 + chunk).min(n), &o)
+    });
+    out
+}
+
+/// Any block type candle knows, dotted with candle's own `vec_dot`, tiled and threaded here.
+pub(crate) struct Blocks<T: GgmlType> {
+    n: usize,
+    kb: usize,
+    w: Vec<T>,
+}
+
+impl<T: GgmlType> Blocks<T> {
+    fn from_qtensor(t: &QTensor) -> Result<Self> {
+        let (n, k) = t.shape().dims2()?;
+        if k % T::BLCK_SIZE != 0 {
+            bail!("{:?} rows of {k} values are not whole blocks of {}", T::DTYPE, T::BLCK_SIZE);
+        }
+        let kb = k / T::BLCK_SIZE;
+        let data = t.data()?;
+        let size = std::mem::size_of::<T>();
+        if data.len() != n * kb * size {
+            bail!("{:?} data of {} bytes for a {n}x{k} matrix", T::DTYPE, data.len());
+        }
+        let mut w: Vec<T> = Vec::with_capacity(n * kb);
+        // SAFETY: ggml block types are plain `repr(C)` structs of integers and halves, valid for any bytes;
+        // exactly `n * kb` of them are copied into the reserved capacity before the length is set.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), w.as_mut_ptr() as *mut u8, data.len());
+            w.set_len(n * kb);
+        }
+        Ok(Self { n, kb, w })
+    }
+}
+
+impl<T: GgmlType> Kernel for Blocks<T> {
+    type Act = Vec<T::VecDotType>;
+
+    fn out_features(&self) -> usize {
+        self.n
+    }
+
+    fn in_features(&self) -> usize {
+        self.kb * T::BLCK_SIZE
+    }
+
+    fn quantize(&self, x: &[f32], rows: usize) -> Self::Act {
+        let kb = self.kb * T::BLCK_SIZE / T::VecDotType::BLCK_SIZE;
+        let mut act = vec![T::VecDotType::zeros(); rows * kb];
+        let k = self.in_features();
+        for (xs, ys) in x.chunks_exact(k).zip(act.chunks_exact_mut(kb)) {
+            if T::VecDotType::DIRECT_COPY {
+                T::VecDotType::direct_copy(xs, ys);
+            } else {
+                T::VecDotType::from_float(xs, ys);
+            }
+        }
+        act
+    }
+
+    fn columns(&self, act: &Self::Act, rows: usize, cols: Range<usize>, out: &Out) {
+        let (k, kb) = (self.in_features(), self.kb);
+        let akb = act.len() / rows.max(1);
+        for c in cols {
+            let wc = &self.w[c * kb..(c + 1) * kb];
+            for r in 0..rows {
+                out.set(r, c, T::vec_dot(k, wc, &act[r * akb..(r + 1) * akb]));
+            }
+        }
+    }
+}
+
+/// A GGUF weight matrix `[n, k]` ready for `x @ w.T` on the CPU.
+pub struct QMatrix(Inner);
+
+enum Inner {
+    Q4_1(Q4_1Matrix),
+    Q4_0Own(Q8Matrix<[u8; 16]>),
+    Q8_0Own(Q8Matrix<[i8; 32]>),
+    Q4_0(Blocks<BlockQ4_0>),
+    Q5_0(Blocks<BlockQ5_0>),
+    Q5_1(Blocks<BlockQ5_1>),
+    Q8_0(Blocks<BlockQ8_0>),
+    Q2K(Blocks<BlockQ2K>),
+    Q3K(Blocks<BlockQ3K>),
+    Q4K(Blocks<BlockQ4K>),
+    Q5K(Blocks<BlockQ5K>),
+    Q6K(Blocks<BlockQ6K>),
+    Q8K(Blocks<BlockQ8K>),
+    F16(Blocks<f16>),
+    BF16(Blocks<bf16>),
+    F32(Blocks<f32>),
+}
+
+macro_rules! each {
+    ($self:expr, $m:ident => $e:expr) => {
+        match &$self.0 {
+            Inner::Q4_1($m) => $e,
+            Inner::Q4_0Own($m) => $e,
+            Inner::Q8_0Own($m) => $e,
+            Inner::Q4_0($m) => $e,
+            Inner::Q5_0($m) => $e,
+            Inner::Q5_1($m) => $e,
+            Inner::Q8_0($m) => $e,
+            Inner::Q2K($m) => $e,
+            Inner::Q3K($m) => $e,
+            Inner::Q4K($m) => $e,
+            Inner::Q5K($m) => $e,
+            Inner::Q6K($m) => $e,
+            Inner::Q8K($m) => $e,
+            Inner::F16($m) => $e,
+            Inner::BF16($m) => $e,
+            Inner::F32($m) => $e,
+        }
+    };
+}
+
+impl QMatrix {
+    pub fn from_qtensor(t: &QTensor) -> Result<Self> {
+        Ok(Self(match t.dtype() {
+            GgmlDType::Q4_1 => Inner::Q4_1(Q4_1Matrix::from_qtensor(t)?),
+            GgmlDType::Q4_0 if q8_0::supported() => Inner::Q4_0Own(Q8Matrix::from_qtensor(t)?),
+            GgmlDType::Q8_0 if q8_0::supported() => Inner::Q8_0Own(Q8Matrix::from_qtensor(t)?),
+            GgmlDType::Q4_0 => Inner::Q4_0(Blocks::from_qtensor(t)?),
+            GgmlDType::Q5_0 => Inner::Q5_0(Blocks::from_qtensor(t)?),
+            GgmlDType::Q5_1 => Inner::Q5_1(Blocks::from_qtensor(t)?),
+            GgmlDType::Q8_0 => Inner::Q8_0(Blocks::from_qtensor(t)?),
+            GgmlDType::Q2K => Inner::Q2K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q3K => Inner::Q3K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q4K => Inner::Q4K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q5K => Inner::Q5K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q6K => Inner::Q6K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q8K => Inner::Q8K(Blocks::from_qtensor(t)?),
+            GgmlDType::F16 => Inner::F16(Blocks::from_qtensor(t)?),
+            GgmlDType::BF16 => Inner::BF16(Blocks::from_qtensor(t)?),
+            GgmlDType::F32 => Inner::F32(Blocks::from_qtensor(t)?),
+            other => bail!("no CPU kernel for {other:?} weights"),
+        }))
+    }
+
+    pub fn out_features(&self) -> usize {
+        each!(self, m => m.out_features())
+    }
+
+    /// `x` is `[rows, k]` row-major; returns `[rows, n]`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        each!(self, m => matmul(m, x, rows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+
+    /// Every weight type against candle's `QMatMul`, on shapes that are not multiples of the column chunk,
+    /// of the four-row group, or of the thread count. The output is poisoned, so a skipped element fails.
+    #[test]
+    fn every_weight_type_matches_candles_qmatmul() {
+        let dev = Device::Cpu;
+        let types = [
+            GgmlDType::Q4_1,
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+            GgmlDType::F32,
+        ];
+        for dtype in types {
+            let block = dtype.block_size();
+            // Even block counts: candle's own debug build asserts them for some types.
+            for (rows, n, blocks) in [(1, 33, 2), (3, 300, 4), (17, 129, 2), (5, 7, 2), (6, 40, 6), (64, 50, 2)] {
+                let k = blocks * block.max(32);
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+                let want = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap())
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let m = QMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap();
+                let got = m.forward(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), rows);
+                assert_eq!(got.len(), want.len());
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
+                // candle multiplies F16 weights in f16 (rounding its output); every other type in f32.
+                let tol = if dtype == GgmlDType::F16 { 2e-3 } else { 1e-5 };
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - w).abs() <= tol * scale, "{dtype:?} rows {rows} n {n} k {k} [{i}]: {g} vs candle {w}");
+                }
+            }
+        }
+    }
+}
