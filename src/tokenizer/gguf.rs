@@ -195,8 +195,7 @@ impl Detokenizer {
             }
         };
         let rest = self.pending.split_off(valid);
-        let text = String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid above");
-        text
+        String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid above")
     }
 
     /// Whatever is left at the end of the stream.
