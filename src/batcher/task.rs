@@ -28,10 +28,10 @@ pub(super) async fn run(model: Arc<str>, mut rx: mpsc::Receiver<Entry>, engine: 
         }
         // Only one batch computes at a time: while it runs, arrivals accumulate into the next one, which
         // is what makes batches grow with load without any window at all.
-        if in_flight.is_none() {
-            if let Some(batch) = state.next_batch(now) {
-                in_flight = Some(dispatch(&engine, batch, now));
-            }
+        if in_flight.is_none()
+            && let Some(batch) = state.next_batch(now)
+        {
+            in_flight = Some(dispatch(&engine, batch, now));
         }
         if !open && in_flight.is_none() && state.is_empty() {
             break;

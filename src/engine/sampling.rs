@@ -67,11 +67,11 @@ pub fn sample(logits: &mut [f32], history: &[u32], cfg: &SamplingConfig, rng: &m
     if cfg.repetition_penalty != 1.0 {
         let mut seen = std::collections::HashSet::new();
         for &t in history {
-            if seen.insert(t) {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    // CTRL's penalty, as llama.cpp and HF apply it.
-                    *l = if *l > 0.0 { *l / cfg.repetition_penalty } else { *l * cfg.repetition_penalty };
-                }
+            if seen.insert(t)
+                && let Some(l) = logits.get_mut(t as usize)
+            {
+                // CTRL's penalty, as llama.cpp and HF apply it.
+                *l = if *l > 0.0 { *l / cfg.repetition_penalty } else { *l * cfg.repetition_penalty };
             }
         }
     }

@@ -14,6 +14,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, bail};
 
 use super::qmatmul::QMatrix;
+use super::team::{Disjoint, Team};
+
+/// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
+const ATTENTION_ROWS: usize = 16;
 
 /// Hyper-parameters from the GGUF metadata (`llama.*`).
 #[derive(Debug, Clone)]
@@ -240,24 +244,43 @@ impl Llama {
             rope.apply(&mut q, c.n_head, c.head_dim);
             rope.apply(&mut k, c.n_kv_head, c.head_dim);
             let mut attn = vec![0f32; total * q_dim];
+            // Append the new keys and values, then attend: every (sequence, run of rows) is a task on the
+            // team, so a long prompt's attention, and a batch's, is spread over the cores too.
+            let mut spans = Vec::with_capacity(steps.len());
             let mut row = 0;
             for s in steps.iter_mut() {
                 let n = s.tokens.len();
-                let start = s.cache.len;
                 s.cache.k[li].extend_from_slice(&k[row * kv_dim..(row + n) * kv_dim]);
                 s.cache.v[li].extend_from_slice(&v[row * kv_dim..(row + n) * kv_dim]);
+                spans.push((row, s.cache.len));
+                row += n;
+            }
+            let mut tasks = Vec::new();
+            for (si, s) in steps.iter().enumerate() {
+                for j0 in (0..s.tokens.len()).step_by(ATTENTION_ROWS) {
+                    tasks.push((si, j0, (j0 + ATTENTION_ROWS).min(s.tokens.len())));
+                }
+            }
+            let out = Disjoint::new(&mut attn);
+            let steps_ref = &*steps;
+            Team::global().run(tasks.len(), &|t| {
+                let (si, j0, j1) = tasks[t];
+                let (row0, start) = spans[si];
+                let cache = &steps_ref[si].cache;
+                let rows = (row0 + j0) * q_dim..(row0 + j1) * q_dim;
+                // SAFETY: tasks cover disjoint row ranges of `attn`.
+                let o = unsafe { out.range(rows.clone()) };
                 super::attention::causal(
-                    &q[row * q_dim..(row + n) * q_dim],
-                    &s.cache.k[li],
-                    &s.cache.v[li],
-                    start,
+                    &q[rows],
+                    &cache.k[li],
+                    &cache.v[li],
+                    start + j0,
                     c.n_head,
                     c.n_kv_head,
                     c.head_dim,
-                    &mut attn[row * q_dim..(row + n) * q_dim],
+                    o,
                 );
-                row += n;
-            }
+            });
             let o = layer.wo.forward(attn, total)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);

@@ -152,6 +152,31 @@ impl Team {
     }
 }
 
+/// A buffer that the tasks of one region write in disjoint ranges.
+pub struct Disjoint<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: tasks only get the ranges they are handed, which the caller keeps disjoint (see `range`).
+unsafe impl<T: Send> Sync for Disjoint<'_, T> {}
+
+impl<'a, T> Disjoint<'a, T> {
+    pub fn new(buf: &'a mut [T]) -> Self {
+        Self { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: std::marker::PhantomData }
+    }
+
+    /// # Safety
+    /// No two live slices from one `Disjoint` may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, r: std::ops::Range<usize>) -> &mut [T] {
+        assert!(r.start <= r.end && r.end <= self.len, "range {r:?} of {}", self.len);
+        // SAFETY: in bounds (checked above); exclusivity is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.end - r.start) }
+    }
+}
+
 fn worker(s: &Shared) {
     let mut seen = 0u64;
     loop {

@@ -82,6 +82,31 @@ pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> 
     out
 }
 
+/// Maps `x`, cut into whole `unit`s of values, through `f` (which appends what it makes of its chunk),
+/// with the chunks spread over the team when there is enough work: activation quantization is linear in
+/// the input and stays off the critical path of a 256-token prefill only when it is parallel too.
+pub(crate) fn par_map_units<B: Send>(x: &[f32], unit: usize, f: impl Fn(&[f32], &mut Vec<B>) + Sync) -> Vec<B> {
+    let units = x.len() / unit;
+    let team = Team::global();
+    if x.len() < 1 << 15 || team.threads() == 1 {
+        let mut out = Vec::new();
+        f(x, &mut out);
+        return out;
+    }
+    let per = units.div_ceil(team.threads() * 4);
+    let tasks = units.div_ceil(per);
+    let parts: Vec<std::sync::Mutex<Vec<B>>> = (0..tasks).map(|_| Default::default()).collect();
+    team.run(tasks, &|t| {
+        let chunk = &x[t * per * unit..((t + 1) * per).min(units) * unit];
+        f(chunk, &mut parts[t].lock().unwrap_or_else(|e| e.into_inner()))
+    });
+    let mut out = Vec::new();
+    for p in parts {
+        out.append(&mut p.into_inner().unwrap_or_else(|e| e.into_inner()));
+    }
+    out
+}
+
 /// Any block type candle knows, dotted with candle's own `vec_dot`, tiled and threaded here.
 pub(crate) struct Blocks<T: GgmlType> {
     n: usize,
@@ -125,16 +150,19 @@ impl<T: GgmlType> Kernel for Blocks<T> {
 
     fn quantize(&self, x: &[f32], rows: usize) -> Self::Act {
         let kb = self.kb * T::BLCK_SIZE / T::VecDotType::BLCK_SIZE;
-        let mut act = vec![T::VecDotType::zeros(); rows * kb];
         let k = self.in_features();
-        for (xs, ys) in x.chunks_exact(k).zip(act.chunks_exact_mut(kb)) {
-            if T::VecDotType::DIRECT_COPY {
-                T::VecDotType::direct_copy(xs, ys);
-            } else {
-                T::VecDotType::from_float(xs, ys);
+        debug_assert_eq!(x.len(), rows * k);
+        par_map_units(x, k, |xs, out| {
+            for xs in xs.chunks_exact(k) {
+                let start = out.len();
+                out.resize(start + kb, T::VecDotType::zeros());
+                if T::VecDotType::DIRECT_COPY {
+                    T::VecDotType::direct_copy(xs, &mut out[start..]);
+                } else {
+                    T::VecDotType::from_float(xs, &mut out[start..]);
+                }
             }
-        }
-        act
+        })
     }
 
     fn columns(&self, act: &Self::Act, rows: usize, cols: Range<usize>, out: &Out) {

@@ -32,12 +32,16 @@ pub struct Q4_1Matrix {
     m: Vec<f32>,
 }
 
-/// Activations quantized to Q8_1, one row after another.
-pub struct Q8_1Rows {
-    qs: Vec<[i8; 32]>,
-    d: Vec<f32>,
-    s: Vec<f32>,
+/// One block of activations quantized to Q8_1: values, scale, and scale times their sum.
+#[derive(Clone, Copy)]
+pub struct Q8_1Block {
+    qs: [i8; 32],
+    d: f32,
+    s: f32,
 }
+
+/// Activations quantized to Q8_1, one row after another.
+pub type Q8_1Rows = Vec<Q8_1Block>;
 
 impl Q4_1Matrix {
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {
@@ -105,26 +109,23 @@ impl Kernel for Q4_1Matrix {
 
 /// candle's `BlockQ8_1::from_float`, value for value.
 fn quantize_q8_1(x: &[f32]) -> Q8_1Rows {
-    let blocks = x.len() / QK;
-    let mut out =
-        Q8_1Rows { qs: Vec::with_capacity(blocks), d: Vec::with_capacity(blocks), s: Vec::with_capacity(blocks) };
-    for xs in x.chunks_exact(QK) {
-        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let dh = f16::from_f32(d);
-        let mut qs = [0i8; 32];
-        let mut sum = 0i32;
-        for j in 0..16 {
-            qs[j] = round_half_away(xs[j] * id) as i8;
-            qs[j + 16] = round_half_away(xs[j + 16] * id) as i8;
-            sum += qs[j] as i32 + qs[j + 16] as i32;
+    super::par_map_units(x, QK, |x, out| {
+        out.reserve(x.len() / QK);
+        for xs in x.chunks_exact(QK) {
+            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let dh = f16::from_f32(d);
+            let mut qs = [0i8; 32];
+            let mut sum = 0i32;
+            for j in 0..16 {
+                qs[j] = round_half_away(xs[j] * id) as i8;
+                qs[j + 16] = round_half_away(xs[j + 16] * id) as i8;
+                sum += qs[j] as i32 + qs[j + 16] as i32;
+            }
+            out.push(Q8_1Block { qs, d: dh.to_f32(), s: (f16::from_f32(sum as f32) * dh).to_f32() });
         }
-        out.qs.push(qs);
-        out.d.push(dh.to_f32());
-        out.s.push((f16::from_f32(sum as f32) * dh).to_f32());
-    }
-    out
+    })
 }
 
 /// Dots of one weight column (its `k_blocks` blocks) with up to four activation rows into `out`.
@@ -150,10 +151,10 @@ fn dot_portable(wq: &[[u8; 16]], wd: &[f32], wm: &[f32], q: &Q8_1Rows, rows: &[u
     for (i, &r) in rows.iter().enumerate() {
         let mut sumf = 0f32;
         for b in 0..kb {
-            let (w, x) = (&wq[b], &q.qs[r * kb + b]);
+            let (w, x) = (&wq[b], &q[r * kb + b].qs);
             let sumi: i32 =
                 (0..16).map(|j| (w[j] & 0x0F) as i32 * x[j] as i32 + (w[j] >> 4) as i32 * x[j + 16] as i32).sum();
-            sumf += (wd[b] * q.d[r * kb + b]) * sumi as f32 + wm[b] * q.s[r * kb + b];
+            sumf += (wd[b] * q[r * kb + b].d) * sumi as f32 + wm[b] * q[r * kb + b].s;
         }
         out[i] = sumf;
     }
@@ -212,10 +213,10 @@ mod x86 {
                         _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
                     for (i, &r) in rows.iter().enumerate() {
                         let a = r * kb + b;
-                        let xv = _mm256_loadu_si256(q.qs[a].as_ptr() as *const __m256i);
+                        let xv = _mm256_loadu_si256(q[a].qs.as_ptr() as *const __m256i);
                         let lanes = _mm256_cvtepi32_ps(sums(wv, xv));
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * q.d[a]), lanes, acc[i]);
-                        summs[i] += wm[b] * q.s[a];
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * q[a].d), lanes, acc[i]);
+                        summs[i] += wm[b] * q[a].s;
                     }
                 }
             }

@@ -19,11 +19,15 @@ const QK: usize = 32;
 /// See q4_1.rs: rows per pass over a column chunk.
 const ROW_BLOCK: usize = 64;
 
-/// Activations quantized to Q8_0, one row after another, as candle's `BlockQ8_0::from_float` does.
-pub struct Q8_0Rows {
-    qs: Vec<[i8; 32]>,
-    d: Vec<f32>,
+/// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to).
+#[derive(Clone, Copy)]
+pub struct Q8_0Block {
+    qs: [i8; 32],
+    d: f32,
 }
+
+/// Activations quantized to Q8_0, one row after another, as candle's `BlockQ8_0::from_float` does.
+pub type Q8_0Rows = Vec<Q8_0Block>;
 
 /// `f32::round` (half away from zero) without the libm call baseline x86-64 makes for it; exact for
 /// the |v| <= 127.5 this is used on.
@@ -35,20 +39,19 @@ pub(crate) fn round_half_away(v: f32) -> f32 {
 }
 
 pub fn quantize_q8_0(x: &[f32]) -> Q8_0Rows {
-    let blocks = x.len() / QK;
-    let mut out = Q8_0Rows { qs: Vec::with_capacity(blocks), d: Vec::with_capacity(blocks) };
-    for xs in x.chunks_exact(QK) {
-        let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut qs = [0i8; 32];
-        for (q, &v) in qs.iter_mut().zip(xs) {
-            *q = round_half_away(v * id) as i8;
+    super::par_map_units(x, QK, |x, out| {
+        out.reserve(x.len() / QK);
+        for xs in x.chunks_exact(QK) {
+            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; 32];
+            for (q, &v) in qs.iter_mut().zip(xs) {
+                *q = round_half_away(v * id) as i8;
+            }
+            out.push(Q8_0Block { qs, d: f16::from_f32(d).to_f32() });
         }
-        out.qs.push(qs);
-        out.d.push(f16::from_f32(d).to_f32());
-    }
-    out
+    })
 }
 
 /// The weight blocks of one format: 32 signed values each, and a scale.
@@ -167,9 +170,9 @@ fn dot_portable<W: Q8Weights>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize]
         let mut sumf = 0f32;
         for b in 0..kb {
             let w = wq[b].values();
-            let x = &q.qs[r * kb + b];
+            let x = &q[r * kb + b].qs;
             let sumi: i32 = (0..32).map(|j| w[j] as i32 * x[j] as i32).sum();
-            sumf += sumi as f32 * (wd[b] * q.d[r * kb + b]);
+            sumf += sumi as f32 * (wd[b] * q[r * kb + b].d);
         }
         out[i] = sumf;
     }
@@ -249,9 +252,9 @@ mod x86 {
                 let aw = _mm256_sign_epi8(wv, wv);
                 for (i, &r) in rows.iter().enumerate() {
                     let a = r * kb + b;
-                    let xv = _mm256_loadu_si256(q.qs[a].as_ptr() as *const __m256i);
+                    let xv = _mm256_loadu_si256(q[a].qs.as_ptr() as *const __m256i);
                     let lanes = _mm256_cvtepi32_ps(sums(aw, _mm256_sign_epi8(xv, wv)));
-                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * q.d[a]), lanes, acc[i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * q[a].d), lanes, acc[i]);
                 }
             }
             for i in 0..rows.len() {
