@@ -115,12 +115,91 @@ pub struct ServeArgs {
     /// Log line format.
     #[arg(long, env = "OMNIBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Address of the Prometheus metrics listener (`GET /metrics`), or `off`.
+    #[arg(long, env = "OMNIBUS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: String,
+
+    /// Deadline for calls that set no `grpc-timeout` (e.g. `30s`, `2m`); `0` means none. Calls that set
+    /// one keep their own.
+    #[arg(long, env = "OMNIBUS_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Largest request or response message in bytes. gRPC's usual 4 MiB is too small for big embedding
+    /// batches; larger requests get RESOURCE_EXHAUSTED saying so.
+    #[arg(long, env = "OMNIBUS_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_size: usize,
+
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    #[arg(long, env = "OMNIBUS_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// On SIGTERM/SIGINT: how long in-flight calls may run on after health turns NOT_SERVING and new
+    /// calls are refused; what is left then ends with UNAVAILABLE. Keep it below Kubernetes'
+    /// terminationGracePeriodSeconds minus the preStop pause.
+    #[arg(long, env = "OMNIBUS_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// HTTP/2 keepalive: ping an idle connection this often (`0`: never) ...
+    #[arg(long, env = "OMNIBUS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// ... and close it when a ping is not answered within this long.
+    #[arg(long, env = "OMNIBUS_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Close connections (GOAWAY, after their calls finish) once they are this old, give or take 10%
+    /// chosen at start-up, so clients reconnect and spread over new replicas after a scale-out; `0`:
+    /// never.
+    #[arg(long, env = "OMNIBUS_MAX_CONNECTION_AGE", default_value = "5m", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// How long calls on an aged connection may still run before it is closed anyway.
+    #[arg(long, env = "OMNIBUS_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// PEM certificate chain: serve TLS (HTTP/2 over TLS) instead of plaintext h2c. Needs --tls-key.
+    /// Behind a mesh sidecar that terminates mTLS, leave it unset.
+    #[arg(long, env = "OMNIBUS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "OMNIBUS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "OMNIBUS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How long a batch-priority request may be passed over by interactive ones: a batch request is
+    /// served as if it had arrived this much later, so it yields to newer interactive traffic but never
+    /// waits forever.
+    #[arg(long, env = "OMNIBUS_BATCH_PRIORITY_DELAY", default_value = "2s", value_parser = parse_duration)]
+    pub batch_priority_delay: Duration,
 }
 
 /// What the server layer needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub request_timeout: Option<Duration>,
+    pub max_message_size: usize,
+    pub max_concurrent_streams: u32,
+    pub shutdown_grace: Duration,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    /// Already jittered.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Generation limits and the scheduler's.
@@ -169,6 +248,10 @@ pub enum ConfigError {
     KvBelowNewTokens { kv: u32, new: u32 },
     #[error("--model-dir {0:?} does not exist; run `python3 models/fetch.py` or point it at your models")]
     NoModelDir(PathBuf),
+    #[error("--metrics-listen {0:?} is neither an address like 0.0.0.0:9090 nor `off`")]
+    MetricsListen(String),
+    #[error("--{flag} {path:?} does not exist")]
+    NoFile { flag: &'static str, path: PathBuf },
 }
 
 impl ServeArgs {
@@ -210,13 +293,52 @@ impl ServeArgs {
         if !self.model_dir.exists() {
             return Err(ConfigError::NoModelDir(self.model_dir));
         }
+        let metrics_listen = match self.metrics_listen.as_str() {
+            "off" | "" => None,
+            a => Some(a.parse().map_err(|_| ConfigError::MetricsListen(a.to_string()))?),
+        };
+        // Below 1 KiB not even a short Predict fits; above 2 GiB HTTP/2 framing breaks down.
+        at_least("max-message-size", self.max_message_size as u64, 1024)?;
+        at_most("max-message-size", self.max_message_size as u64, i32::MAX as u64)?;
+        at_least("max-concurrent-streams", self.max_concurrent_streams.into(), 1)?;
+        at_most("shutdown-grace (in s)", self.shutdown_grace.as_secs(), 3600)?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                for (flag, path) in [("tls-cert", &cert), ("tls-key", &key)] {
+                    if !path.exists() {
+                        return Err(ConfigError::NoFile { flag, path: path.clone() });
+                    }
+                }
+                if let Some(ca) = &self.tls_client_ca
+                    && !ca.exists()
+                {
+                    return Err(ConfigError::NoFile { flag: "tls-client-ca", path: ca.clone() });
+                }
+                Some(TlsFiles { cert, key, client_ca: self.tls_client_ca })
+            }
+            _ => None,
+        };
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Ok(ServeConfig {
-            server: ServerConfig { listen: self.listen },
+            server: ServerConfig {
+                listen: self.listen,
+                metrics_listen,
+                request_timeout: nonzero(self.request_timeout),
+                max_message_size: self.max_message_size,
+                max_concurrent_streams: self.max_concurrent_streams,
+                shutdown_grace: self.shutdown_grace,
+                keepalive_interval: nonzero(self.keepalive_interval),
+                keepalive_timeout: self.keepalive_timeout,
+                max_connection_age: nonzero(self.max_connection_age).map(jitter),
+                max_connection_age_grace: self.max_connection_age_grace,
+                tls,
+            },
             batch: BatchConfig {
                 max_batch_size: self.max_batch_size as usize,
                 max_queue_delay: self.max_queue_delay,
                 max_batch_tokens: self.max_batch_tokens as usize,
                 max_queue: self.max_queue as usize,
+                batch_priority_delay: self.batch_priority_delay,
             },
             generate: GenerateConfig {
                 scheduler: GenConfig {
@@ -224,6 +346,7 @@ impl ServeArgs {
                     max_kv_tokens: self.max_kv_tokens as usize,
                     max_waiting: self.max_waiting as usize,
                     max_queue_delay: self.max_queue_delay,
+                    batch_priority_delay: self.batch_priority_delay,
                 },
                 max_new_tokens: self.max_new_tokens as usize,
                 prefill_chunk: self.prefill_chunk as usize,
@@ -238,6 +361,14 @@ impl ServeArgs {
             log_format: self.log_format,
         })
     }
+}
+
+/// `age` give or take up to 10%, chosen once per process: replicas started together then do not send
+/// their GOAWAYs in step (tonic applies one age to every connection of a server).
+fn jitter(age: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let r = RandomState::new().hash_one(std::process::id()) % 2001; // 0..=2000
+    age.mul_f64(0.9 + r as f64 / 10_000.0)
 }
 
 /// Parses `250us`, `2ms`, `1.5s`, `1m`; a bare number is milliseconds.
@@ -300,5 +431,22 @@ mod tests {
         assert_eq!(err, ConfigError::TooSmall { flag: "max-batch-size", min: 1, got: 0 });
         let err = args(&["--max-queue-delay", "20s"]).validate().unwrap_err();
         assert!(matches!(err, ConfigError::TooLarge { .. }));
+        let err = args(&["--metrics-listen", "nine"]).validate().unwrap_err();
+        assert_eq!(err, ConfigError::MetricsListen("nine".into()));
+        assert!(args(&["--metrics-listen", "off"]).validate().unwrap().server.metrics_listen.is_none());
+        let err = args(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"]).validate().unwrap_err();
+        assert!(matches!(err, ConfigError::NoFile { flag: "tls-cert", .. }));
+        assert!(Cli::try_parse_from(["omnibus", "serve", "--tls-cert", "c.pem"]).is_err(), "cert needs a key");
+    }
+
+    #[test]
+    fn operating_defaults() {
+        let s = args(&[]).validate().unwrap().server;
+        assert_eq!(s.request_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(25));
+        let age = s.max_connection_age.unwrap();
+        assert!(age >= Duration::from_secs(270) && age <= Duration::from_secs(330), "{age:?}");
+        assert_eq!(s.max_message_size, 64 << 20);
+        assert_eq!(args(&["--request-timeout", "0"]).validate().unwrap().server.request_timeout, None);
     }
 }

@@ -1,5 +1,5 @@
-//! omnibus: a model-serving server. gRPC `Predict` (sentence embeddings) and, later, streaming `Generate`,
-//! with a dynamic batcher in front of each model.
+//! omnibus: a model-serving server. gRPC `Predict` (sentence embeddings) and streaming `Generate` (LLM
+//! tokens), with a batching scheduler in front of each model.
 //!
 //! # Layout
 //! Layers call only downward:
@@ -10,10 +10,12 @@
 //!   naming the field, the bound and the value.
 //! - [`batcher`]: queues, time windows, token budgets, deadlines and cancellation; no tonic, no candle.
 //! - [`engine`]: candle starts here: device choice, the sync model traits, the model's own OS thread.
-//! - [`models`]: plain model structs with `forward` (BERT), weights separate from per-request state.
+//! - [`models`]: plain model structs with `forward` (BERT, llama), weights separate from per-request
+//!   state, and the CPU kernels (quantized matrix products on a compute team).
 //! - [`tokenizer`]: tokenization and truncation, run off the async runtime's workers.
 //! - [`registry`]: finds the models in the model directory and loads them.
 //! - [`telemetry`]: the tracing subscriber.
+//! - [`metrics`]: Prometheus families every layer records into (plain atomics, no tonic).
 //! - [`loadgen`]: `omnibus bench`, a gRPC client that load-tests any omnibus; outside the layers above.
 #![deny(rust_2018_idioms)]
 
@@ -21,6 +23,7 @@ pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod loadgen;
+pub mod metrics;
 pub mod models;
 pub mod registry;
 pub mod server;

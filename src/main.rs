@@ -32,11 +32,24 @@ fn main() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(config.server.listen)
                     .await
                     .with_context(|| format!("binding {}", config.server.listen))?;
+                let metrics = match config.server.metrics_listen {
+                    Some(a) => Some(
+                        tokio::net::TcpListener::bind(a)
+                            .await
+                            .with_context(|| format!("binding --metrics-listen {a}"))?,
+                    ),
+                    None => None,
+                };
                 let addr = listener.local_addr()?;
-                // The one line on stdout: scripts and tests read the bound port (useful with :0) from it.
+                // Stdout carries only these lines: scripts and tests read the bound ports (useful with :0).
                 println!("omnibus listening on {addr}");
-                tracing::info!(%addr, "gRPC listening");
-                server::serve(config, listener, shutdown_signal()).await?;
+                tracing::info!(%addr, tls = config.server.tls.is_some(), "gRPC listening");
+                if let Some(m) = &metrics {
+                    let maddr = m.local_addr()?;
+                    println!("omnibus metrics on {maddr}");
+                    tracing::info!(addr = %maddr, "metrics listening at /metrics");
+                }
+                server::serve(config, listener, metrics, shutdown_signal()).await?;
                 tracing::info!("stopped");
                 Ok(())
             })

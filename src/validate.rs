@@ -12,6 +12,8 @@ pub enum ValidationError {
     UnknownModel { kind: &'static str, name: String, loaded: String },
     #[error("{field}: unknown enum value {value}")]
     UnknownEnum { field: &'static str, value: i32 },
+    #[error("{header}: expected {expected}, got {got:?}")]
+    BadHeader { header: &'static str, expected: &'static str, got: String },
     #[error("inputs: at least 1 input is required, got 0")]
     NoInputs,
     #[error("inputs: at most {max} inputs per request (the model's max_batch_size), got {got}")]

@@ -6,6 +6,7 @@ mod state;
 mod task;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -27,18 +28,48 @@ pub struct BatchConfig {
     pub max_batch_tokens: usize,
     /// Most requests waiting (not yet in a running batch).
     pub max_queue: usize,
+    /// How much later than its arrival a batch-priority request is ordered (see [`Priority`]).
+    pub batch_priority_delay: Duration,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_batch_size: 32, max_queue_delay: Duration::from_millis(1), max_batch_tokens: 16384, max_queue: 256 }
+        Self {
+            max_batch_size: 32,
+            max_queue_delay: Duration::from_millis(1),
+            max_batch_tokens: 16384,
+            max_queue: 256,
+            batch_priority_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Scheduling class of a request. Queues are ordered by arrival time, a batch request's counted
+/// `batch_priority_delay` later than it really arrived: interactive traffic goes ahead of batch work
+/// that arrived less than that delay before it, and batch work waits at most that much longer than it
+/// would have, so it never starves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+/// The instant a request is ordered by.
+pub(crate) fn effective_arrival(at: Instant, priority: Priority, batch_delay: Duration) -> Instant {
+    match priority {
+        Priority::Interactive => at,
+        Priority::Batch => at + batch_delay,
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    #[error("server overloaded: the queue of model {model} is full ({max_queue} requests waiting); retry later")]
-    QueueFull { model: Arc<str>, max_queue: usize },
+    #[error(
+        "server overloaded: the queue of model {model} is full ({max_queue} requests waiting); retry in {} ms",
+        retry_after.as_millis()
+    )]
+    QueueFull { model: Arc<str>, max_queue: usize, retry_after: Duration },
     #[error("deadline exceeded after waiting {waited_ms} ms in the queue of model {model}")]
     DeadlineExceeded { model: Arc<str>, waited_ms: u64 },
     #[error("model {0} is shutting down")]
@@ -65,6 +96,7 @@ struct Entry {
     enqueued_at: Instant,
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Embedded, BatchError>>,
+    priority: Priority,
     /// Held while the request waits; released when its batch starts or the entry is dropped, which
     /// frees its place in the queue.
     permit: Option<OwnedSemaphorePermit>,
@@ -86,6 +118,33 @@ impl Queued for Entry {
     fn is_abandoned(&self) -> bool {
         self.reply.is_closed()
     }
+    fn priority(&self) -> Priority {
+        self.priority
+    }
+}
+
+/// The shortest and longest retry delay suggested to a refused caller.
+const RETRY_BOUNDS: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(10));
+
+/// Live figures shared between a batcher's task and its handles.
+#[derive(Debug, Default)]
+pub struct EmbedStats {
+    /// Requests in the batch computing now.
+    pub running: AtomicUsize,
+    /// Moving average of a batch's compute time, in microseconds.
+    pub batch_us: AtomicU64,
+}
+
+/// Folds `sample` into an exponential moving average kept in `avg` (weight 1/8; the first sample seeds it).
+pub(crate) fn ewma(avg: &AtomicU64, sample: Duration) {
+    let x = sample.as_micros() as u64;
+    let _ =
+        avg.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| Some(if a == 0 { x } else { a - a / 8 + x / 8 }));
+}
+
+/// How long a refused caller should wait: the time for the work ahead of it to drain at the recent pace.
+pub(crate) fn retry_after(rounds_ahead: usize, round: Duration) -> Duration {
+    (round * rounds_ahead.max(1) as u32).clamp(RETRY_BOUNDS.0, RETRY_BOUNDS.1)
 }
 
 /// A cheap, cloneable handle to one embedding model's batcher.
@@ -97,6 +156,8 @@ pub struct EmbedBatcher {
     /// is answered at once and no channel ever needs to block.
     permits: Arc<Semaphore>,
     max_queue: usize,
+    max_batch_size: usize,
+    pub stats: Arc<EmbedStats>,
 }
 
 impl EmbedBatcher {
@@ -107,9 +168,10 @@ impl EmbedBatcher {
         // still holds its permit, so at most max_queue entries are ever in it.
         let (tx, rx) = mpsc::channel(config.max_queue);
         let permits = Arc::new(Semaphore::new(config.max_queue));
-        let max_queue = config.max_queue;
-        tokio::spawn(task::run(model.clone(), rx, engine, config));
-        Self { model, tx, permits, max_queue }
+        let (max_queue, max_batch_size) = (config.max_queue, config.max_batch_size);
+        let stats = Arc::new(EmbedStats::default());
+        tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
+        Self { model, tx, permits, max_queue, max_batch_size, stats }
     }
 
     pub fn model(&self) -> &str {
@@ -121,20 +183,37 @@ impl EmbedBatcher {
         self.max_queue - self.permits.available_permits()
     }
 
+    /// Requests in the batch computing now.
+    pub fn running(&self) -> usize {
+        self.stats.running.load(Ordering::Relaxed)
+    }
+
+    /// The delay a refused caller is told to wait: the batches ahead of it at the recent batch time.
+    pub fn retry_after(&self) -> Duration {
+        let batches = self.queue_len().div_ceil(self.max_batch_size.max(1)) + 1;
+        retry_after(batches, Duration::from_micros(self.stats.batch_us.load(Ordering::Relaxed)))
+    }
+
     /// Queues a request and waits for its vectors. Dropping the future (the caller hung up) removes the
     /// request before it reaches the model.
-    pub async fn embed(&self, request: ValidPredict, deadline: Option<Instant>) -> Result<Embedded, BatchError> {
-        let permit = self
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| BatchError::QueueFull { model: self.model.clone(), max_queue: self.max_queue })?;
+    pub async fn embed(
+        &self,
+        request: ValidPredict,
+        deadline: Option<Instant>,
+        priority: Priority,
+    ) -> Result<Embedded, BatchError> {
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| BatchError::QueueFull {
+            model: self.model.clone(),
+            max_queue: self.max_queue,
+            retry_after: self.retry_after(),
+        })?;
         if deadline.is_some_and(|d| d <= Instant::now()) {
             // Already expired on arrival: not worth a place in the queue.
+            crate::metrics::EXPIRED_BEFORE_MODEL.with(&[&self.model]).inc();
             return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
         }
         let (reply, rx) = oneshot::channel();
-        let entry = Entry { request, enqueued_at: Instant::now(), deadline, reply, permit: Some(permit) };
+        let entry = Entry { request, enqueued_at: Instant::now(), deadline, reply, priority, permit: Some(permit) };
         self.tx.send(entry).await.map_err(|_| BatchError::Closed(self.model.clone()))?;
         rx.await.map_err(|_| BatchError::Closed(self.model.clone()))?
     }
@@ -167,6 +246,7 @@ mod tests {
             max_queue_delay: Duration::from_millis(5),
             max_batch_tokens: 1000,
             max_queue: 64,
+            batch_priority_delay: Duration::from_secs(2),
         }
     }
 
@@ -185,7 +265,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lone_request_waits_exactly_the_window() {
         let (b, _) = batcher(config());
-        let out = b.embed(req(1, 3), None).await.unwrap();
+        let out = b.embed(req(1, 3), None, Priority::Interactive).await.unwrap();
         assert_eq!(out.queue_time, Duration::from_millis(5));
         assert_eq!((out.batch_size, out.batch_requests), (1, 1));
         assert_eq!(out.vectors, vec![vec![3.0, 1.0]]);
@@ -197,7 +277,7 @@ mod tests {
         let tasks: Vec<_> = (0..9u32)
             .map(|i| {
                 let b = b.clone();
-                tokio::spawn(async move { b.embed(req(i, 4), None).await.unwrap() })
+                tokio::spawn(async move { b.embed(req(i, 4), None, Priority::Interactive).await.unwrap() })
             })
             .collect();
         let mut sizes = Vec::new();
@@ -217,7 +297,7 @@ mod tests {
         let tasks: Vec<_> = (0..3u32)
             .map(|i| {
                 let b = b.clone();
-                tokio::spawn(async move { b.embed(req(i, 40), None).await.unwrap().batch_size })
+                tokio::spawn(async move { b.embed(req(i, 40), None, Priority::Interactive).await.unwrap().batch_size })
             })
             .collect();
         let mut sizes = Vec::new();
@@ -233,12 +313,12 @@ mod tests {
         let (b, recorder) = batcher(config());
         let gone = {
             let b = b.clone();
-            tokio::spawn(async move { b.embed(req(77, 3), None).await })
+            tokio::spawn(async move { b.embed(req(77, 3), None, Priority::Interactive).await })
         };
         tokio::task::yield_now().await;
         assert_eq!(b.queue_len(), 1);
         gone.abort();
-        let out = b.embed(req(1, 3), None).await.unwrap();
+        let out = b.embed(req(1, 3), None, Priority::Interactive).await.unwrap();
         assert_eq!(out.batch_requests, 1);
         assert!(recorder.seen.lock().unwrap().iter().all(|ids| ids[0] != 77));
         assert_eq!(b.queue_len(), 0, "the abandoned entry's place is free again");
@@ -248,9 +328,9 @@ mod tests {
     async fn an_expired_request_is_answered_and_never_reaches_the_model() {
         let (b, recorder) = batcher(config());
         let deadline = Instant::now() + Duration::from_millis(2);
-        let err = b.embed(req(55, 3), Some(deadline)).await.unwrap_err();
+        let err = b.embed(req(55, 3), Some(deadline), Priority::Interactive).await.unwrap_err();
         assert!(matches!(err, BatchError::DeadlineExceeded { waited_ms: 2, .. }), "{err}");
-        let past = b.embed(req(56, 3), Some(Instant::now())).await.unwrap_err();
+        let past = b.embed(req(56, 3), Some(Instant::now()), Priority::Interactive).await.unwrap_err();
         assert!(matches!(past, BatchError::DeadlineExceeded { waited_ms: 0, .. }), "{past}");
         assert!(recorder.seen.lock().unwrap().is_empty());
     }
@@ -261,15 +341,16 @@ mod tests {
         let waiting: Vec<_> = (0..2u32)
             .map(|i| {
                 let b = b.clone();
-                tokio::spawn(async move { b.embed(req(i, 3), None).await })
+                tokio::spawn(async move { b.embed(req(i, 3), None, Priority::Interactive).await })
             })
             .collect();
         while b.queue_len() < 2 {
             tokio::task::yield_now().await;
         }
         let started = Instant::now();
-        let err = b.embed(req(9, 3), None).await.unwrap_err();
+        let err = b.embed(req(9, 3), None, Priority::Interactive).await.unwrap_err();
         assert!(matches!(err, BatchError::QueueFull { max_queue: 2, .. }), "{err}");
+        assert!(err.to_string().contains("retry in"), "{err}");
         assert_eq!(started.elapsed(), Duration::ZERO);
         for w in waiting {
             assert_eq!(w.await.unwrap().unwrap().batch_size, 2);

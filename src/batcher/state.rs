@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use tokio::time::Instant;
 
-use super::BatchConfig;
+use super::{BatchConfig, Priority, effective_arrival};
 
 /// What the state needs to know about a waiting request.
 pub trait Queued {
@@ -16,6 +16,9 @@ pub trait Queued {
     fn deadline(&self) -> Option<Instant>;
     /// True when nobody waits for the answer any more (the caller hung up).
     fn is_abandoned(&self) -> bool;
+    fn priority(&self) -> Priority {
+        Priority::Interactive
+    }
 }
 
 #[derive(Debug)]
@@ -29,8 +32,15 @@ impl<E: Queued> State<E> {
         Self { queue: VecDeque::new(), config }
     }
 
+    fn effective(&self, e: &E) -> Instant {
+        effective_arrival(e.enqueued_at(), e.priority(), self.config.batch_priority_delay)
+    }
+
+    /// Queues in order of effective arrival (see [`Priority`]): the front is the next anchor.
     pub fn push(&mut self, entry: E) {
-        self.queue.push_back(entry);
+        let at = self.effective(&entry);
+        let pos = self.queue.partition_point(|e| self.effective(e) <= at);
+        self.queue.insert(pos, entry);
     }
 
     pub fn len(&self) -> usize {
@@ -63,8 +73,8 @@ impl<E: Queued> State<E> {
     /// A batch is due when the waiting inputs fill `max_batch_size`, or their padded tokens fill the
     /// token budget, or the oldest entry has waited the whole window.
     pub fn is_due(&self, now: Instant) -> bool {
-        let Some(oldest) = self.queue.front() else { return false };
-        if oldest.enqueued_at() + self.config.max_queue_delay <= now {
+        let Some(oldest) = self.queue.iter().map(Queued::enqueued_at).min() else { return false };
+        if oldest + self.config.max_queue_delay <= now {
             return true;
         }
         let inputs: usize = self.queue.iter().map(Queued::inputs).sum();
@@ -72,8 +82,9 @@ impl<E: Queued> State<E> {
         inputs >= self.config.max_batch_size || tokens >= self.config.max_batch_tokens
     }
 
-    /// The next batch, if one is due. The oldest entry always rides (so nothing starves); the rest are
-    /// chosen by closeness of length to it (so padding stays small) while the batch stays within
+    /// The next batch, if one is due. The first entry in effective-arrival order always rides (so nothing
+    /// starves); the rest are chosen among interactive and overdue batch entries first, then by closeness
+    /// of length to it (so padding stays small) while the batch stays within
     /// `max_batch_size` inputs and `max_batch_tokens` padded tokens. Validation guarantees that any single
     /// entry fits both bounds on its own.
     pub fn next_batch(&mut self, now: Instant) -> Option<Vec<E>> {
@@ -86,8 +97,11 @@ impl<E: Queued> State<E> {
         let mut longest = anchor_len;
         let mut chosen = vec![0usize];
         let mut candidates: Vec<usize> = (1..self.queue.len()).collect();
-        // Stable sort: among equal distances the older entry goes first.
-        candidates.sort_by_key(|&i| self.queue[i].longest().abs_diff(anchor_len));
+        // Stable sort: among equal keys the earlier entry goes first.
+        candidates.sort_by_key(|&i| {
+            let e = &self.queue[i];
+            (self.effective(e) > now, e.longest().abs_diff(anchor_len))
+        });
         for i in candidates {
             if inputs >= self.config.max_batch_size {
                 break;
@@ -111,8 +125,11 @@ impl<E: Queued> State<E> {
     /// When the loop must look again even if nothing arrives: the end of the oldest entry's window
     /// (only useful while the model is idle) or the earliest deadline.
     pub fn next_wakeup(&self, model_idle: bool) -> Option<Instant> {
-        let window =
-            if model_idle { self.queue.front().map(|e| e.enqueued_at() + self.config.max_queue_delay) } else { None };
+        let window = if model_idle {
+            self.queue.iter().map(Queued::enqueued_at).min().map(|t| t + self.config.max_queue_delay)
+        } else {
+            None
+        };
         let deadline = self.queue.iter().filter_map(Queued::deadline).min();
         match (window, deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -135,6 +152,7 @@ mod tests {
         at: Instant,
         deadline: Option<Instant>,
         abandoned: bool,
+        priority: Priority,
     }
 
     impl Queued for Fake {
@@ -153,6 +171,9 @@ mod tests {
         fn is_abandoned(&self) -> bool {
             self.abandoned
         }
+        fn priority(&self) -> Priority {
+            self.priority
+        }
     }
 
     fn config() -> BatchConfig {
@@ -161,11 +182,16 @@ mod tests {
             max_queue_delay: Duration::from_millis(5),
             max_batch_tokens: 1000,
             max_queue: 64,
+            batch_priority_delay: Duration::from_millis(100),
         }
     }
 
     fn entry(id: usize, inputs: usize, longest: usize, at: Instant) -> Fake {
-        Fake { id, inputs, longest, at, deadline: None, abandoned: false }
+        Fake { id, inputs, longest, at, deadline: None, abandoned: false, priority: Priority::Interactive }
+    }
+
+    fn batch(id: usize, at: Instant) -> Fake {
+        Fake { priority: Priority::Batch, ..entry(id, 4, 10, at) }
     }
 
     fn ids(batch: &[Fake]) -> Vec<usize> {
@@ -250,6 +276,31 @@ mod tests {
         assert_eq!(s.len(), 1);
         let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
         assert_eq!(ids(&batch), vec![2]);
+    }
+
+    #[test]
+    fn interactive_requests_go_first_and_batch_work_still_gets_its_turn() {
+        let t0 = Instant::now();
+        let mut s = State::new(config()); // 8 inputs a batch; batch work yields for up to 100 ms
+        s.push(batch(0, t0));
+        s.push(batch(1, t0));
+        s.push(batch(2, t0));
+        s.push(entry(10, 4, 10, t0 + Duration::from_millis(1)));
+        s.push(entry(11, 4, 10, t0 + Duration::from_millis(2)));
+        // Twelve inputs waiting, room for eight: the interactive pair goes, batch work waits...
+        let b = s.next_batch(t0 + Duration::from_millis(2)).unwrap();
+        assert_eq!(ids(&b), vec![10, 11]);
+        // ...but fills spare room when interactive traffic leaves some.
+        s.push(entry(12, 4, 10, t0 + Duration::from_millis(3)));
+        let b = s.next_batch(t0 + Duration::from_millis(8)).unwrap();
+        assert_eq!(ids(&b), vec![12, 0]);
+        // Once overdue, a batch request is ordered before newer interactive ones: no starvation.
+        let late = t0 + Duration::from_millis(150);
+        s.push(entry(13, 4, 10, late));
+        s.push(entry(14, 4, 10, late));
+        let b = s.next_batch(late).unwrap();
+        assert_eq!(ids(&b), vec![1, 2]);
+        assert_eq!(ids(&s.next_batch(late + Duration::from_millis(5)).unwrap()), vec![13, 14]);
     }
 
     #[test]

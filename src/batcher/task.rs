@@ -1,13 +1,15 @@
 //! The loop that owns an embedding model's [`State`]: it takes new entries, answers expired ones, hands a
 //! due batch to the model when the model is idle, and splits the results among the callers.
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
-use super::{BatchConfig, BatchError, Embedded, Entry, Queued, State};
+use super::{BatchConfig, BatchError, EmbedStats, Embedded, Entry, Queued, State, ewma};
 use crate::engine::{EmbedEngine, EngineError, EngineOutput, l2_normalize};
+use crate::metrics;
 
 /// A batch the model is computing.
 struct InFlight {
@@ -16,13 +18,20 @@ struct InFlight {
     result: oneshot::Receiver<Result<EngineOutput, EngineError>>,
 }
 
-pub(super) async fn run(model: Arc<str>, mut rx: mpsc::Receiver<Entry>, engine: EmbedEngine, config: BatchConfig) {
+pub(super) async fn run(
+    model: Arc<str>,
+    mut rx: mpsc::Receiver<Entry>,
+    engine: EmbedEngine,
+    config: BatchConfig,
+    stats: Arc<EmbedStats>,
+) {
     let mut state: State<Entry> = State::new(config);
     let mut in_flight: Option<InFlight> = None;
     let mut open = true;
     loop {
         let now = Instant::now();
         for e in state.remove_stale(now) {
+            metrics::EXPIRED_BEFORE_MODEL.with(&[&model]).inc();
             let waited_ms = now.duration_since(e.enqueued_at).as_millis() as u64;
             let _ = e.reply.send(Err(BatchError::DeadlineExceeded { model: model.clone(), waited_ms }));
         }
@@ -31,7 +40,8 @@ pub(super) async fn run(model: Arc<str>, mut rx: mpsc::Receiver<Entry>, engine: 
         if in_flight.is_none()
             && let Some(batch) = state.next_batch(now)
         {
-            in_flight = Some(dispatch(&engine, batch, now));
+            stats.running.store(batch.len(), Ordering::Relaxed);
+            in_flight = Some(dispatch(&model, &engine, batch, now));
         }
         if !open && in_flight.is_none() && state.is_empty() {
             break;
@@ -51,6 +61,8 @@ pub(super) async fn run(model: Arc<str>, mut rx: mpsc::Receiver<Entry>, engine: 
             result = async { (&mut in_flight.as_mut().expect("guarded by the select condition").result).await },
                 if in_flight.is_some() => {
                 let done = in_flight.take().expect("guarded by the select condition");
+                stats.running.store(0, Ordering::Relaxed);
+                ewma(&stats.batch_us, done.started.elapsed());
                 answer(&model, done, result);
             }
             _ = async { sleep_until(wakeup.expect("guarded by the select condition")).await }, if wakeup.is_some() => {}
@@ -59,12 +71,14 @@ pub(super) async fn run(model: Arc<str>, mut rx: mpsc::Receiver<Entry>, engine: 
     debug!(%model, "batcher stopped");
 }
 
-fn dispatch(engine: &EmbedEngine, mut entries: Vec<Entry>, now: Instant) -> InFlight {
+fn dispatch(model: &str, engine: &EmbedEngine, mut entries: Vec<Entry>, now: Instant) -> InFlight {
     let inputs: Vec<Vec<u32>> = entries.iter().flat_map(|e| e.request.inputs.iter().map(|i| i.ids.clone())).collect();
     for e in &mut entries {
         // Computing is not waiting: the queue has room again.
         e.permit = None;
+        metrics::QUEUE_TIME.observe_duration(&[model], now.duration_since(e.enqueued_at));
     }
+    metrics::BATCH_SIZE.observe(&[model], inputs.len() as f64);
     debug!(inputs = inputs.len(), requests = entries.len(), "batch dispatched");
     InFlight { entries, started: now, result: engine.submit(inputs) }
 }
@@ -91,6 +105,7 @@ fn answer(
             return;
         }
     };
+    metrics::INFERENCE_TIME.observe_duration(&[model], output.elapsed);
     let batch_size = output.vectors.len();
     let batch_requests = done.entries.len();
     let mut vectors = output.vectors.into_iter();

@@ -26,19 +26,23 @@ fn margin(timeout: Duration) -> Duration {
     Duration::from_millis(5).min(timeout / 10).max(Duration::from_millis(1))
 }
 
+/// `default`: the deadline of calls that set no `grpc-timeout` (`--request-timeout`).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DeadlineLayer;
+pub struct DeadlineLayer {
+    pub default: Option<Duration>,
+}
 
 impl<S> tower::Layer<S> for DeadlineLayer {
     type Service = DeadlineService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        DeadlineService { inner }
+        DeadlineService { inner, default: self.default }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct DeadlineService<S> {
     inner: S,
+    default: Option<Duration>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -70,7 +74,11 @@ where
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
-        let Some(timeout) = timeout else { return Box::pin(self.inner.call(req)) };
+        let (timeout, whose) = match (timeout, self.default) {
+            (Some(t), _) => (t, "the call's grpc-timeout"),
+            (None, Some(t)) => (t, "the server's --request-timeout (the call set no grpc-timeout)"),
+            (None, None) => return Box::pin(self.inner.call(req)),
+        };
         let deadline = Instant::now() + timeout.saturating_sub(margin(timeout));
         req.extensions_mut().insert(Deadline(deadline));
         let fut = self.inner.call(req);
@@ -78,7 +86,7 @@ where
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(result) => result,
                 Err(_) => Ok(Status::deadline_exceeded(format!(
-                    "deadline exceeded: the call's grpc-timeout of {} ms ran out",
+                    "deadline exceeded: {whose} of {} ms ran out",
                     timeout.as_millis()
                 ))
                 .into_http()),

@@ -4,9 +4,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
+use super::calls::{CallStream, Calls, record_error};
+use super::predict::UNKNOWN_MODEL;
 use super::status::ServeError;
 use super::{convert, deadline, pb};
 use crate::batcher::generate::GenEvent;
@@ -16,26 +19,48 @@ use crate::validate;
 
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
+const METHOD: &str = "Generate";
+
 pub(super) async fn generate(
     registry: Arc<Registry>,
+    calls: &Arc<Calls>,
     request: Request<pb::GenerateRequest>,
-) -> Result<Response<GenerateStream>, ServeError> {
+) -> Result<Response<GenerateStream>, Status> {
+    let started = Instant::now();
+    let guard = calls.enter().map_err(|e| record_error(METHOD, "none", started, e))?;
     let deadline = deadline::of(&request);
+    let priority = convert::priority(request.get_ref().priority, request.metadata());
     let req = request.into_inner();
-    let model = registry.generator(&req.model)?;
-    let params = convert::generate_params(req);
-    let m = model.clone();
-    let valid =
-        tokio::task::spawn_blocking(move || validate::generate(params, &m.limits, &m.tokenizer, m.template.as_deref()))
-            .await
-            .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-    let events = model.batcher.generate(valid, deadline).await?;
-    let name = model.name.to_string();
+    let model = registry.generator(&req.model).map_err(|e| record_error(METHOD, UNKNOWN_MODEL, started, e.into()))?;
+    let name = model.name.clone();
+    let queued = async {
+        let priority = priority?;
+        let params = convert::generate_params(req);
+        let m = model.clone();
+        let valid = tokio::task::spawn_blocking(move || {
+            validate::generate(params, &m.limits, &m.tokenizer, m.template.as_deref())
+        })
+        .await
+        .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
+        Ok::<_, ServeError>(model.batcher.generate(valid, deadline, priority).await?)
+    };
+    let events = queued.await.map_err(|e| record_error(METHOD, &name, started, e))?;
+    let label = name.to_string();
     let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |event| match event {
-        Ok(event) => Ok(to_message(event, &name)),
+        Ok(event) => Ok(to_message(event, &label)),
         Err(err) => Err(Status::from(ServeError::from(err))),
     });
+    let stream = CallStream::new(calls, guard, METHOD, name, started, Box::pin(stream), reason_of);
     Ok(Response::new(Box::pin(stream)))
+}
+
+/// The metric reason of a stream that ended in an error (what `status::code_and_reason` would say).
+fn reason_of(status: &Status) -> &'static str {
+    match status.code() {
+        Code::DeadlineExceeded => "deadline",
+        Code::Unavailable => "model_stopped",
+        _ => "engine",
+    }
 }
 
 fn to_message(event: GenEvent, model: &str) -> pb::GenerateResponse {

@@ -1,26 +1,36 @@
 //! The gRPC front: the only module that imports tonic and the generated code. It builds the services
 //! (omnibus.v1.Inference, grpc.health.v1.Health, reflection v1 and v1alpha), starts model loading in the
-//! background (health says NOT_SERVING until every model is loaded and warmed), and serves until shutdown.
+//! background (health says NOT_SERVING until every model is loaded and warmed), serves the metrics
+//! listener, and on shutdown drains: health NOT_SERVING, new calls UNAVAILABLE, running calls finish
+//! within the grace period, what is left then ends with UNAVAILABLE.
+mod calls;
 mod convert;
 mod deadline;
+mod edge;
 mod generate;
+mod metrics_http;
 mod models;
 mod predict;
 mod status;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::codec::CompressionEncoding;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-pub use status::ServeError;
+pub use convert::PRIORITY_HEADER;
+pub use edge::REQUEST_ID;
+pub use status::{RETRY_INFO_TYPE, ServeError, retry_delay};
 
-use crate::config::ServeConfig;
+use self::calls::Calls;
+use crate::config::{ServeConfig, TlsFiles};
 use crate::registry::{Registry, RegistryError};
 
 /// The generated code and the descriptor set that reflection serves.
@@ -42,12 +52,15 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("reading {path}: {source}")]
+    TlsFile { path: String, source: std::io::Error },
 }
 
-/// omnibus.v1.Inference; answers UNAVAILABLE until the models are loaded.
+/// omnibus.v1.Inference; answers UNAVAILABLE until the models are loaded and once the server drains.
 #[derive(Clone)]
 struct InferenceService {
     registry: Arc<OnceLock<Arc<Registry>>>,
+    calls: Arc<Calls>,
 }
 
 impl InferenceService {
@@ -60,14 +73,14 @@ impl InferenceService {
 impl Inference for InferenceService {
     async fn predict(&self, request: Request<pb::PredictRequest>) -> Result<Response<pb::PredictResponse>, Status> {
         let registry = self.registry()?;
-        predict::predict(registry, request).await.map_err(Status::from)
+        self.calls.unary("Predict", predict::predict(registry, request)).await
     }
 
     type GenerateStream = generate::GenerateStream;
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let registry = self.registry()?;
-        generate::generate(registry, request).await.map_err(Status::from)
+        generate::generate(registry, &self.calls, request).await
     }
 
     async fn list_models(
@@ -79,10 +92,28 @@ impl Inference for InferenceService {
     }
 }
 
-/// Serves on `listener` until `shutdown` resolves. Fails when the models cannot be loaded.
+/// After the drain, how long tonic may take to close connections (clients holding idle streams, such as
+/// health watches, would otherwise keep it open) before the server stops anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::TlsFile { path: path.display().to_string(), source })
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
+}
+
+/// Serves on `listener` (and metrics on `metrics`) until `shutdown` resolves and the drain is over.
+/// Fails when the models cannot be loaded.
 pub async fn serve(
     config: ServeConfig,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -98,21 +129,30 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let sc = config.server.clone();
     let cell = Arc::new(OnceLock::new());
-    let inference = InferenceServer::new(InferenceService { registry: cell.clone() })
+    let calls = Calls::new(sc.shutdown_grace);
+    let inference = InferenceServer::new(InferenceService { registry: cell.clone(), calls: calls.clone() })
         .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(sc.max_message_size)
+        .max_encoding_message_size(sc.max_message_size);
+
+    if let Some(metrics) = metrics {
+        tokio::spawn(metrics_http::serve(metrics, cell.clone()));
+    }
 
     // Models load while the server already answers health checks (NOT_SERVING), as startup probes expect.
     let (failed_tx, failed_rx) = oneshot::channel::<RegistryError>();
     let (model_config, batch_config, gen_config) =
         (config.model.clone(), config.batch.clone(), config.generate.clone());
-    tokio::spawn(async move {
+    let loading_reporter = reporter.clone();
+    let loading = tokio::spawn(async move {
         match Registry::load(model_config, batch_config, gen_config).await {
             Ok(registry) => {
                 let _ = cell.set(Arc::new(registry));
-                reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::Serving).await;
-                reporter.set_service_status("", ServingStatus::Serving).await;
+                loading_reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::Serving).await;
+                loading_reporter.set_service_status("", ServingStatus::Serving).await;
                 info!("all models loaded and warmed; SERVING");
             }
             Err(err) => {
@@ -122,18 +162,71 @@ pub async fn serve(
         }
     });
 
+    // The drain: on the signal, stop looking ready, refuse new calls, give running ones the grace period,
+    // then cut what is left and let tonic close the connections.
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let drain_calls = calls.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        loading.abort();
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+        reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
+        drain_calls.start_draining();
+        let grace = drain_calls.grace();
+        info!(
+            inflight = drain_calls.inflight(),
+            grace_s = grace.as_secs_f64(),
+            "draining: NOT_SERVING, new calls refused"
+        );
+        if tokio::time::timeout(grace, drain_calls.idle()).await.is_err() {
+            warn!(
+                inflight = drain_calls.inflight(),
+                "shutdown grace period over; ending the remaining calls with UNAVAILABLE"
+            );
+            drain_calls.end_grace();
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain_calls.idle()).await;
+        }
+        info!("drained");
+        let _ = stop_tx.send(());
+    });
+
     // Nagle's algorithm holds small responses back for the peer's delayed ACK (40 ms and more per
     // call); a request-response protocol wants every frame out at once.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .layer(deadline::DeadlineLayer)
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(sc.max_concurrent_streams)
+        .http2_keepalive_interval(sc.keepalive_interval)
+        .http2_keepalive_timeout(Some(sc.keepalive_timeout))
+        .max_connection_age_grace(sc.max_connection_age_grace);
+    if let Some(age) = sc.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(files) = &sc.tls {
+        builder = builder.tls_config(tls_config(files)?)?;
+    }
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let server = builder
+        .layer(edge::EdgeLayer { max_message_size: sc.max_message_size })
+        .layer(deadline::DeadlineLayer { default: sc.request_timeout })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_rx.await;
+            let _ = stopped_tx.send(true);
+        });
+    let mut stopped = stopped_rx.clone();
+    let close_deadline = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(CLOSE_TIMEOUT).await;
+    };
     tokio::select! {
         result = server => Ok(result?),
         Ok(err) = failed_rx => Err(err.into()),
+        _ = close_deadline => {
+            warn!("connections still open {CLOSE_TIMEOUT:?} after the drain; stopping anyway");
+            Ok(())
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The Predict RPC: resolve the model, validate and tokenize off the runtime, queue, answer.
+//! The Predict RPC: resolve the model, validate and tokenize off the runtime, queue, answer. The batch's
+//! figures are in the response body and, for proxies and logs, in response headers.
 use std::sync::Arc;
 
 use tonic::{Request, Response};
@@ -8,30 +9,49 @@ use super::{convert, deadline, pb};
 use crate::registry::Registry;
 use crate::validate;
 
+/// The model name used in metrics for calls whose model could not be resolved.
+pub(super) const UNKNOWN_MODEL: &str = "unknown";
+
 pub(super) async fn predict(
     registry: Arc<Registry>,
     request: Request<pb::PredictRequest>,
-) -> Result<Response<pb::PredictResponse>, ServeError> {
+) -> (Arc<str>, Result<Response<pb::PredictResponse>, ServeError>) {
     let deadline = deadline::of(&request);
+    let priority = convert::priority(request.get_ref().priority, request.metadata());
     let req = request.into_inner();
-    let model = registry.embedder(&req.model)?;
-    let params = convert::predict_params(req)?;
-    let (tokenizer, limits) = (model.tokenizer.clone(), model.limits.clone());
-    // Tokenization is CPU work: keep it off the runtime's workers.
-    let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
-        .await
-        .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-    let prompt_tokens = valid.tokens() as u32;
-    let out = model.batcher.embed(valid, deadline).await?;
-    Ok(Response::new(pb::PredictResponse {
-        outputs: out.vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
-        metadata: Some(pb::PredictMetadata {
-            batch_size: out.batch_size as u32,
-            queue_time_us: out.queue_time.as_micros() as u64,
-            inference_time_us: out.inference_time.as_micros() as u64,
-            prompt_tokens,
-            model: model.name.to_string(),
-            batch_requests: out.batch_requests as u32,
-        }),
-    }))
+    let model = match registry.embedder(&req.model) {
+        Ok(m) => m,
+        Err(e) => return (UNKNOWN_MODEL.into(), Err(e.into())),
+    };
+    let name = model.name.clone();
+    let result = async move {
+        let priority = priority?;
+        let params = convert::predict_params(req)?;
+        let (tokenizer, limits) = (model.tokenizer.clone(), model.limits.clone());
+        // Tokenization is CPU work: keep it off the runtime's workers.
+        let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
+            .await
+            .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
+        let prompt_tokens = valid.tokens() as u32;
+        crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as u64);
+        let out = model.batcher.embed(valid, deadline, priority).await?;
+        let mut response = Response::new(pb::PredictResponse {
+            outputs: out.vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+            metadata: Some(pb::PredictMetadata {
+                batch_size: out.batch_size as u32,
+                queue_time_us: out.queue_time.as_micros() as u64,
+                inference_time_us: out.inference_time.as_micros() as u64,
+                prompt_tokens,
+                model: model.name.to_string(),
+                batch_requests: out.batch_requests as u32,
+            }),
+        });
+        let md = response.metadata_mut();
+        md.insert("x-omnibus-queue-time-us", (out.queue_time.as_micros() as u64).into());
+        md.insert("x-omnibus-inference-time-us", (out.inference_time.as_micros() as u64).into());
+        md.insert("x-omnibus-batch-size", (out.batch_size as u64).into());
+        Ok(response)
+    }
+    .await;
+    (name, result)
 }

@@ -1,4 +1,8 @@
-//! The one table from errors to gRPC status codes.
+//! The one table from errors to gRPC status codes (and to the `reason` label of the failure metric).
+//! Overload answers carry a `google.rpc.RetryInfo` in the standard `grpc-status-details-bin` trailer.
+use std::time::Duration;
+
+use prost::Message;
 use tonic::{Code, Status};
 
 use crate::batcher::BatchError;
@@ -13,22 +17,90 @@ pub enum ServeError {
     Batch(#[from] BatchError),
     #[error("models are still loading; retry once health reports SERVING")]
     NotReady,
+    #[error("server is shutting down and takes no new calls; retry on another replica")]
+    ShuttingDown,
+    #[error("server shut down: the {0:?} shutdown grace period ended before this call finished")]
+    GraceOver(Duration),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
+impl ServeError {
+    /// The gRPC code and a short reason for metrics, in one table.
+    pub fn code_and_reason(&self) -> (Code, &'static str) {
+        match self {
+            ServeError::Invalid(ValidationError::UnknownModel { .. }) => (Code::NotFound, "unknown_model"),
+            ServeError::Invalid(_) => (Code::InvalidArgument, "invalid_argument"),
+            ServeError::Batch(BatchError::QueueFull { .. }) => (Code::ResourceExhausted, "queue_full"),
+            ServeError::Batch(BatchError::DeadlineExceeded { .. }) => (Code::DeadlineExceeded, "deadline"),
+            ServeError::Batch(BatchError::Closed(_)) => (Code::Unavailable, "model_stopped"),
+            ServeError::NotReady => (Code::Unavailable, "loading"),
+            ServeError::ShuttingDown => (Code::Unavailable, "shutting_down"),
+            ServeError::GraceOver(_) => (Code::Unavailable, "grace_over"),
+            ServeError::Batch(BatchError::Engine(_)) => (Code::Internal, "engine"),
+            ServeError::Internal(_) => (Code::Internal, "internal"),
+        }
+    }
+}
+
 impl From<ServeError> for Status {
     fn from(err: ServeError) -> Self {
-        let code = match &err {
-            ServeError::Invalid(ValidationError::UnknownModel { .. }) => Code::NotFound,
-            ServeError::Invalid(_) => Code::InvalidArgument,
-            ServeError::Batch(BatchError::QueueFull { .. }) => Code::ResourceExhausted,
-            ServeError::Batch(BatchError::DeadlineExceeded { .. }) => Code::DeadlineExceeded,
-            ServeError::Batch(BatchError::Closed(_)) | ServeError::NotReady => Code::Unavailable,
-            ServeError::Batch(BatchError::Engine(_)) | ServeError::Internal(_) => Code::Internal,
-        };
+        let (code, _) = err.code_and_reason();
+        if let ServeError::Batch(BatchError::QueueFull { retry_after, .. }) = &err {
+            return Status::with_details(
+                code,
+                err.to_string(),
+                retry_info(code, &err.to_string(), *retry_after).into(),
+            );
+        }
         Status::new(code, err.to_string())
     }
+}
+
+/// `google.rpc.Status` and `google.rpc.RetryInfo`: the two messages of the standard error model this
+/// server sends, declared here rather than compiling Google's protos for them.
+mod rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<prost_types::Any>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub retry_delay: Option<prost_types::Duration>,
+    }
+}
+
+pub const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+/// The `grpc-status-details-bin` payload: a `google.rpc.Status` holding one `RetryInfo`.
+fn retry_info(code: Code, message: &str, delay: Duration) -> Vec<u8> {
+    let info = rpc::RetryInfo {
+        retry_delay: Some(prost_types::Duration {
+            seconds: delay.as_secs() as i64,
+            nanos: delay.subsec_nanos() as i32,
+        }),
+    };
+    rpc::Status {
+        code: code as i32,
+        message: message.to_string(),
+        details: vec![prost_types::Any { type_url: RETRY_INFO_TYPE.to_string(), value: info.encode_to_vec() }],
+    }
+    .encode_to_vec()
+}
+
+/// The retry delay in a status's details, if it carries a `RetryInfo` (for tests and clients).
+pub fn retry_delay(status: &Status) -> Option<Duration> {
+    let details = rpc::Status::decode(status.details()).ok()?;
+    let any = details.details.iter().find(|a| a.type_url == RETRY_INFO_TYPE)?;
+    let d = rpc::RetryInfo::decode(any.value.as_slice()).ok()?.retry_delay?;
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
 #[cfg(test)]
@@ -46,12 +118,21 @@ mod tests {
         })
         .into();
         assert_eq!(s.code(), Code::NotFound);
-        let s: Status = ServeError::Batch(BatchError::QueueFull { model: "m".into(), max_queue: 3 }).into();
+        let s: Status = ServeError::Batch(BatchError::QueueFull {
+            model: "m".into(),
+            max_queue: 3,
+            retry_after: Duration::from_millis(250),
+        })
+        .into();
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("overloaded"), "{}", s.message());
+        assert_eq!(retry_delay(&s), Some(Duration::from_millis(250)));
         let s: Status = ServeError::Batch(BatchError::DeadlineExceeded { model: "m".into(), waited_ms: 5 }).into();
         assert_eq!(s.code(), Code::DeadlineExceeded);
         let s: Status = ServeError::NotReady.into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(retry_delay(&s), None);
+        let s: Status = ServeError::ShuttingDown.into();
         assert_eq!(s.code(), Code::Unavailable);
     }
 }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use omnibus::server::pb::inference_client::InferenceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -28,12 +28,19 @@ pub type RawClient =
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
     pub log: PathBuf,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Server {
     /// Starts `omnibus serve` with extra flags and waits until health reports SERVING.
     pub async fn start(extra: &[&str]) -> Server {
+        Self::start_tls(extra, None).await
+    }
+
+    /// As `start`, for a server that speaks TLS: the health wait and `channel()` use `tls`.
+    pub async fn start_tls(extra: &[&str], tls: Option<ClientTlsConfig>) -> Server {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "omnibus-{}-{}.log",
             std::process::id(),
@@ -42,7 +49,8 @@ impl Server {
         let stderr = std::fs::File::create(&log).expect("create the server log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_omnibus"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--model-dir"])
+            // Port 0 for metrics too: tests run in parallel.
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--model-dir"])
             .arg(model_dir())
             .args(extra)
             .env("OMNIBUS_LOG", "info")
@@ -51,30 +59,75 @@ impl Server {
             .spawn()
             .expect("spawn omnibus");
         let stdout = child.stdout.take().expect("stdout is piped");
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        let (line, metrics_line) = tokio::task::spawn_blocking(move || {
+            let mut out = BufReader::new(stdout);
+            let (mut line, mut metrics) = (String::new(), String::new());
+            out.read_line(&mut line)?;
+            out.read_line(&mut metrics)?;
+            Ok::<_, std::io::Error>((line, metrics))
         })
         .await
         .unwrap()
-        .expect("read the listening line");
+        .expect("read the listening lines");
         let addr: SocketAddr = line
             .trim()
             .strip_prefix("omnibus listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}; server log: {}", log.display()))
             .parse()
             .expect("a socket address");
-        let server = Server { child, addr, log };
+        let metrics = metrics_line.trim().strip_prefix("omnibus metrics on ").map(|a| a.parse().expect("an address"));
+        let server = Server { child, addr, metrics, log, tls };
         server.wait_serving().await;
         server
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.expect("connect")
+        let mut endpoint = Channel::from_shared(self.url()).unwrap();
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).expect("client TLS config");
+        }
+        endpoint.connect().await.expect("connect")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("run kill");
+        assert!(ok.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit; None if it is still running after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// GET /metrics from the metrics listener.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics.expect("the server has a metrics listener");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect to metrics");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.unwrap();
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        body
     }
 
     pub async fn client(&self) -> InferenceClient<Channel> {
@@ -118,6 +171,15 @@ impl Drop for Server {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// The value of one sample (`name{labels}`, labels exactly as rendered) in a scrape, 0 if absent.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {

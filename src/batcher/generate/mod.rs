@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 pub use state::{GenConfig, GenState, Leave, Pending};
 
-use super::BatchError;
+use super::{BatchError, Priority};
 use crate::engine::{Finish, GenEngine};
 use crate::validate::ValidGenerate;
 
@@ -48,6 +48,7 @@ struct Entry {
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
     tx: mpsc::Sender<Result<GenEvent, BatchError>>,
+    priority: Priority,
     /// Held while waiting; released at admission.
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -65,6 +66,9 @@ impl Pending for Entry {
     fn is_abandoned(&self) -> bool {
         self.tx.is_closed()
     }
+    fn priority(&self) -> Priority {
+        self.priority
+    }
 }
 
 /// Live counts, for ListModels and autoscaling.
@@ -74,6 +78,8 @@ pub struct GenStats {
     pub waiting: AtomicUsize,
     /// Expired requests answered before reaching the model.
     pub expired_waiting: AtomicUsize,
+    /// Moving average of a finished sequence's time from admission to its end, in microseconds.
+    pub sequence_us: std::sync::atomic::AtomicU64,
 }
 
 /// A cheap, cloneable handle to one generation model's scheduler.
@@ -83,6 +89,7 @@ pub struct GenBatcher {
     tx: mpsc::Sender<Entry>,
     permits: Arc<Semaphore>,
     max_waiting: usize,
+    max_running: usize,
     pub stats: Arc<GenStats>,
 }
 
@@ -93,9 +100,9 @@ impl GenBatcher {
         let (tx, rx) = mpsc::channel(config.max_waiting);
         let permits = Arc::new(Semaphore::new(config.max_waiting));
         let stats = Arc::new(GenStats::default());
-        let max_waiting = config.max_waiting;
+        let (max_waiting, max_running) = (config.max_waiting, config.max_running);
         tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
-        Self { model, tx, permits, max_waiting, stats }
+        Self { model, tx, permits, max_waiting, max_running, stats }
     }
 
     pub fn running(&self) -> usize {
@@ -106,14 +113,27 @@ impl GenBatcher {
         self.max_waiting - self.permits.available_permits()
     }
 
+    /// The delay a refused caller is told to wait: the waiting sequences, admitted `max_running` at a
+    /// time, at the recent sequence duration.
+    pub fn retry_after(&self) -> Duration {
+        let rounds = self.waiting().div_ceil(self.max_running.max(1)) + 1;
+        super::retry_after(rounds, Duration::from_micros(self.stats.sequence_us.load(Ordering::Relaxed)))
+    }
+
     /// Queues a request; its tokens arrive on the returned stream. Dropping the stream cancels it.
-    pub async fn generate(&self, request: ValidGenerate, deadline: Option<Instant>) -> Result<GenStream, BatchError> {
-        let permit = self
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| BatchError::QueueFull { model: self.model.clone(), max_queue: self.max_waiting })?;
+    pub async fn generate(
+        &self,
+        request: ValidGenerate,
+        deadline: Option<Instant>,
+        priority: Priority,
+    ) -> Result<GenStream, BatchError> {
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| BatchError::QueueFull {
+            model: self.model.clone(),
+            max_queue: self.max_waiting,
+            retry_after: self.retry_after(),
+        })?;
         if deadline.is_some_and(|d| d <= Instant::now()) {
+            crate::metrics::EXPIRED_BEFORE_MODEL.with(&[&self.model]).inc();
             return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
         }
         // Room for every token and the end: the scheduler's try_send can then never find it full.
@@ -126,6 +146,7 @@ impl GenBatcher {
             admitted_at: None,
             first_token_at: None,
             tx,
+            priority,
             permit: Some(permit),
         };
         self.tx.send(entry).await.map_err(|_| BatchError::Closed(self.model.clone()))?;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::batcher::{Priority, effective_arrival};
+
 /// What the state needs to know about a request.
 pub trait Pending {
     /// KV-cache positions to reserve.
@@ -14,6 +16,9 @@ pub trait Pending {
     fn deadline(&self) -> Option<Instant>;
     /// Nobody listens any more.
     fn is_abandoned(&self) -> bool;
+    fn priority(&self) -> Priority {
+        Priority::Interactive
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,11 +31,19 @@ pub struct GenConfig {
     pub max_waiting: usize,
     /// While nothing runs, how long the oldest arrival waits for company before its prefill starts.
     pub max_queue_delay: Duration,
+    /// How much later than its arrival a batch-priority request is ordered (see [`Priority`]).
+    pub batch_priority_delay: Duration,
 }
 
 impl Default for GenConfig {
     fn default() -> Self {
-        Self { max_running: 16, max_kv_tokens: 32768, max_waiting: 64, max_queue_delay: Duration::from_millis(1) }
+        Self {
+            max_running: 16,
+            max_kv_tokens: 32768,
+            max_waiting: 64,
+            max_queue_delay: Duration::from_millis(1),
+            batch_priority_delay: Duration::from_secs(2),
+        }
     }
 }
 
@@ -55,8 +68,15 @@ impl<E: Pending> GenState<E> {
         Self { waiting: VecDeque::new(), running: HashMap::new(), kv_reserved: 0, next_id: 1, config }
     }
 
+    fn effective(&self, e: &E) -> Instant {
+        effective_arrival(e.enqueued_at(), e.priority(), self.config.batch_priority_delay)
+    }
+
+    /// Queues in order of effective arrival (see [`Priority`]); admission takes from the front.
     pub fn push(&mut self, e: E) {
-        self.waiting.push_back(e);
+        let at = self.effective(&e);
+        let pos = self.waiting.partition_point(|w| self.effective(w) <= at);
+        self.waiting.insert(pos, e);
     }
 
     pub fn waiting(&self) -> usize {
@@ -124,9 +144,10 @@ impl<E: Pending> GenState<E> {
         Some(e)
     }
 
-    /// Waiting requests that start now, in arrival order. Strictly first come, first served: when the
-    /// oldest does not fit, nobody behind it jumps ahead, so a large request is never starved by a
-    /// stream of small ones. While nothing runs, the oldest waits up to the window for company.
+    /// Waiting requests that start now, in order of effective arrival (arrival, for batch priority
+    /// delayed; see [`Priority`]). Strictly in that order: when the first does not fit, nobody behind it
+    /// jumps ahead, so a large request is never starved by a stream of small ones. While nothing runs,
+    /// the first waits up to the window for company.
     pub fn admit(&mut self, now: Instant) -> Vec<(u64, &E)> {
         let Some(oldest) = self.waiting.front() else { return Vec::new() };
         if self.running.is_empty()
@@ -173,6 +194,7 @@ mod tests {
         at: Instant,
         deadline: Option<Instant>,
         gone: bool,
+        priority: Priority,
     }
 
     impl Pending for R {
@@ -188,14 +210,38 @@ mod tests {
         fn is_abandoned(&self) -> bool {
             self.gone
         }
+        fn priority(&self) -> Priority {
+            self.priority
+        }
     }
 
     fn r(kv: usize, at: Instant) -> R {
-        R { kv, at, deadline: None, gone: false }
+        R { kv, at, deadline: None, gone: false, priority: Priority::Interactive }
     }
 
     fn cfg() -> GenConfig {
-        GenConfig { max_running: 2, max_kv_tokens: 100, max_waiting: 8, max_queue_delay: Duration::from_millis(5) }
+        GenConfig {
+            max_running: 2,
+            max_kv_tokens: 100,
+            max_waiting: 8,
+            max_queue_delay: Duration::from_millis(5),
+            batch_priority_delay: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn interactive_sequences_are_admitted_before_recent_batch_work_but_not_forever() {
+        let t0 = Instant::now();
+        let mut s = GenState::new(GenConfig { max_running: 1, ..cfg() });
+        s.push(R { priority: Priority::Batch, ..r(10, t0) });
+        s.push(r(10, t0 + Duration::from_millis(1)));
+        let first = s.admit(t0 + Duration::from_millis(1))[0].1.at;
+        assert_eq!(first, t0 + Duration::from_millis(1), "the interactive one goes first");
+        s.finish(1);
+        // The batch request is now overdue: a newer interactive arrival queues behind it.
+        let late = t0 + Duration::from_millis(200);
+        s.push(r(10, late));
+        assert_eq!(s.admit(late)[0].1.priority, Priority::Batch);
     }
 
     #[test]

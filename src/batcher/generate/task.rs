@@ -9,7 +9,9 @@ use tracing::{debug, warn};
 
 use super::{Entry, GenConfig, GenEvent, GenState, GenStats, Leave};
 use crate::batcher::BatchError;
+use crate::batcher::ewma;
 use crate::engine::{EngineError, GenEngine, SeqEvent, StepPlan};
+use crate::metrics;
 
 pub(super) async fn run(
     model: Arc<str>,
@@ -24,6 +26,7 @@ pub(super) async fn run(
         let now = Instant::now();
         for e in state.remove_stale_waiting(now) {
             stats.expired_waiting.fetch_add(1, Ordering::Relaxed);
+            metrics::EXPIRED_BEFORE_MODEL.with(&[&model]).inc();
             let waited_ms = now.duration_since(e.enqueued_at).as_millis() as u64;
             let _ = e.tx.try_send(Err(BatchError::DeadlineExceeded { model: model.clone(), waited_ms }));
         }
@@ -42,6 +45,7 @@ pub(super) async fn run(
             let e = state.get_mut(id).expect("just admitted");
             e.permit = None;
             e.admitted_at = Some(now);
+            metrics::QUEUE_TIME.observe_duration(&[&model], now.duration_since(e.enqueued_at));
             plan.admit.push((id, e.request.take().expect("admitted once")));
         }
         stats.running.store(state.running(), Ordering::Relaxed);
@@ -63,6 +67,8 @@ pub(super) async fn run(
         }
 
         // One step. Arrivals meanwhile queue up for the next step's admission.
+        metrics::BATCH_SIZE.observe(&[&model], state.running() as f64);
+        let step_started = Instant::now();
         let mut reply = engine.submit(plan);
         let result = loop {
             tokio::select! {
@@ -85,6 +91,7 @@ pub(super) async fn run(
             }
         };
         let now = Instant::now();
+        metrics::INFERENCE_TIME.observe_duration(&[&model], now.duration_since(step_started));
         for (id, event) in report.events {
             let Some(e) = state.get_mut(id) else { continue };
             match event {
@@ -99,6 +106,15 @@ pub(super) async fn run(
                 }
                 SeqEvent::End { finish, stop, prompt_tokens, completion_tokens } => {
                     let admitted = e.admitted_at.unwrap_or(e.enqueued_at);
+                    let first = e.first_token_at.unwrap_or(now);
+                    ewma(&stats.sequence_us, now.duration_since(admitted));
+                    metrics::PROMPT_TOKENS.with(&[&model]).add(prompt_tokens as u64);
+                    metrics::GENERATED_TOKENS.with(&[&model]).add(completion_tokens as u64);
+                    metrics::TIME_TO_FIRST_TOKEN.observe_duration(&[&model], first.duration_since(e.enqueued_at));
+                    if completion_tokens > 1 {
+                        metrics::TIME_PER_OUTPUT_TOKEN
+                            .observe_duration(&[&model], now.duration_since(first) / (completion_tokens - 1));
+                    }
                     let _ = e.tx.try_send(Ok(GenEvent::End {
                         finish,
                         stop,

@@ -1,0 +1,71 @@
+//! The metrics listener: `GET /metrics` in Prometheus text format over plain HTTP/1.1, on its own port so
+//! scrapers never share the gRPC port's connection limits, TLS or mesh policy. One request per
+//! connection; anything else gets 404 (or 405 for other methods).
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+use crate::metrics;
+use crate::registry::Registry;
+
+/// Largest request head read; a scraper's GET is a few hundred bytes.
+const MAX_HEAD: usize = 8 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve(listener: TcpListener, registry: Arc<OnceLock<Arc<Registry>>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(IO_TIMEOUT, answer(stream, &registry)).await {
+                debug!(error = %e, "metrics connection timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, registry: &OnceLock<Arc<Registry>>) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            if let Some(r) = registry.get() {
+                refresh_gauges(r);
+            }
+            ("200 OK", metrics::render())
+        }
+        (_, "/metrics") => ("405 Method Not Allowed", "only GET\n".to_string()),
+        _ => ("404 Not Found", "metrics are at /metrics\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Gauges are read from the batchers at scrape time, so they are exact when scraped.
+fn refresh_gauges(registry: &Registry) {
+    for m in registry.embedders() {
+        metrics::QUEUE_SIZE.with(&[&m.name]).set(m.batcher.queue_len() as i64);
+        metrics::RUNNING.with(&[&m.name]).set(m.batcher.running() as i64);
+    }
+    for m in registry.generators() {
+        metrics::QUEUE_SIZE.with(&[&m.name]).set(m.batcher.waiting() as i64);
+        metrics::RUNNING.with(&[&m.name]).set(m.batcher.running() as i64);
+    }
+}
