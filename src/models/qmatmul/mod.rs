@@ -83,12 +83,12 @@ pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> 
 }
 
 /// Maps `x`, cut into whole `unit`s of values, through `f` (which appends what it makes of its chunk),
-/// with the chunks spread over the team when there is enough work: activation quantization is linear in
+/// with the chunks spread over the team from 8K values (a batch of 8 rows of 1536) up: activation quantization is linear in
 /// the input and stays off the critical path of a 256-token prefill only when it is parallel too.
 pub(crate) fn par_map_units<B: Send>(x: &[f32], unit: usize, f: impl Fn(&[f32], &mut Vec<B>) + Sync) -> Vec<B> {
     let units = x.len() / unit;
     let team = Team::global();
-    if x.len() < 1 << 15 || team.threads() == 1 {
+    if x.len() < 1 << 13 || team.threads() == 1 {
         let mut out = Vec::new();
         f(x, &mut out);
         return out;

@@ -109,9 +109,19 @@ impl Kernel for Q4_1Matrix {
 
 /// candle's `BlockQ8_1::from_float`, value for value.
 fn quantize_q8_1(x: &[f32]) -> Q8_1Rows {
+    let simd = cpu::features().avx2_fma;
     super::par_map_units(x, QK, |x, out| {
         out.reserve(x.len() / QK);
         for xs in x.chunks_exact(QK) {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA; the chunk holds 32 values.
+                let (qs, sum, amax) = unsafe { super::x86::quantize_block(xs) };
+                let dh = f16::from_f32(amax / 127.0);
+                out.push(Q8_1Block { qs, d: dh.to_f32(), s: (f16::from_f32(sum as f32) * dh).to_f32() });
+                continue;
+            }
+            let _ = simd;
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -232,6 +242,29 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+
+    /// The SIMD quantizer is bit-identical to the scalar one, ties and zeros included.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_quantization_is_exact() {
+        if !cpu::features().avx2_fma {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..32 * 64).map(|i| ((i as f32) * 0.731).sin() * (1 + i % 7) as f32).collect();
+        xs[..32].fill(0.0); // an all-zero block
+        for (i, v) in xs[32..64].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5; // exact halves after scaling
+        }
+        for xs in xs.chunks_exact(32) {
+            // SAFETY: checked for AVX2 above.
+            let (qs, sum, amax) = unsafe { super::super::x86::quantize_block(xs) };
+            let want_amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let id = if want_amax != 0.0 { 1.0 / (want_amax / 127.0) } else { 0.0 };
+            let want: Vec<i8> = xs.iter().map(|&v| (v * id).round() as i8).collect();
+            assert_eq!((qs.to_vec(), amax), (want.clone(), want_amax));
+            assert_eq!(sum, want.iter().map(|&q| q as i32).sum::<i32>());
+        }
+    }
 
     /// Every path this CPU can run gives the same integers and, in ggml's order, the same floats up to
     /// the portable path's different lane grouping.

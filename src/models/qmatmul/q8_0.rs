@@ -39,9 +39,18 @@ pub(crate) fn round_half_away(v: f32) -> f32 {
 }
 
 pub fn quantize_q8_0(x: &[f32]) -> Q8_0Rows {
+    let simd = cpu::features().avx2_fma;
     super::par_map_units(x, QK, |x, out| {
         out.reserve(x.len() / QK);
         for xs in x.chunks_exact(QK) {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA; the chunk holds 32 values.
+                let (qs, _, amax) = unsafe { super::x86::quantize_block(xs) };
+                out.push(Q8_0Block { qs, d: f16::from_f32(amax / 127.0).to_f32() });
+                continue;
+            }
+            let _ = simd;
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
