@@ -28,6 +28,9 @@ pub enum Command {
     /// Load-test a running omnibus over gRPC and report throughput and latency percentiles.
     #[command(subcommand)]
     Bench(crate::loadgen::BenchTarget),
+    /// Ask a running omnibus's grpc.health.v1.Health whether it is SERVING (exit 0) or not (exit 1):
+    /// the container image's HEALTHCHECK.
+    Health(crate::loadgen::HealthArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -400,7 +403,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(a) => a,
-            Command::Bench(_) => unreachable!("parsed a serve command line"),
+            Command::Bench(_) | Command::Health(_) => unreachable!("parsed a serve command line"),
         }
     }
 

@@ -15,6 +15,12 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(omnibus::loadgen::run(target))
         }
+        Command::Health(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let serving = runtime.block_on(omnibus::loadgen::health(args))?;
+            println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+            std::process::exit(if serving { 0 } else { 1 });
+        }
         Command::Serve(args) => {
             let config = args.validate()?;
             telemetry::init(config.log_format);

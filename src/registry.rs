@@ -7,11 +7,12 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::batcher::generate::{GenBatcher, GenConfig};
+use crate::batcher::replicas::{EmbedPool, GenPool};
 use crate::batcher::{BatchConfig, EmbedBatcher};
 use crate::config::{GenerateConfig, ModelConfig};
 use crate::engine::{
     Device, EmbedEngine, Embedder, EngineError, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name,
-    select_device,
+    plan_devices,
 };
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
@@ -61,7 +62,8 @@ pub struct EmbeddingModel {
     pub tokenizer: Arc<TextTokenizer>,
     pub limits: PredictLimits,
     pub batch: BatchConfig,
-    pub batcher: EmbedBatcher,
+    /// One batcher per device replica.
+    pub batcher: EmbedPool,
 }
 
 /// A loaded generation model, ready for requests.
@@ -73,7 +75,8 @@ pub struct GenerationModel {
     pub template: Option<Arc<ChatTemplate>>,
     pub limits: GenerateLimits,
     pub scheduler: GenConfig,
-    pub batcher: GenBatcher,
+    /// One scheduler per device replica.
+    pub batcher: GenPool,
 }
 
 pub struct Registry {
@@ -91,7 +94,7 @@ struct LoadedGen {
     tokenizer: Arc<GgufTokenizer>,
     template: Option<Arc<ChatTemplate>>,
     limits: GenerateLimits,
-    engine: GenEngine,
+    engines: Vec<GenEngine>,
 }
 
 fn pick_default(
@@ -116,7 +119,7 @@ struct Loaded {
     dimension: usize,
     tokenizer: TextTokenizer,
     limits: PredictLimits,
-    engine: EmbedEngine,
+    engines: Vec<EmbedEngine>,
 }
 
 impl Registry {
@@ -143,7 +146,9 @@ impl Registry {
         let generators = loaded_gen
             .into_iter()
             .map(|l| {
-                let batcher = GenBatcher::spawn(&l.name, l.engine, generate.scheduler.clone());
+                let batcher = GenPool::new(
+                    l.engines.into_iter().map(|e| GenBatcher::spawn(&l.name, e, generate.scheduler.clone())).collect(),
+                );
                 let model = GenerationModel {
                     name: l.name.as_str().into(),
                     source: l.source,
@@ -160,7 +165,9 @@ impl Registry {
         let embedders = loaded
             .into_iter()
             .map(|l| {
-                let batcher = EmbedBatcher::spawn(&l.name, l.engine, batch.clone());
+                let batcher = EmbedPool::new(
+                    l.engines.into_iter().map(|e| EmbedBatcher::spawn(&l.name, e, batch.clone())).collect(),
+                );
                 let model = EmbeddingModel {
                     name: l.name.as_str().into(),
                     source: l.source,
@@ -253,27 +260,41 @@ fn load_all(
     if folders.is_empty() && ggufs.is_empty() {
         return Err(RegistryError::NoModels(config.model_dir.clone()));
     }
-    let device = select_device(config.device)?;
+    // One replica of every model per device (one per visible GPU, or the CPU).
+    let devices = plan_devices(config.device)?;
     let embedders = folders
         .iter()
-        .map(|dir| load_embedder(dir, &config.model_dir, &device, batch))
+        .map(|dir| load_embedder(dir, &config.model_dir, &devices, batch))
         .collect::<Result<Vec<_>, _>>()?;
     let generators = ggufs
         .iter()
-        .map(|path| load_generator(path, &config.model_dir, &device, generate))
+        .map(|path| load_generator(path, &config.model_dir, &devices, generate))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((embedders, generators))
+}
+
+fn devices_name(devices: &[Device]) -> String {
+    devices.iter().map(device_name).collect::<Vec<_>>().join(",")
 }
 
 fn load_generator(
     path: &Path,
     root: &Path,
-    device: &Device,
+    devices: &[Device],
     generate: &GenerateConfig,
 ) -> Result<LoadedGen, RegistryError> {
     let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("generation").to_string();
-    let LoadedLlama { generator, tokenizer, context_length } =
-        LlamaGenerator::load(path, device, generate.prefill_chunk)?;
+    let mut engines = Vec::with_capacity(devices.len());
+    let mut first = None;
+    for device in devices {
+        let LoadedLlama { generator, tokenizer, context_length } =
+            LlamaGenerator::load(path, device, generate.prefill_chunk)?;
+        engines.push(
+            GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?,
+        );
+        first.get_or_insert((tokenizer, context_length));
+    }
+    let (tokenizer, context_length) = first.expect("at least one device");
     let template = match tokenizer.chat_template.as_deref() {
         None => None,
         Some(source) => {
@@ -287,24 +308,32 @@ fn load_generator(
             }
         }
     };
-    info!(model = %name, chat_template = template.is_some(), "generation model ready");
-    let engine =
-        GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?;
+    info!(model = %name, chat_template = template.is_some(), replicas = engines.len(), "generation model ready");
     Ok(LoadedGen {
         source: path.strip_prefix(root).unwrap_or(path).display().to_string(),
-        device: device_name(device),
+        device: devices_name(devices),
         limits: GenerateLimits {
             context_length: context_length.min(generate.scheduler.max_kv_tokens),
             max_new_tokens: generate.max_new_tokens,
         },
         tokenizer,
         template,
-        engine,
+        engines,
         name,
     })
 }
 
-fn load_embedder(dir: &Path, root: &Path, device: &Device, batch: &BatchConfig) -> Result<Loaded, RegistryError> {
+fn load_embedder(dir: &Path, root: &Path, devices: &[Device], batch: &BatchConfig) -> Result<Loaded, RegistryError> {
+    let mut replicas = devices.iter().map(|d| load_embedder_on(dir, root, d, batch));
+    let mut loaded = replicas.next().expect("at least one device")?;
+    for other in replicas {
+        loaded.engines.extend(other?.engines);
+    }
+    loaded.device = devices_name(devices);
+    Ok(loaded)
+}
+
+fn load_embedder_on(dir: &Path, root: &Path, device: &Device, batch: &BatchConfig) -> Result<Loaded, RegistryError> {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("embedding").to_string();
     let started = std::time::Instant::now();
     let (mut model, info) = SentenceEmbedder::load(dir, device)?;
@@ -343,7 +372,7 @@ fn load_embedder(dir: &Path, root: &Path, device: &Device, batch: &BatchConfig) 
             default_normalize: info.normalize,
         },
         tokenizer,
-        engine,
+        engines: vec![engine],
         name,
     })
 }

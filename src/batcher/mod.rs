@@ -2,6 +2,7 @@
 //! cancellation. No tonic and no candle here: requests arrive as `validate::Valid*` types and leave as
 //! plain vectors; the model is reached only through the `engine` traits.
 pub mod generate;
+pub mod replicas;
 mod state;
 mod task;
 

@@ -1,4 +1,7 @@
-//! Device choice, in one place and logged: the CPU, or a CUDA GPU when this build and machine have one.
+//! Device choice, in one place and logged: which devices the models run on, from `--device`, the
+//! build, and what the NVIDIA container runtime (`NVIDIA_VISIBLE_DEVICES`) and the CUDA driver
+//! (`CUDA_VISIBLE_DEVICES`) make visible. Every visible GPU gets its own replica of every model; on the
+//! CPU there is one. The parsing and the plan are pure functions, unit-tested without a GPU.
 use candle_core::Device;
 use tracing::{info, warn};
 
@@ -6,56 +9,227 @@ use super::EngineError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
-    /// CUDA when this build has it and a GPU is visible, else the CPU (with a warning).
+    /// The GPUs when this build has CUDA and some are visible, else the CPU (with a warning when GPUs
+    /// were asked for).
     Auto,
     /// The CPU.
     Cpu,
-    /// A CUDA GPU; start-up fails when this build or this machine has none.
+    /// Every visible GPU; start-up fails when this build or this machine has none.
     Cuda,
 }
 
-/// Picks the device the models run on.
-pub fn select_device(choice: DeviceChoice) -> Result<Device, EngineError> {
+/// What the environment says about GPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visible {
+    /// Nothing restricts them (a host, or a container without the NVIDIA runtime's variable).
+    Unrestricted,
+    /// Every GPU there is (`NVIDIA_VISIBLE_DEVICES=all`).
+    All,
+    /// These GPUs, by index or UUID; the driver renumbers them from 0.
+    Listed(Vec<String>),
+    /// None, and why (`void`, `none`, an empty `CUDA_VISIBLE_DEVICES`, ...).
+    Hidden(String),
+}
+
+/// Reads `NVIDIA_VISIBLE_DEVICES` (as the NVIDIA container runtime sets it: unset, `void`, `none`,
+/// `all`, or a comma list of indices or `GPU-...` UUIDs) and `CUDA_VISIBLE_DEVICES` (which the driver
+/// applies on top: empty or `-1` hides everything, and a list stops at its first invalid entry).
+pub fn parse_visible(nvidia: Option<&str>, cuda: Option<&str>) -> Visible {
+    let list = |s: &str| -> Vec<String> { s.split(',').map(|x| x.trim().to_string()).collect() };
+    let from_nvidia = match nvidia.map(str::trim) {
+        None => Visible::Unrestricted,
+        Some("") | Some("void") => Visible::Hidden("NVIDIA_VISIBLE_DEVICES is empty or `void`".into()),
+        Some("none") => Visible::Hidden("NVIDIA_VISIBLE_DEVICES=none".into()),
+        Some("all") => Visible::All,
+        Some(s) => Visible::Listed(list(s).into_iter().filter(|x| !x.is_empty()).collect()),
+    };
+    let Some(cuda) = cuda.map(str::trim) else { return from_nvidia };
+    // The driver takes entries up to the first it cannot parse (a negative index ends the list).
+    let valid: Vec<String> = list(cuda)
+        .into_iter()
+        .take_while(|x| x.parse::<u32>().is_ok() || x.starts_with("GPU-") || x.starts_with("MIG-"))
+        .collect();
+    if valid.is_empty() {
+        return Visible::Hidden(format!("CUDA_VISIBLE_DEVICES={cuda:?} hides every GPU"));
+    }
+    match from_nvidia {
+        Visible::Hidden(why) => Visible::Hidden(why),
+        Visible::Listed(n) if n.len() < valid.len() => Visible::Listed(n),
+        _ => Visible::Listed(valid),
+    }
+}
+
+/// Where one replica runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Cpu,
+    Cuda(usize),
+}
+
+/// The devices to load every model on, and a warning to log if the plan is a fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub targets: Vec<Target>,
+    pub warning: Option<String>,
+}
+
+const NO_CUDA_BUILD: &str = "this omnibus binary was built without CUDA; GPU hosts need the CUDA build \
+     (`cargo build --release --features cuda`, or the image's `cuda` target), or use --device cpu";
+
+/// Decides the replicas. `gpu_count` asks the driver how many GPUs it sees (after both variables); it
+/// is only called when GPUs are wanted and the build has CUDA.
+pub fn plan(
+    choice: DeviceChoice,
+    visible: &Visible,
+    cuda_built: bool,
+    gpu_count: impl FnOnce() -> Result<usize, String>,
+) -> Result<Plan, EngineError> {
+    let cpu = |warning: Option<String>| Ok(Plan { targets: vec![Target::Cpu], warning });
+    let wanted_gpus = matches!(visible, Visible::All | Visible::Listed(_));
     match choice {
-        DeviceChoice::Cpu => {
-            info!("models run on the CPU");
-            Ok(Device::Cpu)
+        DeviceChoice::Cpu => cpu(None),
+        DeviceChoice::Cuda if !cuda_built => Err(EngineError::Device(format!("--device cuda: {NO_CUDA_BUILD}"))),
+        DeviceChoice::Auto if !cuda_built => {
+            cpu(wanted_gpus.then(|| format!("GPUs are visible to this container but {NO_CUDA_BUILD}")))
         }
-        DeviceChoice::Cuda => cuda(0),
-        DeviceChoice::Auto => {
-            if cfg!(feature = "cuda") {
-                match cuda(0) {
-                    Ok(d) => return Ok(d),
-                    Err(err) => warn!(error = %err, "no usable GPU; falling back to the CPU"),
-                }
+        DeviceChoice::Cuda | DeviceChoice::Auto => {
+            if let Visible::Hidden(why) = visible {
+                return if choice == DeviceChoice::Cuda {
+                    Err(EngineError::Device(format!("--device cuda, but {why}")))
+                } else {
+                    cpu(None)
+                };
             }
-            info!("models run on the CPU");
-            Ok(Device::Cpu)
+            let found = gpu_count()
+                .and_then(|n| if n == 0 { Err("the CUDA driver reports no GPU".to_string()) } else { Ok(n) });
+            match found {
+                Ok(n) => {
+                    let n = match visible {
+                        Visible::Listed(l) => n.min(l.len()),
+                        _ => n,
+                    };
+                    Ok(Plan { targets: (0..n).map(Target::Cuda).collect(), warning: None })
+                }
+                Err(e) if choice == DeviceChoice::Cuda => {
+                    Err(EngineError::Device(format!("--device cuda: no usable GPU ({e}); {DRIVER_HINT}")))
+                }
+                Err(e) => cpu(Some(format!("no usable GPU ({e}); running on the CPU"))),
+            }
         }
     }
 }
 
+/// The plan for this process: its flags, its environment, its build and its driver.
+pub fn plan_devices(choice: DeviceChoice) -> Result<Vec<Device>, EngineError> {
+    let visible = parse_visible(
+        std::env::var("NVIDIA_VISIBLE_DEVICES").ok().as_deref(),
+        std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+    );
+    let plan = plan(choice, &visible, cfg!(feature = "cuda"), gpu_count)?;
+    if let Some(w) = &plan.warning {
+        warn!("{w}");
+    }
+    let devices = plan.targets.iter().map(|t| open(*t)).collect::<Result<Vec<_>, _>>()?;
+    info!(devices = %devices.iter().map(device_name).collect::<Vec<_>>().join(","), ?visible, "models run on");
+    Ok(devices)
+}
+
 #[cfg(feature = "cuda")]
-fn cuda(ordinal: usize) -> Result<Device, EngineError> {
-    let device = Device::new_cuda(ordinal).map_err(|e| EngineError::Device(format!("CUDA device {ordinal}: {e}")))?;
-    info!(ordinal, "models run on CUDA");
-    Ok(device)
+fn gpu_count() -> Result<usize, String> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    result::init().map_err(|e| format!("CUDA driver: {e}"))?;
+    result::device::get_count().map(|n| n as usize).map_err(|e| format!("CUDA driver: {e}"))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_ordinal: usize) -> Result<Device, EngineError> {
-    Err(EngineError::Device(
-        "this omnibus binary was built without CUDA; build with `cargo build --release --features cuda` on a \
-         GPU host, or use --device cpu"
-            .into(),
-    ))
+fn gpu_count() -> Result<usize, String> {
+    Err(NO_CUDA_BUILD.into())
 }
+
+fn open(target: Target) -> Result<Device, EngineError> {
+    match target {
+        Target::Cpu => Ok(Device::Cpu),
+        Target::Cuda(i) => {
+            Device::new_cuda(i).map_err(|e| EngineError::Device(format!("CUDA device {i}: {e}; {DRIVER_HINT}")))
+        }
+    }
+}
+
+const DRIVER_HINT: &str = "is the NVIDIA driver installed and a GPU visible (nvidia-smi)?";
 
 /// A short name for logs and ListModels.
 pub fn device_name(device: &Device) -> String {
-    match device {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => "cuda".into(),
-        Device::Metal(_) => "metal".into(),
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(xs: &[&str]) -> Visible {
+        Visible::Listed(xs.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn parses_what_the_nvidia_runtime_and_the_driver_set() {
+        assert_eq!(parse_visible(None, None), Visible::Unrestricted);
+        assert_eq!(parse_visible(Some("all"), None), Visible::All);
+        assert!(matches!(parse_visible(Some("void"), None), Visible::Hidden(_)));
+        assert!(matches!(parse_visible(Some(""), None), Visible::Hidden(_)));
+        assert!(matches!(parse_visible(Some("none"), None), Visible::Hidden(_)));
+        assert_eq!(parse_visible(Some("0,2"), None), listed(&["0", "2"]));
+        assert_eq!(
+            parse_visible(Some("GPU-3f1c2b7e-aaaa-bbbb-cccc-0123456789ab"), None),
+            listed(&["GPU-3f1c2b7e-aaaa-bbbb-cccc-0123456789ab"])
+        );
+        // CUDA_VISIBLE_DEVICES narrows further, and hides everything when empty or negative.
+        assert_eq!(parse_visible(Some("all"), Some("1")), listed(&["1"]));
+        assert_eq!(parse_visible(None, Some("0,1,-1,3")), listed(&["0", "1"]));
+        assert!(matches!(parse_visible(Some("all"), Some("")), Visible::Hidden(_)));
+        assert!(matches!(parse_visible(None, Some("-1")), Visible::Hidden(_)));
+        assert!(matches!(parse_visible(Some("none"), Some("0")), Visible::Hidden(_)));
+        assert_eq!(parse_visible(Some("0"), Some("0,1")), listed(&["0"]));
+    }
+
+    #[test]
+    fn plans_one_replica_per_visible_gpu() {
+        let two = || Ok(2);
+        let p = plan(DeviceChoice::Auto, &Visible::All, true, two).unwrap();
+        assert_eq!(p.targets, vec![Target::Cuda(0), Target::Cuda(1)]);
+        let p = plan(DeviceChoice::Cuda, &listed(&["3"]), true, || Ok(1)).unwrap();
+        assert_eq!(p.targets, vec![Target::Cuda(0)], "indices are renumbered inside the container");
+        let p = plan(DeviceChoice::Auto, &listed(&["0"]), true, two).unwrap();
+        assert_eq!(p.targets.len(), 1);
+        assert_eq!(plan(DeviceChoice::Cpu, &Visible::All, true, two).unwrap().targets, vec![Target::Cpu]);
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_and_cuda_fails_clearly() {
+        // A CPU build asked for GPUs: the CPU, with a warning.
+        let p = plan(DeviceChoice::Auto, &Visible::All, false, || unreachable!()).unwrap();
+        assert_eq!(p.targets, vec![Target::Cpu]);
+        assert!(p.warning.unwrap().contains("built without CUDA"));
+        // A CPU build with nothing asked: the CPU, quietly.
+        assert_eq!(plan(DeviceChoice::Auto, &Visible::Unrestricted, false, || unreachable!()).unwrap().warning, None);
+        // No driver: auto warns, cuda fails.
+        let no_driver = || Err("CUDA driver: libcuda.so.1 not found".to_string());
+        let p = plan(DeviceChoice::Auto, &Visible::Unrestricted, true, no_driver).unwrap();
+        assert_eq!(p.targets, vec![Target::Cpu]);
+        assert!(p.warning.unwrap().contains("no usable GPU"));
+        let e = plan(DeviceChoice::Cuda, &Visible::Unrestricted, true, no_driver).unwrap_err();
+        assert!(e.to_string().contains("no usable GPU"), "{e}");
+        let e = plan(DeviceChoice::Cuda, &Visible::Unrestricted, false, || unreachable!()).unwrap_err();
+        assert!(e.to_string().contains("built without CUDA"), "{e}");
+        let e = plan(DeviceChoice::Cuda, &Visible::Hidden("NVIDIA_VISIBLE_DEVICES=none".into()), true, || Ok(4))
+            .unwrap_err();
+        assert!(e.to_string().contains("NVIDIA_VISIBLE_DEVICES=none"), "{e}");
+        assert_eq!(
+            plan(DeviceChoice::Cuda, &Visible::All, true, || Ok(0)).unwrap_err().to_string().contains("no GPU"),
+            true
+        );
     }
 }

@@ -16,7 +16,7 @@ use tracing::error;
 
 /// The device models run on; callers above the engine name it through here, never through candle.
 pub use candle_core::Device;
-pub use device::{DeviceChoice, device_name, select_device};
+pub use device::{DeviceChoice, Plan, Target, Visible, device_name, parse_visible, plan, plan_devices};
 pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
 pub use generate::{Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, SeqEvent, SeqId, StepPlan, StepReport};
 

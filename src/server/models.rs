@@ -16,7 +16,7 @@ pub(super) fn list(registry: &Registry) -> pb::ListModelsResponse {
         }),
         is_default: registry.default_embedder() == Some(&*m.name),
         source: m.source.clone(),
-        load: Some(pb::ModelLoad { queue_size: m.batcher.queue_len() as u32, running: 0 }),
+        load: Some(pb::ModelLoad { queue_size: m.batcher.queue_len() as u32, running: m.batcher.running() as u32 }),
     });
     let generators = registry.generators().map(|m| pb::ModelInfo {
         name: m.name.to_string(),
