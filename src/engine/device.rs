@@ -227,9 +227,7 @@ mod tests {
         let e = plan(DeviceChoice::Cuda, &Visible::Hidden("NVIDIA_VISIBLE_DEVICES=none".into()), true, || Ok(4))
             .unwrap_err();
         assert!(e.to_string().contains("NVIDIA_VISIBLE_DEVICES=none"), "{e}");
-        assert_eq!(
-            plan(DeviceChoice::Cuda, &Visible::All, true, || Ok(0)).unwrap_err().to_string().contains("no GPU"),
-            true
-        );
+        let e = plan(DeviceChoice::Cuda, &Visible::All, true, || Ok(0)).unwrap_err();
+        assert!(e.to_string().contains("no GPU"), "{e}");
     }
 }
