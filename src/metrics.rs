@@ -29,7 +29,6 @@ pub struct Series {
     buckets: Vec<AtomicU64>,
     /// f64 bits.
     sum: AtomicU64,
-    count: AtomicU64,
 }
 
 impl Series {
@@ -37,8 +36,8 @@ impl Series {
         self.add(1);
     }
 
-    pub fn add(&self, n: u64) {
-        self.value.fetch_add(n as i64, Ordering::Relaxed);
+    pub fn add(&self, n: i64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn set(&self, v: i64) {
@@ -49,11 +48,11 @@ impl Series {
         self.value.load(Ordering::Relaxed)
     }
 
+    /// The last bucket is the overflow (`+Inf`); the count is derived from the buckets when rendered,
+    /// so a scrape racing an observation still sees a monotonic histogram.
     pub fn observe(&self, v: f64, bounds: &[f64]) {
-        if let Some(i) = bounds.iter().position(|&b| v <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let i = bounds.iter().position(|&b| v <= b).unwrap_or(bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         let _ =
             self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some((f64::from_bits(s) + v).to_bits()));
     }
@@ -82,12 +81,11 @@ impl Family {
         if let Some((_, s)) = all.iter().find(|(v, _)| v.iter().map(String::as_str).eq(values.iter().copied())) {
             return s.clone();
         }
-        let n = if let Kind::Histogram(b) = self.kind { b.len() } else { 0 };
+        let n = if let Kind::Histogram(b) = self.kind { b.len() + 1 } else { 0 };
         let s = Arc::new(Series {
             value: AtomicI64::new(0),
             buckets: (0..n).map(|_| AtomicU64::new(0)).collect(),
             sum: AtomicU64::new(0f64.to_bits()),
-            count: AtomicU64::new(0),
         });
         all.push((values.iter().map(|v| v.to_string()).collect(), s.clone()));
         s
@@ -128,7 +126,7 @@ impl Family {
                         cumulative += c.load(Ordering::Relaxed);
                         let _ = writeln!(out, "{}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}", self.name);
                     }
-                    let count = s.count.load(Ordering::Relaxed);
+                    let count = cumulative + s.buckets[bounds.len()].load(Ordering::Relaxed);
                     let _ = writeln!(out, "{}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}", self.name);
                     let sum = f64::from_bits(s.sum.load(Ordering::Relaxed));
                     let _ = writeln!(out, "{}_sum{{{labels}}} {sum}", self.name);

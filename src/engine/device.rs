@@ -41,7 +41,14 @@ pub fn parse_visible(nvidia: Option<&str>, cuda: Option<&str>) -> Visible {
         Some("") | Some("void") => Visible::Hidden("NVIDIA_VISIBLE_DEVICES is empty or `void`".into()),
         Some("none") => Visible::Hidden("NVIDIA_VISIBLE_DEVICES=none".into()),
         Some("all") => Visible::All,
-        Some(s) => Visible::Listed(list(s).into_iter().filter(|x| !x.is_empty()).collect()),
+        Some(s) => {
+            let ids: Vec<String> = list(s).into_iter().filter(|x| !x.is_empty()).collect();
+            if ids.is_empty() {
+                Visible::Hidden(format!("NVIDIA_VISIBLE_DEVICES={s:?} names no GPU"))
+            } else {
+                Visible::Listed(ids)
+            }
+        }
     };
     let Some(cuda) = cuda.map(str::trim) else { return from_nvidia };
     // The driver takes entries up to the first it cannot parse (a negative index ends the list).
@@ -107,7 +114,8 @@ pub fn plan(
                     let n = match visible {
                         Visible::Listed(l) => n.min(l.len()),
                         _ => n,
-                    };
+                    }
+                    .max(1);
                     Ok(Plan { targets: (0..n).map(Target::Cuda).collect(), warning: None })
                 }
                 Err(e) if choice == DeviceChoice::Cuda => {
@@ -193,6 +201,7 @@ mod tests {
         assert!(matches!(parse_visible(None, Some("-1")), Visible::Hidden(_)));
         assert!(matches!(parse_visible(Some("none"), Some("0")), Visible::Hidden(_)));
         assert_eq!(parse_visible(Some("0"), Some("0,1")), listed(&["0"]));
+        assert!(matches!(parse_visible(Some(" , "), None), Visible::Hidden(_)), "a list naming nothing");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The life of every call: admission while the server drains, the in-flight count the drain waits on,
-//! the grace period's end, and the outcome metrics (code, reason, duration). Unary calls go through
-//! [`Calls::unary`]; streams are wrapped in [`CallStream`], which records when the stream ends, fails,
-//! is cut by the grace period, or is dropped by a client that hung up.
+//! the grace period's end, and the outcome metrics (code, reason, duration). Every call's outcome is an
+//! [`Outcome`], recorded exactly once: when the handler finishes, or, if its future is dropped first
+//! (the caller hung up, the deadline layer answered, the grace period ended), from its drop. Streams
+//! carry theirs in [`CallStream`] until they end.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,8 +34,8 @@ pub struct CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        metrics::INFLIGHT.with(&[]).set(self.calls.inflight.fetch_sub(1, Ordering::AcqRel) as i64 - 1);
-        if self.calls.inflight.load(Ordering::Acquire) == 0 {
+        metrics::INFLIGHT.with(&[]).add(-1);
+        if self.calls.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.calls.idle.notify_waiters();
         }
     }
@@ -53,12 +54,19 @@ impl Calls {
 
     /// Admits a call, or refuses it with UNAVAILABLE once the server drains.
     pub fn enter(self: &Arc<Self>) -> Result<CallGuard, ServeError> {
-        if self.draining.load(Ordering::Acquire) {
+        // Counted before the check: a call that passes it is already visible to `idle()`, so the drain
+        // can never see zero while an admitted call is about to start.
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        metrics::INFLIGHT.with(&[]).add(1);
+        let guard = CallGuard { calls: self.clone() };
+        if self.draining.load(Ordering::SeqCst) {
             return Err(ServeError::ShuttingDown);
         }
-        let n = self.inflight.fetch_add(1, Ordering::AcqRel) + 1;
-        metrics::INFLIGHT.with(&[]).set(n as i64);
-        Ok(CallGuard { calls: self.clone() })
+        Ok(guard)
+    }
+
+    fn grace_is_over(&self) -> bool {
+        *self.grace_over.borrow()
     }
 
     pub fn inflight(&self) -> usize {
@@ -67,7 +75,7 @@ impl Calls {
 
     /// Refuse new calls from now on.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Resolves when no call is in flight.
@@ -98,45 +106,91 @@ impl Calls {
         }
     }
 
-    /// Runs a unary handler: cut short with UNAVAILABLE if the grace period ends first, and recorded.
+    /// Runs a unary handler (which records its own [`Outcome`]), cut short with UNAVAILABLE if the grace
+    /// period ends first.
     pub async fn unary<T>(
         self: &Arc<Self>,
         method: &'static str,
-        work: impl Future<Output = (Arc<str>, Result<T, ServeError>)>,
+        work: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        let started = Instant::now();
         let _guard = match self.enter() {
             Ok(g) => g,
-            Err(e) => return Err(record_error(method, "none", started, e)),
+            Err(e) => return Err(Outcome::new(self, method, None).fail(e)),
         };
         let grace_over = self.grace_over();
         tokio::select! {
-            (model, result) = work => match result {
-                Ok(v) => {
-                    record(method, &model, started, Code::Ok, None);
-                    Ok(v)
-                }
-                Err(e) => Err(record_error(method, &model, started, e)),
-            },
-            _ = grace_over => Err(record_error(method, "none", started, ServeError::GraceOver(self.grace))),
+            result = work => result,
+            _ = grace_over => Err(ServeError::GraceOver(self.grace).into()),
         }
     }
 }
 
-fn record(method: &str, model: &str, started: Instant, code: Code, reason: Option<&str>) {
-    let code_name = code_name(code);
-    metrics::REQUESTS.with(&[model, method, code_name]).inc();
-    if let Some(reason) = reason {
-        metrics::FAILURES.with(&[model, method, code_name, reason]).inc();
-    }
-    metrics::REQUEST_DURATION.observe_duration(&[model, method], started.elapsed());
+/// One call's outcome for the metrics, recorded exactly once.
+pub struct Outcome {
+    calls: Arc<Calls>,
+    method: &'static str,
+    /// "none" until the call names a model, "unknown" if it names one that is not loaded.
+    model: Arc<str>,
+    started: Instant,
+    deadline: Option<Instant>,
+    done: bool,
 }
 
-/// Records a failed call and turns its error into the status the caller gets.
-pub fn record_error(method: &str, model: &str, started: Instant, err: ServeError) -> Status {
-    let (code, reason) = err.code_and_reason();
-    record(method, model, started, code, Some(reason));
-    err.into()
+impl Outcome {
+    pub fn new(calls: &Arc<Calls>, method: &'static str, deadline: Option<Instant>) -> Self {
+        Self { calls: calls.clone(), method, model: "none".into(), started: Instant::now(), deadline, done: false }
+    }
+
+    pub fn set_model(&mut self, model: Arc<str>) {
+        self.model = model;
+    }
+
+    fn record(&mut self, code: Code, reason: Option<&str>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let code_name = code_name(code);
+        let (model, method) = (&*self.model, self.method);
+        metrics::REQUESTS.with(&[model, method, code_name]).inc();
+        if let Some(reason) = reason {
+            metrics::FAILURES.with(&[model, method, code_name, reason]).inc();
+        }
+        metrics::REQUEST_DURATION.observe_duration(&[model, method], self.started.elapsed());
+    }
+
+    pub fn ok(mut self) {
+        self.record(Code::Ok, None);
+    }
+
+    /// Records a failed call and turns its error into the status the caller gets.
+    pub fn fail(mut self, err: ServeError) -> Status {
+        let (code, reason) = err.code_and_reason();
+        self.record(code, Some(reason));
+        err.into()
+    }
+
+    /// For a stream that ended with an error status.
+    fn failed_with(&mut self, status: &Status, reason: &str) {
+        self.record(status.code(), Some(reason));
+    }
+}
+
+impl Drop for Outcome {
+    /// Dropped before the handler finished: the grace period ended, the deadline passed (the deadline
+    /// layer answered), or the client hung up.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if self.calls.grace_is_over() {
+            self.record(Code::Unavailable, Some("grace_over"));
+        } else if self.deadline.is_some_and(|d| d <= Instant::now()) {
+            self.record(Code::DeadlineExceeded, Some("deadline"));
+        } else {
+            self.record(Code::Cancelled, Some("client_cancelled"));
+        }
+    }
 }
 
 /// gRPC's canonical code names, as Prometheus label values.
@@ -165,17 +219,16 @@ fn code_name(code: Code) -> &'static str {
 type Inner<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// A response stream that holds its call's place in the in-flight count, ends with UNAVAILABLE when the
-/// grace period ends, and records its outcome exactly once.
+/// grace period ends, and records its outcome when it ends (or, through the outcome's drop, when the
+/// client drops it).
 pub struct CallStream<T> {
     inner: Inner<T>,
     grace_over: Pin<Box<dyn Future<Output = ()> + Send>>,
     grace: Duration,
-    method: &'static str,
-    model: Arc<str>,
-    started: Instant,
     /// The failure the stream ended with, for the metric's reason label.
     reason_of: fn(&Status) -> &'static str,
-    done: bool,
+    outcome: Outcome,
+    finished: bool,
     _guard: CallGuard,
 }
 
@@ -183,9 +236,7 @@ impl<T> CallStream<T> {
     pub fn new(
         calls: &Arc<Calls>,
         guard: CallGuard,
-        method: &'static str,
-        model: Arc<str>,
-        started: Instant,
+        outcome: Outcome,
         inner: Inner<T>,
         reason_of: fn(&Status) -> &'static str,
     ) -> Self {
@@ -193,19 +244,10 @@ impl<T> CallStream<T> {
             inner,
             grace_over: Box::pin(calls.grace_over()),
             grace: calls.grace(),
-            method,
-            model,
-            started,
             reason_of,
-            done: false,
+            outcome,
+            finished: false,
             _guard: guard,
-        }
-    }
-
-    fn finish(&mut self, code: Code, reason: Option<&str>) {
-        if !self.done {
-            self.done = true;
-            record(self.method, &self.model, self.started, code, reason);
         }
     }
 }
@@ -214,34 +256,29 @@ impl<T> Stream for CallStream<T> {
     type Item = Result<T, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+        if self.finished {
             return Poll::Ready(None);
         }
         if self.grace_over.as_mut().poll(cx).is_ready() {
-            let err = ServeError::GraceOver(self.grace);
-            let (code, reason) = err.code_and_reason();
-            self.finish(code, Some(reason));
-            return Poll::Ready(Some(Err(err.into())));
+            self.finished = true;
+            let status: Status = ServeError::GraceOver(self.grace).into();
+            self.outcome.failed_with(&status, "grace_over");
+            return Poll::Ready(Some(Err(status)));
         }
         match self.inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(Err(status))) => {
+                self.finished = true;
                 let reason = (self.reason_of)(&status);
-                self.finish(status.code(), Some(reason));
+                self.outcome.failed_with(&status, reason);
                 Poll::Ready(Some(Err(status)))
             }
             Poll::Ready(None) => {
-                self.finish(Code::Ok, None);
+                self.finished = true;
+                self.outcome.record(Code::Ok, None);
                 Poll::Ready(None)
             }
             other => other,
         }
-    }
-}
-
-impl<T> Drop for CallStream<T> {
-    fn drop(&mut self) {
-        // Dropped before it ended: the client hung up (or its deadline passed on its side).
-        self.finish(Code::Cancelled, Some("client_cancelled"));
     }
 }
 
@@ -266,6 +303,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_dropped_before_it_finished_is_recorded_once_with_why() {
+        let calls = Calls::new(Duration::from_secs(1));
+        let count = |code: &str| metrics::REQUESTS.with(&["drop-test", "Predict", code]).get();
+        let (deadline0, cancelled0) = (count("DEADLINE_EXCEEDED"), count("CANCELLED"));
+        let mut expired = Outcome::new(&calls, "Predict", Some(Instant::now()));
+        expired.set_model("drop-test".into());
+        drop(expired);
+        let mut gone = Outcome::new(&calls, "Predict", Some(Instant::now() + Duration::from_secs(60)));
+        gone.set_model("drop-test".into());
+        drop(gone);
+        let mut done = Outcome::new(&calls, "Predict", None);
+        done.set_model("drop-test".into());
+        done.ok();
+        assert_eq!((count("DEADLINE_EXCEEDED") - deadline0, count("CANCELLED") - cancelled0), (1, 1));
+        assert_eq!(count("OK"), 1, "a finished call is not recorded again when dropped");
+    }
+
+    #[tokio::test]
     async fn the_end_of_grace_cuts_unary_calls_and_streams() {
         let calls = Calls::new(Duration::from_secs(25));
         let unary = tokio::spawn({
@@ -274,14 +329,15 @@ mod tests {
                 calls
                     .unary("Predict", async {
                         std::future::pending::<()>().await;
-                        ("m".into(), Ok::<(), ServeError>(()))
+                        Ok::<(), Status>(())
                     })
                     .await
             }
         });
         let guard = calls.enter().unwrap();
         let inner: Inner<u32> = Box::pin(tokio_stream::pending());
-        let mut stream = CallStream::new(&calls, guard, "Generate", "m".into(), Instant::now(), inner, |_| "x");
+        let outcome = Outcome::new(&calls, "Generate", None);
+        let mut stream = CallStream::new(&calls, guard, outcome, inner, |_| "x");
         tokio::task::yield_now().await;
         calls.end_grace();
         let err = unary.await.unwrap().unwrap_err();

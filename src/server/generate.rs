@@ -4,11 +4,10 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::time::Instant;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 
-use super::calls::{CallStream, Calls, record_error};
+use super::calls::{CallStream, Calls, Outcome};
 use super::predict::UNKNOWN_MODEL;
 use super::status::ServeError;
 use super::{convert, deadline, pb};
@@ -26,13 +25,23 @@ pub(super) async fn generate(
     calls: &Arc<Calls>,
     request: Request<pb::GenerateRequest>,
 ) -> Result<Response<GenerateStream>, Status> {
-    let started = Instant::now();
-    let guard = calls.enter().map_err(|e| record_error(METHOD, "none", started, e))?;
     let deadline = deadline::of(&request);
+    let mut outcome = Outcome::new(calls, METHOD, deadline);
+    let guard = match calls.enter() {
+        Ok(g) => g,
+        Err(e) => return Err(outcome.fail(e)),
+    };
     let priority = convert::priority(request.get_ref().priority, request.metadata());
     let req = request.into_inner();
-    let model = registry.generator(&req.model).map_err(|e| record_error(METHOD, UNKNOWN_MODEL, started, e.into()))?;
+    let model = match registry.generator(&req.model) {
+        Ok(m) => m,
+        Err(e) => {
+            outcome.set_model(UNKNOWN_MODEL.into());
+            return Err(outcome.fail(e.into()));
+        }
+    };
     let name = model.name.clone();
+    outcome.set_model(name.clone());
     let queued = async {
         let priority = priority?;
         let params = convert::generate_params(req);
@@ -44,13 +53,16 @@ pub(super) async fn generate(
         .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
         Ok::<_, ServeError>(model.batcher.generate(valid, deadline, priority).await?)
     };
-    let events = queued.await.map_err(|e| record_error(METHOD, &name, started, e))?;
+    let events = match queued.await {
+        Ok(events) => events,
+        Err(e) => return Err(outcome.fail(e)),
+    };
     let label = name.to_string();
     let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |event| match event {
         Ok(event) => Ok(to_message(event, &label)),
         Err(err) => Err(Status::from(ServeError::from(err))),
     });
-    let stream = CallStream::new(calls, guard, METHOD, name, started, Box::pin(stream), reason_of);
+    let stream = CallStream::new(calls, guard, outcome, Box::pin(stream), reason_of);
     Ok(Response::new(Box::pin(stream)))
 }
 

@@ -17,7 +17,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, registry: Arc<OnceLock<Arc<Registry>>>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning on the error.
+                debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             if let Err(e) = tokio::time::timeout(IO_TIMEOUT, answer(stream, &registry)).await {

@@ -73,7 +73,7 @@ impl InferenceService {
 impl Inference for InferenceService {
     async fn predict(&self, request: Request<pb::PredictRequest>) -> Result<Response<pb::PredictResponse>, Status> {
         let registry = self.registry()?;
-        self.calls.unary("Predict", predict::predict(registry, request)).await
+        self.calls.unary("Predict", predict::predict(registry, &self.calls, request)).await
     }
 
     type GenerateStream = generate::GenerateStream;
@@ -168,7 +168,9 @@ pub async fn serve(
     let drain_calls = calls.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Cancelled and awaited, so a load finishing just now cannot report SERVING after the drain began.
         loading.abort();
+        let _ = loading.await;
         reporter.set_service_status("", ServingStatus::NotServing).await;
         reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
         drain_calls.start_draining();

@@ -2,8 +2,9 @@
 //! figures are in the response body and, for proxies and logs, in response headers.
 use std::sync::Arc;
 
-use tonic::{Request, Response};
+use tonic::{Request, Response, Status};
 
+use super::calls::{Calls, Outcome};
 use super::status::ServeError;
 use super::{convert, deadline, pb};
 use crate::registry::Registry;
@@ -14,16 +15,21 @@ pub(super) const UNKNOWN_MODEL: &str = "unknown";
 
 pub(super) async fn predict(
     registry: Arc<Registry>,
+    calls: &Arc<Calls>,
     request: Request<pb::PredictRequest>,
-) -> (Arc<str>, Result<Response<pb::PredictResponse>, ServeError>) {
+) -> Result<Response<pb::PredictResponse>, Status> {
     let deadline = deadline::of(&request);
+    let mut outcome = Outcome::new(calls, "Predict", deadline);
     let priority = convert::priority(request.get_ref().priority, request.metadata());
     let req = request.into_inner();
     let model = match registry.embedder(&req.model) {
         Ok(m) => m,
-        Err(e) => return (UNKNOWN_MODEL.into(), Err(e.into())),
+        Err(e) => {
+            outcome.set_model(UNKNOWN_MODEL.into());
+            return Err(outcome.fail(e.into()));
+        }
     };
-    let name = model.name.clone();
+    outcome.set_model(model.name.clone());
     let result = async move {
         let priority = priority?;
         let params = convert::predict_params(req)?;
@@ -33,7 +39,7 @@ pub(super) async fn predict(
             .await
             .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
         let prompt_tokens = valid.tokens() as u32;
-        crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as u64);
+        crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as i64);
         let out = model.batcher.embed(valid, deadline, priority).await?;
         let mut response = Response::new(pb::PredictResponse {
             outputs: out.vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
@@ -50,8 +56,14 @@ pub(super) async fn predict(
         md.insert("x-omnibus-queue-time-us", (out.queue_time.as_micros() as u64).into());
         md.insert("x-omnibus-inference-time-us", (out.inference_time.as_micros() as u64).into());
         md.insert("x-omnibus-batch-size", (out.batch_size as u64).into());
-        Ok(response)
+        Ok::<_, ServeError>(response)
     }
     .await;
-    (name, result)
+    match result {
+        Ok(response) => {
+            outcome.ok();
+            Ok(response)
+        }
+        Err(e) => Err(outcome.fail(e)),
+    }
 }

@@ -108,8 +108,8 @@ pub(super) async fn run(
                     let admitted = e.admitted_at.unwrap_or(e.enqueued_at);
                     let first = e.first_token_at.unwrap_or(now);
                     ewma(&stats.sequence_us, now.duration_since(admitted));
-                    metrics::PROMPT_TOKENS.with(&[&model]).add(prompt_tokens as u64);
-                    metrics::GENERATED_TOKENS.with(&[&model]).add(completion_tokens as u64);
+                    metrics::PROMPT_TOKENS.with(&[&model]).add(prompt_tokens as i64);
+                    metrics::GENERATED_TOKENS.with(&[&model]).add(completion_tokens as i64);
                     metrics::TIME_TO_FIRST_TOKEN.observe_duration(&[&model], first.duration_since(e.enqueued_at));
                     if completion_tokens > 1 {
                         metrics::TIME_PER_OUTPUT_TOKEN

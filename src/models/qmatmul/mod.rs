@@ -41,10 +41,13 @@ pub(crate) struct Out {
 unsafe impl Sync for Out {}
 
 impl Out {
+    /// # Safety
+    /// Column `c` must belong to the calling task (be in the `cols` it was handed): no other task may
+    /// write it during the region.
     #[inline(always)]
-    pub(crate) fn set(&self, r: usize, c: usize, v: f32) {
+    pub(crate) unsafe fn set(&self, r: usize, c: usize, v: f32) {
         assert!(r < self.rows && c < self.n);
-        // SAFETY: in bounds (checked above) and owned by the calling task (see the type's comment).
+        // SAFETY: in bounds (checked above) and owned by the calling task (the caller's promise).
         unsafe { *self.ptr.add(r * self.n + c) = v }
     }
 }
@@ -171,7 +174,8 @@ impl<T: GgmlType> Kernel for Blocks<T> {
         for c in cols {
             let wc = &self.w[c * kb..(c + 1) * kb];
             for r in 0..rows {
-                out.set(r, c, T::vec_dot(k, wc, &act[r * akb..(r + 1) * akb]));
+                // SAFETY: `c` is in this task's `cols`.
+                unsafe { out.set(r, c, T::vec_dot(k, wc, &act[r * akb..(r + 1) * akb])) };
             }
         }
     }

@@ -99,7 +99,8 @@ impl Kernel for Q4_1Matrix {
                     let group = &group[..(re - r0).min(4)];
                     dot(wq, wd, wm, q, group, &mut four);
                     for (i, &r) in group.iter().enumerate() {
-                        out.set(r, c, four[i]);
+                        // SAFETY: `c` is in this task's `cols`.
+                        unsafe { out.set(r, c, four[i]) };
                     }
                 }
             }

@@ -105,6 +105,10 @@ pub struct Q8Matrix<W> {
 
 impl<W: Q8Weights> Q8Matrix<W> {
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {
+        // The kernels below are AVX2 code: building one is the promise that they can run here.
+        if !supported() {
+            bail!("omnibus's {:?} kernel needs x86-64 with AVX2 and FMA", W::DTYPE);
+        }
         if t.dtype() != W::DTYPE {
             bail!("expected {:?} weights, got {:?}", W::DTYPE, t.dtype());
         }
@@ -163,7 +167,8 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
                     let group = &group[..(re - r0).min(4)];
                     dot(&self.qs[w.clone()], &self.d[w.clone()], q, group, &mut four);
                     for (i, &r) in group.iter().enumerate() {
-                        out.set(r, c, four[i]);
+                        // SAFETY: `c` is in this task's `cols`.
+                        unsafe { out.set(r, c, four[i]) };
                     }
                 }
             }

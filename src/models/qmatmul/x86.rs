@@ -42,7 +42,8 @@ pub unsafe fn nibbles(packed: &[u8; 16]) -> __m256i {
 
 /// One 32-value block quantized to 8 bits the way candle's `from_float` does it (`d = amax / 127`,
 /// values `round(x / d)` half away from zero): the values, their sum, and `amax`. Bit-identical to the
-/// scalar code; a tenth of its time.
+/// scalar code for finite inputs (activations holding NaN or infinity are garbage either way); a tenth
+/// of its time.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `xs` must hold 32 values.
