@@ -2,9 +2,10 @@
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
-    let proto = "proto/omnibus/v1/inference.proto";
+    // omnibus's own API and the Open Inference Protocol (KServe v2), served side by side.
+    let protos = ["proto/omnibus/v1/inference.proto", "proto/inference/grpc_service.proto"];
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("omnibus_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;

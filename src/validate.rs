@@ -14,6 +14,9 @@ pub enum ValidationError {
     UnknownEnum { field: &'static str, value: i32 },
     #[error("{header}: expected {expected}, got {got:?}")]
     BadHeader { header: &'static str, expected: &'static str, got: String },
+    /// An Open Inference Protocol tensor or parameter that is not what the model takes.
+    #[error("{field}: expected {expected}, got {got}")]
+    Tensor { field: String, expected: String, got: String },
     #[error("inputs: at least 1 input is required, got 0")]
     NoInputs,
     #[error("inputs: at most {max} inputs per request (the model's max_batch_size), got {got}")]

@@ -10,6 +10,7 @@ mod edge;
 mod generate;
 mod metrics_http;
 mod models;
+pub mod oip;
 mod predict;
 mod status;
 
@@ -138,6 +139,12 @@ pub async fn serve(
         .max_decoding_message_size(sc.max_message_size)
         .max_encoding_message_size(sc.max_message_size);
 
+    let oip = oip::GrpcInferenceServiceServer::new(oip::OipService { registry: cell.clone(), calls: calls.clone() })
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(sc.max_message_size)
+        .max_encoding_message_size(sc.max_message_size);
+
     if let Some(metrics) = metrics {
         tokio::spawn(metrics_http::serve(metrics, cell.clone()));
     }
@@ -214,6 +221,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
+        .add_service(oip)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_rx.await;
             let _ = stopped_tx.send(true);
