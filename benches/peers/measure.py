@@ -78,6 +78,29 @@ class Omnibus:
         self.proc.wait(timeout=30)
 
 
+# ---------------------------------------------------------------- NVIDIA's perf_analyzer
+class PerfAnalyzer:
+    """perf_analyzer from the tritonclient[grpc] wheel, driving omnibus's Open Inference Protocol side."""
+
+    def __init__(self, binary: Path, libdir: Path, work: Path):
+        self.binary, self.libdir = binary, libdir
+        self.input = work / "pa-input.json"
+        self.input.write_text(json.dumps({"data": [{"TEXT": [SHORT]}]}))
+
+    def embeddings(self, port, concurrency, seconds):
+        env = dict(os.environ, LD_LIBRARY_PATH=str(self.libdir))
+        out = subprocess.run(
+            [str(self.binary), "-m", "all-MiniLM-L6-v2", "-u", f"127.0.0.1:{port}", "-i", "grpc",
+             "--input-data", str(self.input), "--shape", "TEXT:1",
+             "--concurrency-range", f"{concurrency}:{concurrency}",
+             "--measurement-interval", str(int(seconds * 1000))],
+            capture_output=True, text=True, env=env, check=True).stdout
+        m = re.search(r"Concurrency: \d+, throughput: ([0-9.]+) infer/sec, latency (\d+) usec", out)
+        if not m:
+            raise RuntimeError(f"perf_analyzer output not understood:\n{out}")
+        return float(m.group(1)), float(m.group(2)) / 1000.0
+
+
 # ---------------------------------------------------------------- embedding peers
 class SentenceTransformersPeer:
     def __init__(self):
@@ -236,11 +259,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--perf-analyzer", type=Path, help="perf_analyzer binary (from tritonclient[grpc])")
+    ap.add_argument("--perf-analyzer-libs", type=Path, help="folder holding libcudart.so.12 for perf_analyzer")
     a = ap.parse_args()
     secs = f"{a.seconds}s"
     r = {k: [] for k in ["o_e1", "o_e8", "o_e32", "st1", "st8", "st32", "ort1", "ort8", "ort32", "o_dec", "o_pp",
                          "o_ttft", "o_g1", "o_g4", "o_g8", "o_g16", "o_t16", "l_dec", "l_pp", "l_g1", "l_g4", "l_g8",
-                         "l_g16", "l_ttft", "l_t16", "o_p99e", "o_p99g", "l_p99g"]}
+                         "l_g16", "l_ttft", "l_t16", "o_p99e", "o_p99g", "l_p99g", "pa1", "pa32", "pa1_ms", "pa32_ms"]}
+    pa = PerfAnalyzer(a.perf_analyzer, a.perf_analyzer_libs, a.work) if a.perf_analyzer else None
     log("loading sentence-transformers and ONNX Runtime")
     st, ort = SentenceTransformersPeer(), OnnxPeer(a.work)
     llama = LlamaCpp(a.llama_bin)
@@ -249,6 +275,12 @@ def main():
         om = Omnibus()
         for c in [1, 8, 32]:
             r[f"o_e{c}"].append(om.bench("predict", "-c", str(c), "--duration", secs, "--input", SHORT)["items_per_s"])
+        if pa:
+            log("perf_analyzer: embeddings over the Open Inference Protocol")
+            for c in [1, 32]:
+                rate, ms = pa.embeddings(om.port, c, a.seconds)
+                r[f"pa{c}"].append(rate)
+                r[f"pa{c}_ms"].append(ms)
         log("peers: embeddings")
         for b in [1, 8, 32]:
             r[f"st{b}"].append(st.rate(b))
@@ -327,6 +359,18 @@ def write(out: Path, m, rounds, om, llama_rss):
     for c in [1, 8, 32]:
         o, s, x = m[f"o_e{c}"], m[f"st{c}"], m[f"ort{c}"]
         lines.append(f"| {c} | {o:.0f} | {s:.0f} | {ratio(o, s)} | {x:.0f} | {ratio(o, x)} |")
+    if m.get("pa1") == m.get("pa1"):  # not NaN: perf_analyzer ran
+        lines += [
+            "",
+            "The same model through the Open Inference Protocol (`inference.GRPCInferenceService/ModelInfer`), "
+            "driven by NVIDIA's `perf_analyzer` (from `tritonclient[grpc]==2.51.0`, `--shape TEXT:1`, one "
+            "sentence per request):",
+            "",
+            "| perf_analyzer concurrency | infer/s | average latency, ms |",
+            "|---|---|---|",
+            f"| 1 | {m['pa1']:.0f} | {m['pa1_ms']:.1f} |",
+            f"| 32 | {m['pa32']:.0f} | {m['pa32_ms']:.1f} |",
+        ]
     lines += [
         "",
         "## Generation: SmolLM2-135M-Instruct Q4_1, 2 threads",

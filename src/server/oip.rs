@@ -375,7 +375,7 @@ impl GrpcInferenceService for OipService {
         let (platform, inputs, outputs) = match self.model(&r.name, &r.version).map_err(Status::from)? {
             Model::Embedding(m) => (
                 "omnibus_embedding",
-                vec![tensor_meta(TEXT, "BYTES", vec![-1])],
+                vec![tensor_meta(TEXT, "BYTES", vec![-1, 1])],
                 vec![tensor_meta(EMBEDDING, "FP32", vec![-1, m.dimension as i64])],
             ),
             Model::Generation(_) => (
@@ -391,6 +391,44 @@ impl GrpcInferenceService for OipService {
             inputs,
             outputs,
         }))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        let input = |name: &str, dims: Vec<i64>| pb::ModelInput {
+            name: name.into(),
+            data_type: pb::DataType::TypeString as i32,
+            dims,
+        };
+        let output = |name: &str, t: pb::DataType, dims: Vec<i64>| pb::ModelOutput {
+            name: name.into(),
+            data_type: t as i32,
+            dims,
+        };
+        let config = match self.model(&r.name, &r.version).map_err(Status::from)? {
+            Model::Embedding(m) => pb::ModelConfig {
+                name: r.name,
+                platform: "omnibus_embedding".into(),
+                backend: "omnibus".into(),
+                max_batch_size: m.limits.max_inputs as i32,
+                input: vec![input(TEXT, vec![1])],
+                output: vec![output(EMBEDDING, pb::DataType::TypeFp32, vec![m.dimension as i64])],
+                model_transaction_policy: Some(pb::ModelTransactionPolicy { decoupled: false }),
+            },
+            Model::Generation(_) => pb::ModelConfig {
+                name: r.name,
+                platform: "omnibus_generation".into(),
+                backend: "omnibus".into(),
+                max_batch_size: 0,
+                input: vec![input(TEXT_INPUT, vec![1])],
+                output: vec![output(TEXT_OUTPUT, pb::DataType::TypeString, vec![1])],
+                model_transaction_policy: Some(pb::ModelTransactionPolicy { decoupled: true }),
+            },
+        };
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(config) }))
     }
 
     async fn model_infer(
