@@ -405,7 +405,7 @@ def write(out: Path, m, rounds, om, llama_rss):
         "SmolLM2-135M's ~75 MB of weights, thread hand-offs, the per-step serial work) plus ~2.6 ms of integer "
         "dot products per row. 4x would need the per-row part about 3x cheaper, e.g. weights repacked so one "
         "`vpdpbusd` serves eight columns (what llama.cpp does for Q4_0, not for this Q4_1 file), or a larger "
-        "model, where the once-per-step weight traffic dominates. llama.cpp's own gain on this model is lower.",
+        "model, where the once-per-step weight traffic dominates. The ratio moves from run to run (1.6x to 2.1x across this session's runs) and llama.cpp's lands in the same range, while omnibus's aggregate is higher than llama-server's at every concurrency.",
         "",
         "## Latency at a fixed rate and memory",
         "",
