@@ -63,6 +63,36 @@ pub(crate) trait Kernel: Sync {
     fn columns(&self, act: &Self::Act, rows: usize, cols: Range<usize>, out: &Out);
 }
 
+/// Rows per pass over a column chunk: their quantized activations stay in L2 while the chunk's weights
+/// stay in L1.
+const ROW_BLOCK: usize = 64;
+
+/// The tiling of our own kernels: rows in blocks of [`ROW_BLOCK`], and within a block, for each column
+/// of `cols`, groups of up to four rows that share one unpacked weight block. `dot(c, rows, four)`
+/// fills `four` for column `c` and those rows; this writes them out.
+pub(crate) fn four_row_tiles(
+    rows: usize,
+    cols: Range<usize>,
+    out: &Out,
+    mut dot: impl FnMut(usize, &[usize], &mut [f32; 4]),
+) {
+    let mut four = [0f32; 4];
+    for rb in (0..rows).step_by(ROW_BLOCK) {
+        let re = (rb + ROW_BLOCK).min(rows);
+        for c in cols.clone() {
+            for r0 in (rb..re).step_by(4) {
+                let group = [r0, r0 + 1, r0 + 2, r0 + 3];
+                let group = &group[..(re - r0).min(4)];
+                dot(c, group, &mut four);
+                for (i, &r) in group.iter().enumerate() {
+                    // SAFETY: `c` is in `cols`, the calling task's own columns.
+                    unsafe { out.set(r, c, four[i]) };
+                }
+            }
+        }
+    }
+}
+
 /// Columns per task: several tasks per thread so a slow thread doesn't hold the region, at least 16
 /// (a 64-byte line of one output row, so no two tasks write the same cache line in a decode step).
 fn column_chunk(n: usize, threads: usize) -> usize {

@@ -18,9 +18,6 @@ use super::{Kernel, Out};
 use crate::models::cpu;
 
 const QK: usize = 32;
-/// Rows per pass over a column chunk: their Q8_1 activations (40 bytes a block) stay in L2 while the
-/// chunk's weights stay in L1.
-const ROW_BLOCK: usize = 64;
 
 /// A `[n, k]` Q4_1 matrix unpacked into arrays the kernel reads directly.
 pub struct Q4_1Matrix {
@@ -88,23 +85,10 @@ impl Kernel for Q4_1Matrix {
     fn columns(&self, q: &Q8_1Rows, rows: usize, cols: Range<usize>, out: &Out) {
         let dot = select_dot();
         let kb = self.k_blocks;
-        let mut four = [0f32; 4];
-        for rb in (0..rows).step_by(ROW_BLOCK) {
-            let re = (rb + ROW_BLOCK).min(rows);
-            for c in cols.clone() {
-                let w = c * kb..(c + 1) * kb;
-                let (wq, wd, wm) = (&self.qs[w.clone()], &self.d[w.clone()], &self.m[w]);
-                for r0 in (rb..re).step_by(4) {
-                    let group = [r0, r0 + 1, r0 + 2, r0 + 3];
-                    let group = &group[..(re - r0).min(4)];
-                    dot(wq, wd, wm, q, group, &mut four);
-                    for (i, &r) in group.iter().enumerate() {
-                        // SAFETY: `c` is in this task's `cols`.
-                        unsafe { out.set(r, c, four[i]) };
-                    }
-                }
-            }
-        }
+        super::four_row_tiles(rows, cols, out, |c, group, four| {
+            let w = c * kb..(c + 1) * kb;
+            dot(&self.qs[w.clone()], &self.d[w.clone()], &self.m[w], q, group, four)
+        });
     }
 }
 

@@ -16,8 +16,6 @@ use super::{Kernel, Out};
 use crate::models::cpu;
 
 const QK: usize = 32;
-/// See q4_1.rs: rows per pass over a column chunk.
-const ROW_BLOCK: usize = 64;
 
 /// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to).
 #[derive(Clone, Copy)]
@@ -157,22 +155,10 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
     fn columns(&self, q: &Q8_0Rows, rows: usize, cols: Range<usize>, out: &Out) {
         let dot: DotFn<W> = x86::select();
         let kb = self.kb;
-        let mut four = [0f32; 4];
-        for rb in (0..rows).step_by(ROW_BLOCK) {
-            let re = (rb + ROW_BLOCK).min(rows);
-            for c in cols.clone() {
-                let w = c * kb..(c + 1) * kb;
-                for r0 in (rb..re).step_by(4) {
-                    let group = [r0, r0 + 1, r0 + 2, r0 + 3];
-                    let group = &group[..(re - r0).min(4)];
-                    dot(&self.qs[w.clone()], &self.d[w.clone()], q, group, &mut four);
-                    for (i, &r) in group.iter().enumerate() {
-                        // SAFETY: `c` is in this task's `cols`.
-                        unsafe { out.set(r, c, four[i]) };
-                    }
-                }
-            }
-        }
+        super::four_row_tiles(rows, cols, out, |c, group, four| {
+            let w = c * kb..(c + 1) * kb;
+            dot(&self.qs[w.clone()], &self.d[w], q, group, four)
+        });
     }
 }
 
