@@ -69,6 +69,11 @@ impl Calls {
         *self.grace_over.borrow()
     }
 
+    /// Whether the server has stopped taking calls (for readiness answers).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
     }

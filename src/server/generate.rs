@@ -11,10 +11,11 @@ use super::calls::{CallStream, Calls, Outcome};
 use super::predict::UNKNOWN_MODEL;
 use super::status::ServeError;
 use super::{convert, deadline, pb};
-use crate::batcher::generate::GenEvent;
+use crate::batcher::Priority;
+use crate::batcher::generate::{GenEvent, GenStream};
 use crate::engine::Finish;
-use crate::registry::Registry;
-use crate::validate;
+use crate::registry::{GenerationModel, Registry};
+use crate::validate::{self, GenerateParams};
 
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
@@ -42,17 +43,7 @@ pub(super) async fn generate(
     };
     let name = model.name.clone();
     outcome.set_model(name.clone());
-    let queued = async {
-        let priority = priority?;
-        let params = convert::generate_params(req);
-        let m = model.clone();
-        let valid = tokio::task::spawn_blocking(move || {
-            validate::generate(params, &m.limits, &m.tokenizer, m.template.as_deref())
-        })
-        .await
-        .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-        Ok::<_, ServeError>(model.batcher.generate(valid, deadline, priority).await?)
-    };
+    let queued = async { start(&model, convert::generate_params(req), deadline, priority?).await };
     let events = match queued.await {
         Ok(events) => events,
         Err(e) => return Err(outcome.fail(e)),
@@ -64,6 +55,22 @@ pub(super) async fn generate(
     });
     let stream = CallStream::new(calls, guard, outcome, Box::pin(stream), reason_of);
     Ok(Response::new(Box::pin(stream)))
+}
+
+/// What every generation call does once its model and parameters are known, whichever API it came in
+/// by: validate, render and tokenize off the runtime's workers, then queue. Tokens arrive on the stream.
+pub(super) async fn start(
+    model: &Arc<GenerationModel>,
+    params: GenerateParams,
+    deadline: Option<tokio::time::Instant>,
+    priority: Priority,
+) -> Result<GenStream, ServeError> {
+    let m = model.clone();
+    let valid =
+        tokio::task::spawn_blocking(move || validate::generate(params, &m.limits, &m.tokenizer, m.template.as_deref()))
+            .await
+            .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
+    Ok(model.batcher.generate(valid, deadline, priority).await?)
 }
 
 /// The metric reason of a stream that ended in an error (what `status::code_and_reason` would say).

@@ -24,7 +24,7 @@ use crate::batcher::generate::GenEvent;
 use crate::engine::Finish;
 use crate::registry::{EmbeddingModel, GenerationModel, Registry};
 use crate::tokenizer::Truncation;
-use crate::validate::{self, GenerateParams, PredictParams, ValidationError};
+use crate::validate::{GenerateParams, PredictParams, ValidationError};
 
 pub mod pb {
     tonic::include_proto!("inference");
@@ -286,12 +286,7 @@ async fn embed(
         direction: Truncation::Right,
         normalize: param_bool(&req.parameters, "normalize")?,
     };
-    let (tokenizer, limits) = (m.tokenizer.clone(), m.limits.clone());
-    let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
-        .await
-        .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-    crate::metrics::PROMPT_TOKENS.with(&[&m.name]).add(valid.tokens() as i64);
-    let out = m.batcher.embed(valid, deadline, priority).await?;
+    let (out, _) = super::predict::embed(&m, params, deadline, priority).await?;
     let rows = out.vectors.len();
     let mut raw = Vec::with_capacity(rows * m.dimension * 4);
     for v in &out.vectors {
@@ -314,21 +309,14 @@ async fn embed(
     })
 }
 
-/// Starts a generation; its events arrive on the returned stream.
+/// Starts a generation from an inference request; its events arrive on the returned stream.
 async fn start_generation(
     m: &Arc<GenerationModel>,
     req: &pb::ModelInferRequest,
     deadline: Option<tokio::time::Instant>,
     priority: crate::batcher::Priority,
 ) -> Result<crate::batcher::generate::GenStream, ServeError> {
-    let params = generate_params(req)?;
-    let mc = m.clone();
-    let valid = tokio::task::spawn_blocking(move || {
-        validate::generate(params, &mc.limits, &mc.tokenizer, mc.template.as_deref())
-    })
-    .await
-    .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-    Ok(m.batcher.generate(valid, deadline, priority).await?)
+    super::generate::start(m, generate_params(req)?, deadline, priority).await
 }
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
@@ -343,7 +331,7 @@ impl GrpcInferenceService for OipService {
         &self,
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
-        let ready = self.registry.get().is_some() && self.calls.enter().is_ok();
+        let ready = self.registry.get().is_some() && !self.calls.is_draining();
         Ok(Response::new(pb::ServerReadyResponse { ready }))
     }
 
@@ -352,7 +340,7 @@ impl GrpcInferenceService for OipService {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        let ready = self.model(&r.name, &r.version).is_ok() && self.calls.enter().is_ok();
+        let ready = self.model(&r.name, &r.version).is_ok() && !self.calls.is_draining();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 

@@ -2,13 +2,33 @@
 //! figures are in the response body and, for proxies and logs, in response headers.
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::calls::{Calls, Outcome};
 use super::status::ServeError;
 use super::{convert, deadline, pb};
-use crate::registry::Registry;
-use crate::validate;
+use crate::batcher::{Embedded, Priority};
+use crate::registry::{EmbeddingModel, Registry};
+use crate::validate::{self, PredictParams};
+
+/// What every embedding call does once its model and parameters are known, whichever API it came in
+/// by: validate and tokenize off the runtime's workers (CPU work), count the tokens, queue, wait.
+/// Returns the batch's answer and the request's token count.
+pub(super) async fn embed(
+    model: &EmbeddingModel,
+    params: PredictParams,
+    deadline: Option<Instant>,
+    priority: Priority,
+) -> Result<(Embedded, u32), ServeError> {
+    let (tokenizer, limits) = (model.tokenizer.clone(), model.limits.clone());
+    let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
+        .await
+        .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
+    let prompt_tokens = valid.tokens() as u32;
+    crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as i64);
+    Ok((model.batcher.embed(valid, deadline, priority).await?, prompt_tokens))
+}
 
 /// The model name used in metrics for calls whose model could not be resolved.
 pub(super) const UNKNOWN_MODEL: &str = "unknown";
@@ -33,14 +53,7 @@ pub(super) async fn predict(
     let result = async move {
         let priority = priority?;
         let params = convert::predict_params(req)?;
-        let (tokenizer, limits) = (model.tokenizer.clone(), model.limits.clone());
-        // Tokenization is CPU work: keep it off the runtime's workers.
-        let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
-            .await
-            .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-        let prompt_tokens = valid.tokens() as u32;
-        crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as i64);
-        let out = model.batcher.embed(valid, deadline, priority).await?;
+        let (out, prompt_tokens) = embed(&model, params, deadline, priority).await?;
         let mut response = Response::new(pb::PredictResponse {
             outputs: out.vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
             metadata: Some(pb::PredictMetadata {
