@@ -34,6 +34,14 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelControl {
+    /// The models loaded at start stay; load and unload requests are refused (FAILED_PRECONDITION).
+    None,
+    /// Clients may load, swap (with an optional canary) and unload model versions.
+    Explicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
@@ -47,8 +55,9 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
-    /// Directory holding the models: a folder per sentence-transformers (BERT) model; `python3
-    /// models/fetch.py` fills it with the defaults.
+    /// Directory holding the models: a folder per sentence-transformers (BERT) model and a `.gguf` file
+    /// per generation model, each version 1, or Triton's versioned layout `NAME/1/`, `NAME/2/`, ... (the
+    /// highest version loads at start); `python3 models/fetch.py` fills it with the defaults.
     #[arg(long, env = "OMNIBUS_MODEL_DIR", default_value = "models")]
     pub model_dir: PathBuf,
 
@@ -174,6 +183,12 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Whether RepositoryModelLoad/Unload (the Open Inference Protocol's repository extension) may load,
+    /// swap and unload model versions at run time. Off by default, as in Triton: anyone who can call
+    /// Predict could otherwise unload the model.
+    #[arg(long, env = "OMNIBUS_MODEL_CONTROL_MODE", value_enum, default_value = "none")]
+    pub model_control_mode: ModelControl,
+
     /// How long a batch-priority request may be passed over by interactive ones: a batch request is
     /// served as if it had arrived this much later, so it yields to newer interactive traffic but never
     /// waits forever.
@@ -196,6 +211,7 @@ pub struct ServerConfig {
     pub max_connection_age: Option<Duration>,
     pub max_connection_age_grace: Duration,
     pub tls: Option<TlsFiles>,
+    pub model_control: ModelControl,
 }
 
 #[derive(Debug, Clone)]
@@ -335,6 +351,7 @@ impl ServeArgs {
                 max_connection_age: nonzero(self.max_connection_age).map(jitter),
                 max_connection_age_grace: self.max_connection_age_grace,
                 tls,
+                model_control: self.model_control_mode,
             },
             batch: BatchConfig {
                 max_batch_size: self.max_batch_size as usize,

@@ -10,6 +10,8 @@ use crate::tokenizer::{TextTokenizer, TokenizerError, Truncation};
 pub enum ValidationError {
     #[error("model: no {kind} model named {name:?} is loaded (loaded: {loaded})")]
     UnknownModel { kind: &'static str, name: String, loaded: String },
+    #[error("model_version: model {name:?} serves no version {version} (serving: {serving})")]
+    UnknownVersion { name: String, version: u64, serving: String },
     #[error("{field}: unknown enum value {value}")]
     UnknownEnum { field: &'static str, value: i32 },
     #[error("{header}: expected {expected}, got {got:?}")]

@@ -1,7 +1,8 @@
 //! A client we did not write: NVIDIA's `tritonclient[grpc]` drives the Open Inference Protocol side
 //! of the real server (liveness, metadata, ModelInfer on the embedding model, ModelStreamInfer on the
-//! generation model), checked against what the native Predict and Generate answer. `scripts/test`
-//! installs tests/interop/triton-requirements.txt into `.venv-triton`.
+//! generation model, and the repository extension: index, load, unload), checked against what the
+//! native Predict and Generate answer. `scripts/test` installs tests/interop/triton-requirements.txt
+//! into `.venv-triton`.
 mod common;
 
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ async fn tritonclient_drives_model_infer_and_model_stream_infer() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv-triton/bin/python");
     assert!(python.exists(), "{} is missing: run ./scripts/test", python.display());
-    let server = Server::start(&[]).await;
+    let server = Server::start(&["--model-control-mode", "explicit"]).await;
     let mut client = server.client().await;
     let texts = vec!["The quick brown fox".to_string(), "Open Inference Protocol".to_string()];
     let vectors: Vec<Vec<f32>> = client

@@ -41,16 +41,16 @@ pub(super) async fn generate(
             return Err(outcome.fail(e.into()));
         }
     };
-    let name = model.name.clone();
-    outcome.set_model(name.clone());
+    outcome.set_model(model.name.clone());
     let queued = async { start(&model, convert::generate_params(req), deadline, priority?).await };
     let events = match queued.await {
         Ok(events) => events,
         Err(e) => return Err(outcome.fail(e)),
     };
-    let label = name.to_string();
+    // The stream owns the model version's `Arc`: a version swapped out mid-stream stays loaded until
+    // this stream's last token.
     let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |event| match event {
-        Ok(event) => Ok(to_message(event, &label)),
+        Ok(event) => Ok(to_message(event, &model)),
         Err(err) => Err(Status::from(ServeError::from(err))),
     });
     let stream = CallStream::new(calls, guard, outcome, Box::pin(stream), reason_of);
@@ -82,7 +82,7 @@ fn reason_of(status: &Status) -> &'static str {
     }
 }
 
-fn to_message(event: GenEvent, model: &str) -> pb::GenerateResponse {
+fn to_message(event: GenEvent, model: &GenerationModel) -> pb::GenerateResponse {
     use pb::generate_response::Kind;
     let kind = match event {
         GenEvent::Token { id, text, logprob, index } => Kind::Token(pb::Token { id, text, logprob, index }),
@@ -101,7 +101,8 @@ fn to_message(event: GenEvent, model: &str) -> pb::GenerateResponse {
                     total_time_us: total.as_micros() as u64,
                 }),
                 stop_sequence: stop.unwrap_or_default(),
-                model: model.to_string(),
+                model: model.name.to_string(),
+                model_version: model.version.to_string(),
             })
         }
     };

@@ -68,12 +68,15 @@ async fn answer(mut stream: TcpStream, registry: &OnceLock<Arc<Registry>>) {
 
 /// Gauges are read from the batchers at scrape time, so they are exact when scraped.
 fn refresh_gauges(registry: &Registry) {
-    for m in registry.embedders() {
-        metrics::QUEUE_SIZE.with(&[&m.name]).set(m.batcher.queue_len() as i64);
-        metrics::RUNNING.with(&[&m.name]).set(m.batcher.running() as i64);
+    // A model's figures cover the versions taking requests (stable and canary), not draining ones.
+    for s in registry.embedders() {
+        let name = &s.stable.name;
+        metrics::QUEUE_SIZE.with(&[name]).set(s.versions().map(|m| m.batcher.queue_len()).sum::<usize>() as i64);
+        metrics::RUNNING.with(&[name]).set(s.versions().map(|m| m.batcher.running()).sum::<usize>() as i64);
     }
-    for m in registry.generators() {
-        metrics::QUEUE_SIZE.with(&[&m.name]).set(m.batcher.waiting() as i64);
-        metrics::RUNNING.with(&[&m.name]).set(m.batcher.running() as i64);
+    for s in registry.generators() {
+        let name = &s.stable.name;
+        metrics::QUEUE_SIZE.with(&[name]).set(s.versions().map(|m| m.batcher.waiting()).sum::<usize>() as i64);
+        metrics::RUNNING.with(&[name]).set(s.versions().map(|m| m.batcher.running()).sum::<usize>() as i64);
     }
 }

@@ -12,6 +12,7 @@ mod metrics_http;
 mod models;
 pub mod oip;
 mod predict;
+mod repository;
 mod status;
 
 use std::future::Future;
@@ -139,11 +140,15 @@ pub async fn serve(
         .max_decoding_message_size(sc.max_message_size)
         .max_encoding_message_size(sc.max_message_size);
 
-    let oip = oip::GrpcInferenceServiceServer::new(oip::OipService { registry: cell.clone(), calls: calls.clone() })
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(sc.max_message_size)
-        .max_encoding_message_size(sc.max_message_size);
+    let oip = oip::GrpcInferenceServiceServer::new(oip::OipService {
+        registry: cell.clone(),
+        calls: calls.clone(),
+        model_control: sc.model_control,
+    })
+    .accept_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Gzip)
+    .max_decoding_message_size(sc.max_message_size)
+    .max_encoding_message_size(sc.max_message_size);
 
     if let Some(metrics) = metrics {
         tokio::spawn(metrics_http::serve(metrics, cell.clone()));

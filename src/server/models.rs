@@ -2,36 +2,57 @@
 use super::pb;
 use crate::registry::Registry;
 
+fn canary<M>(c: &Option<(std::sync::Arc<M>, u8)>, version: impl Fn(&M) -> u64) -> Option<pb::ModelCanary> {
+    c.as_ref().map(|(m, p)| pb::ModelCanary { version: version(m).to_string(), percent: *p as u32 })
+}
+
 pub(super) fn list(registry: &Registry) -> pb::ListModelsResponse {
-    let embedders = registry.embedders().map(|m| pb::ModelInfo {
-        name: m.name.to_string(),
-        kind: pb::ModelKind::Embedding.into(),
-        device: m.device.clone(),
-        limits: Some(pb::ModelLimits {
-            max_input_tokens: m.limits.max_input_tokens as u32,
-            max_batch_size: m.batch.max_batch_size as u32,
-            embedding_dimension: m.dimension as u32,
-            max_batch_tokens: m.batch.max_batch_tokens as u32,
-            max_queue: m.batch.max_queue as u32,
-        }),
-        is_default: registry.default_embedder() == Some(&*m.name),
-        source: m.source.clone(),
-        load: Some(pb::ModelLoad { queue_size: m.batcher.queue_len() as u32, running: m.batcher.running() as u32 }),
+    let (default_embedder, default_generator) = (registry.default_embedder(), registry.default_generator());
+    let embedders = registry.embedders().into_iter().map(|s| {
+        let m = &s.stable;
+        pb::ModelInfo {
+            name: m.name.to_string(),
+            kind: pb::ModelKind::Embedding.into(),
+            device: m.device.clone(),
+            limits: Some(pb::ModelLimits {
+                max_input_tokens: m.limits.max_input_tokens as u32,
+                max_batch_size: m.batch.max_batch_size as u32,
+                embedding_dimension: m.dimension as u32,
+                max_batch_tokens: m.batch.max_batch_tokens as u32,
+                max_queue: m.batch.max_queue as u32,
+            }),
+            is_default: default_embedder.as_deref() == Some(&*m.name),
+            source: m.source.clone(),
+            load: Some(pb::ModelLoad {
+                queue_size: s.versions().map(|m| m.batcher.queue_len()).sum::<usize>() as u32,
+                running: s.versions().map(|m| m.batcher.running()).sum::<usize>() as u32,
+            }),
+            version: m.version.to_string(),
+            canary: canary(&s.canary, |m| m.version),
+        }
     });
-    let generators = registry.generators().map(|m| pb::ModelInfo {
-        name: m.name.to_string(),
-        kind: pb::ModelKind::Generation.into(),
-        device: m.device.clone(),
-        limits: Some(pb::ModelLimits {
-            max_input_tokens: m.limits.context_length as u32,
-            max_batch_size: m.scheduler.max_running as u32,
-            embedding_dimension: 0,
-            max_batch_tokens: m.scheduler.max_kv_tokens as u32,
-            max_queue: m.scheduler.max_waiting as u32,
-        }),
-        is_default: registry.default_generator() == Some(&*m.name),
-        source: m.source.clone(),
-        load: Some(pb::ModelLoad { queue_size: m.batcher.waiting() as u32, running: m.batcher.running() as u32 }),
+    let generators = registry.generators().into_iter().map(|s| {
+        let m = &s.stable;
+        pb::ModelInfo {
+            name: m.name.to_string(),
+            kind: pb::ModelKind::Generation.into(),
+            device: m.device.clone(),
+            limits: Some(pb::ModelLimits {
+                max_input_tokens: m.limits.context_length as u32,
+                max_batch_size: m.scheduler.max_running as u32,
+                embedding_dimension: 0,
+                max_batch_tokens: m.scheduler.max_kv_tokens as u32,
+                max_queue: m.scheduler.max_waiting as u32,
+            }),
+            is_default: default_generator.as_deref() == Some(&*m.name),
+            source: m.source.clone(),
+            load: Some(pb::ModelLoad {
+                queue_size: s.versions().map(|m| m.batcher.waiting()).sum::<usize>() as u32,
+                running: s.versions().map(|m| m.batcher.running()).sum::<usize>() as u32,
+            }),
+            version: m.version.to_string(),
+            canary: canary(&s.canary, |m| m.version),
+        }
     });
     pb::ListModelsResponse { models: embedders.chain(generators).collect() }
 }

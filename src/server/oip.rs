@@ -21,6 +21,7 @@ use super::predict::UNKNOWN_MODEL;
 use super::status::ServeError;
 use super::{convert, deadline};
 use crate::batcher::generate::GenEvent;
+use crate::config::ModelControl;
 use crate::engine::Finish;
 use crate::registry::{EmbeddingModel, GenerationModel, Registry};
 use crate::tokenizer::Truncation;
@@ -37,7 +38,6 @@ use pb::model_infer_response::InferOutputTensor;
 
 pub use pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 
-const VERSION: &str = "1";
 const TEXT: &str = "TEXT";
 const EMBEDDING: &str = "EMBEDDING";
 const TEXT_INPUT: &str = "text_input";
@@ -47,6 +47,7 @@ const TEXT_OUTPUT: &str = "text_output";
 pub struct OipService {
     pub registry: Arc<OnceLock<Arc<Registry>>>,
     pub calls: Arc<Calls>,
+    pub model_control: ModelControl,
 }
 
 enum Model {
@@ -64,19 +65,28 @@ impl OipService {
         if name.is_empty() {
             return Err(tensor_error("model_name", "the name of a loaded model", "an empty name").into());
         }
-        if !(version.is_empty() || version == VERSION) {
-            return Err(tensor_error("model_version", "\"1\" or empty", &format!("{version:?}")).into());
+        let version = match version {
+            "" => None,
+            v => Some(v.parse::<u64>().ok().filter(|&v| v > 0).ok_or_else(|| {
+                tensor_error("model_version", "a version number (1, 2, ...) or empty", &format!("{v:?}"))
+            })?),
+        };
+        match registry.embedder_at(name, version) {
+            Ok(m) => return Ok(Model::Embedding(m)),
+            Err(e @ ValidationError::UnknownVersion { .. }) => return Err(e.into()),
+            Err(_) => {}
         }
-        if let Ok(m) = registry.embedder(name) {
-            return Ok(Model::Embedding(m));
-        }
-        registry.generator(name).map(Model::Generation).map_err(|_| {
-            let loaded: Vec<String> = registry
-                .embedders()
-                .map(|m| m.name.to_string())
-                .chain(registry.generators().map(|m| m.name.to_string()))
-                .collect();
-            ValidationError::UnknownModel { kind: "any", name: name.to_string(), loaded: loaded.join(", ") }.into()
+        registry.generator_at(name, version).map(Model::Generation).map_err(|e| match e {
+            ValidationError::UnknownVersion { .. } => e.into(),
+            _ => {
+                let loaded: Vec<String> = registry
+                    .embedders()
+                    .iter()
+                    .map(|s| s.stable.name.to_string())
+                    .chain(registry.generators().iter().map(|s| s.stable.name.to_string()))
+                    .collect();
+                ValidationError::UnknownModel { kind: "any", name: name.to_string(), loaded: loaded.join(", ") }.into()
+            }
         })
     }
 }
@@ -228,10 +238,10 @@ fn raw_bytes(text: &str) -> Vec<u8> {
     out
 }
 
-fn text_response(model: &str, id: &str, text: &str) -> pb::ModelInferResponse {
+fn text_response(model: &GenerationModel, id: &str, text: &str) -> pb::ModelInferResponse {
     pb::ModelInferResponse {
-        model_name: model.into(),
-        model_version: VERSION.into(),
+        model_name: model.name.to_string(),
+        model_version: model.version.to_string(),
         id: id.into(),
         parameters: HashMap::new(),
         outputs: vec![InferOutputTensor {
@@ -245,7 +255,7 @@ fn text_response(model: &str, id: &str, text: &str) -> pb::ModelInferResponse {
 }
 
 fn final_response(
-    model: &str,
+    model: &GenerationModel,
     id: &str,
     finish: Finish,
     prompt_tokens: u32,
@@ -264,8 +274,8 @@ fn final_response(
         ("completion_tokens".to_string(), p(ParameterChoice::Int64Param(completion_tokens as i64))),
     ]);
     pb::ModelInferResponse {
-        model_name: model.into(),
-        model_version: VERSION.into(),
+        model_name: model.name.to_string(),
+        model_version: model.version.to_string(),
         id: id.into(),
         parameters,
         outputs: Vec::new(),
@@ -296,7 +306,7 @@ async fn embed(
     }
     Ok(pb::ModelInferResponse {
         model_name: m.name.to_string(),
-        model_version: VERSION.into(),
+        model_version: m.version.to_string(),
         id: req.id,
         parameters: HashMap::new(),
         outputs: vec![InferOutputTensor {
@@ -373,8 +383,8 @@ impl GrpcInferenceService for OipService {
             ),
         };
         Ok(Response::new(pb::ModelMetadataResponse {
+            versions: self.registry()?.serving_versions(&r.name).iter().map(u64::to_string).collect(),
             name: r.name,
-            versions: vec![VERSION.into()],
             platform: platform.into(),
             inputs,
             outputs,
@@ -458,9 +468,9 @@ impl GrpcInferenceService for OipService {
                                 }
                             }
                         }
-                        let mut r = text_response(&m.name, &req.id, &text);
+                        let mut r = text_response(&m, &req.id, &text);
                         if let Some((finish, p, c)) = end {
-                            r.parameters = final_response(&m.name, &req.id, finish, p, c).parameters;
+                            r.parameters = final_response(&m, &req.id, finish, p, c).parameters;
                             r.parameters.remove("triton_final_response");
                         }
                         Ok(r)
@@ -477,6 +487,68 @@ impl GrpcInferenceService for OipService {
             }
         };
         self.calls.unary("ModelInfer", work).await
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let registry = self.registry()?;
+        let work = async {
+            let outcome = Outcome::new(&self.calls, "RepositoryIndex", None);
+            match super::repository::index(&registry, request.into_inner()).await {
+                Ok(r) => {
+                    outcome.ok();
+                    Ok(Response::new(r))
+                }
+                Err(e) => Err(outcome.fail(e)),
+            }
+        };
+        self.calls.unary("RepositoryIndex", work).await
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let registry = self.registry()?;
+        let work = async {
+            // No model label: the name is the client's, and metric labels must stay a bounded set.
+            let outcome = Outcome::new(&self.calls, "RepositoryModelLoad", None);
+            if self.model_control != ModelControl::Explicit {
+                return Err(outcome.fail(ServeError::ModelControlDisabled));
+            }
+            match super::repository::load(&registry, request.into_inner()).await {
+                Ok(r) => {
+                    outcome.ok();
+                    Ok(Response::new(r))
+                }
+                Err(e) => Err(outcome.fail(e)),
+            }
+        };
+        self.calls.unary("RepositoryModelLoad", work).await
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let registry = self.registry()?;
+        let work = async {
+            // No model label: the name is the client's, and metric labels must stay a bounded set.
+            let outcome = Outcome::new(&self.calls, "RepositoryModelUnload", None);
+            if self.model_control != ModelControl::Explicit {
+                return Err(outcome.fail(ServeError::ModelControlDisabled));
+            }
+            match super::repository::unload(&registry, request.into_inner()).await {
+                Ok(r) => {
+                    outcome.ok();
+                    Ok(Response::new(r))
+                }
+                Err(e) => Err(outcome.fail(e)),
+            }
+        };
+        self.calls.unary("RepositoryModelUnload", work).await
     }
 
     type ModelStreamInferStream = StreamOut;
@@ -535,9 +607,9 @@ impl GrpcInferenceService for OipService {
                 let mut failed = None;
                 while let Some(ev) = events.recv().await {
                     let msg = match ev {
-                        Ok(GenEvent::Token { text, .. }) => text_response(&m.name, &req.id, &text),
+                        Ok(GenEvent::Token { text, .. }) => text_response(&m, &req.id, &text),
                         Ok(GenEvent::End { finish, prompt_tokens, completion_tokens, .. }) => {
-                            final_response(&m.name, &req.id, finish, prompt_tokens, completion_tokens)
+                            final_response(&m, &req.id, finish, prompt_tokens, completion_tokens)
                         }
                         Err(e) => {
                             failed = Some(ServeError::from(e));

@@ -63,6 +63,7 @@ pub(super) async fn predict(
                 prompt_tokens,
                 model: model.name.to_string(),
                 batch_requests: out.batch_requests as u32,
+                model_version: model.version.to_string(),
             }),
         });
         let md = response.metadata_mut();

@@ -6,6 +6,7 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::batcher::BatchError;
+use crate::registry::RegistryError;
 use crate::validate::ValidationError;
 
 /// Everything a request can fail with, as the server sees it.
@@ -21,6 +22,10 @@ pub enum ServeError {
     ShuttingDown,
     #[error("server shut down: the {0:?} shutdown grace period ended before this call finished")]
     GraceOver(Duration),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("model control is off: start the server with --model-control-mode explicit to load and unload models")]
+    ModelControlDisabled,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -29,7 +34,9 @@ impl ServeError {
     /// The gRPC code and a short reason for metrics, in one table.
     pub fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
-            ServeError::Invalid(ValidationError::UnknownModel { .. }) => (Code::NotFound, "unknown_model"),
+            ServeError::Invalid(ValidationError::UnknownModel { .. } | ValidationError::UnknownVersion { .. }) => {
+                (Code::NotFound, "unknown_model")
+            }
             ServeError::Invalid(_) => (Code::InvalidArgument, "invalid_argument"),
             ServeError::Batch(BatchError::QueueFull { .. }) => (Code::ResourceExhausted, "queue_full"),
             ServeError::Batch(BatchError::DeadlineExceeded { .. }) => (Code::DeadlineExceeded, "deadline"),
@@ -38,6 +45,20 @@ impl ServeError {
             ServeError::ShuttingDown => (Code::Unavailable, "shutting_down"),
             ServeError::GraceOver(_) => (Code::Unavailable, "grace_over"),
             ServeError::Batch(BatchError::Engine(_)) => (Code::Internal, "engine"),
+            ServeError::Registry(
+                RegistryError::NotInRepository { .. }
+                | RegistryError::UnknownVersion { .. }
+                | RegistryError::NotLoaded { .. },
+            ) => (Code::NotFound, "unknown_model"),
+            ServeError::Registry(
+                RegistryError::KindChanged { .. }
+                | RegistryError::CanaryWithoutStable { .. }
+                | RegistryError::CanaryIsStable { .. },
+            )
+            | ServeError::ModelControlDisabled => (Code::FailedPrecondition, "model_control"),
+            // The files on disk do not load (unreadable, malformed, too large for the limits): the
+            // repository has to change before a retry can succeed.
+            ServeError::Registry(_) => (Code::FailedPrecondition, "load_failed"),
             ServeError::Internal(_) => (Code::Internal, "internal"),
         }
     }
@@ -134,5 +155,16 @@ mod tests {
         assert_eq!(retry_delay(&s), None);
         let s: Status = ServeError::ShuttingDown.into();
         assert_eq!(s.code(), Code::Unavailable);
+        let s: Status = ServeError::ModelControlDisabled.into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("--model-control-mode explicit"), "{}", s.message());
+        let s: Status = ServeError::Registry(RegistryError::UnknownVersion {
+            name: "m".into(),
+            version: 7,
+            available: "1, 2".into(),
+        })
+        .into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("version 7") && s.message().contains("1, 2"), "{}", s.message());
     }
 }

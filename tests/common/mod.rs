@@ -41,6 +41,15 @@ impl Server {
 
     /// As `start`, for a server that speaks TLS: the health wait and `channel()` use `tls`.
     pub async fn start_tls(extra: &[&str], tls: Option<ClientTlsConfig>) -> Server {
+        Self::start_with(&model_dir(), extra, tls).await
+    }
+
+    /// As `start`, on another model directory.
+    pub async fn start_in(dir: &std::path::Path, extra: &[&str]) -> Server {
+        Self::start_with(dir, extra, None).await
+    }
+
+    async fn start_with(dir: &std::path::Path, extra: &[&str], tls: Option<ClientTlsConfig>) -> Server {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "omnibus-{}-{}.log",
             std::process::id(),
@@ -51,7 +60,7 @@ impl Server {
             .arg("serve")
             // Port 0 for metrics too: tests run in parallel.
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--model-dir"])
-            .arg(model_dir())
+            .arg(dir)
             .args(extra)
             .env("OMNIBUS_LOG", "info")
             .stdout(Stdio::piped())

@@ -58,6 +58,20 @@ def main():
     c.stop_stream()
     assert text == expected["text"], (text, expected["text"])
     print(f"triton: ModelStreamInfer streamed {tokens} tokens equal to Generate's")
+
+    # The repository extension: the index, a reload of the embedding model (a hot swap to the same
+    # files) with the same answers after it, and an unload and load of the generation model.
+    states = {(m.name, m.version): m.state for m in c.get_model_repository_index().models}
+    assert states.get((emb, "1")) == "READY" and states.get((gen, "1")) == "READY", states
+    c.load_model(emb)
+    out = c.infer(emb, [inp], outputs=[grpcclient.InferRequestedOutput("EMBEDDING")])
+    assert np.array_equal(out.as_numpy("EMBEDDING"), want), "same answers after the reload"
+    assert out.get_response().model_version == "1", out.get_response().model_version
+    c.unload_model(gen)
+    assert not c.is_model_ready(gen), "unloaded"
+    c.load_model(gen)
+    assert c.is_model_ready(gen), "loaded again"
+    print("triton: repository index, load_model and unload_model work")
     print("triton: all checks passed")
 
 

@@ -1,0 +1,696 @@
+//! The loaded models: finds them and their versions in the model directory, loads and warms each one,
+//! starts its engine thread and batcher, and swaps versions while the server runs. Request handlers look
+//! models up here by name (and optionally version). The maps sit behind one lock, held only to look up
+//! or install an `Arc` (never across a load), so a swap never makes a request wait.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+mod repository;
+mod versions;
+
+use std::sync::{Arc, RwLock};
+
+use tracing::{info, warn};
+
+use self::repository::{Entry, Kind};
+use self::versions::{VersionState, Versioned, Versions};
+
+use crate::batcher::generate::{GenBatcher, GenConfig};
+use crate::batcher::replicas::{EmbedPool, GenPool};
+use crate::batcher::{BatchConfig, EmbedBatcher};
+use crate::config::{GenerateConfig, ModelConfig};
+use crate::engine::{
+    Device, EmbedEngine, Embedder, EngineError, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name,
+    plan_devices,
+};
+use crate::tokenizer::chat::ChatTemplate;
+use crate::tokenizer::gguf::GgufTokenizer;
+use crate::tokenizer::{TextTokenizer, TokenizerError};
+use crate::validate::{GenerateLimits, PredictLimits, ValidationError};
+
+/// The embedding model an empty request model means when it is loaded.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
+/// The generation model an empty request model means when it is loaded.
+pub const DEFAULT_GENERATION_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "no model found in {0}: expected a folder with config.json, model.safetensors and tokenizer.json, \
+         or a .gguf file (run `python3 models/fetch.py` for the defaults)"
+    )]
+    NoModels(PathBuf),
+    #[error("--{flag} {name:?} is not among the loaded models ({loaded})")]
+    UnknownDefault { flag: &'static str, name: String, loaded: String },
+    #[error(
+        "model {model}: --max-batch-tokens {budget} is below its max_input_tokens {max_input}: a single \
+         full-length input could never run"
+    )]
+    BudgetTooSmall { model: String, budget: usize, max_input: usize },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("model loading was interrupted: {0}")]
+    Join(String),
+    #[error("model {name:?} is not in the model repository (it holds: {available})")]
+    NotInRepository { name: String, available: String },
+    #[error("model {name:?} has no version {version} in the model repository (it has: {available})")]
+    UnknownVersion { name: String, version: u64, available: String },
+    #[error("model {name:?} version {version} is not a {loaded} model, as the loaded versions are")]
+    KindChanged { name: String, version: u64, loaded: &'static str },
+    #[error("model {name:?} is not loaded: a canary ({percent}%) needs a stable version beside it; load one first")]
+    CanaryWithoutStable { name: String, percent: u8 },
+    #[error("model {name:?} version {version} is already the stable version; a canary must be another version")]
+    CanaryIsStable { name: String, version: u64 },
+    #[error("model {name:?}{} is not loaded", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    NotLoaded { name: String, version: Option<u64> },
+}
+
+/// A loaded embedding model, ready for requests.
+pub struct EmbeddingModel {
+    pub name: Arc<str>,
+    pub version: u64,
+    /// Where it came from, relative to the model directory.
+    pub source: String,
+    pub device: String,
+    pub dimension: usize,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub limits: PredictLimits,
+    pub batch: BatchConfig,
+    /// One batcher per device replica.
+    pub batcher: EmbedPool,
+}
+
+/// A loaded generation model, ready for requests.
+pub struct GenerationModel {
+    pub name: Arc<str>,
+    pub version: u64,
+    pub source: String,
+    pub device: String,
+    pub tokenizer: Arc<GgufTokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub limits: GenerateLimits,
+    pub scheduler: GenConfig,
+    /// One scheduler per device replica.
+    pub batcher: GenPool,
+}
+
+pub struct Registry {
+    root: PathBuf,
+    devices: Vec<Device>,
+    batch: BatchConfig,
+    generate: GenerateConfig,
+    models: RwLock<Models>,
+    /// One load or unload at a time: loading takes the cores for seconds, and two loads of one name
+    /// would race to install their versions.
+    admin: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Models {
+    embedders: BTreeMap<String, Versions<EmbeddingModel>>,
+    generators: BTreeMap<String, Versions<GenerationModel>>,
+    default_embedder: Option<String>,
+    default_generator: Option<String>,
+}
+
+/// One version loaded on a blocking thread, before its batchers start.
+enum Loading {
+    Embedding(Box<Loaded>),
+    Generation(LoadedGen),
+}
+
+/// One version of a model, loaded and warmed, its batchers running.
+enum Ready {
+    Embedding(Arc<EmbeddingModel>),
+    Generation(Arc<GenerationModel>),
+}
+
+/// What a model version is doing, for the repository index (Triton's states).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexState {
+    Ready,
+    Unloading,
+    Unavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: u64,
+    pub state: IndexState,
+    pub reason: String,
+}
+
+/// A loaded model's serving versions: the stable one and the canary with its share.
+pub struct Served<M> {
+    pub stable: Arc<M>,
+    pub canary: Option<(Arc<M>, u8)>,
+}
+
+impl<M> Served<M> {
+    /// The versions taking requests.
+    pub fn versions(&self) -> impl Iterator<Item = &Arc<M>> {
+        std::iter::once(&self.stable).chain(self.canary.as_ref().map(|(m, _)| m))
+    }
+}
+
+fn pick_default(
+    flag: &'static str,
+    wanted: &Option<String>,
+    names: &[String],
+    fallback: &str,
+) -> Result<Option<String>, RegistryError> {
+    match wanted {
+        Some(name) if names.contains(name) => Ok(Some(name.clone())),
+        Some(name) => Err(RegistryError::UnknownDefault { flag, name: name.clone(), loaded: names.join(", ") }),
+        None if names.iter().any(|n| n == fallback) => Ok(Some(fallback.to_string())),
+        None => Ok(names.first().cloned()),
+    }
+}
+
+fn served<M: Versioned>(v: &Versions<M>) -> Option<Served<M>> {
+    Some(Served { stable: v.stable()?.clone(), canary: v.canary().map(|c| (c.model.clone(), c.percent)) })
+}
+
+fn names<M>(map: &BTreeMap<String, Versions<M>>) -> String
+where
+    M: Versioned,
+{
+    map.iter().filter(|(_, v)| v.is_loaded()).map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+impl Registry {
+    /// Loads the highest version of every model in the directory, each warmed by one forward pass.
+    /// Must run on a tokio runtime (the batchers are tasks); the loading itself happens on blocking
+    /// threads.
+    pub async fn load(
+        config: ModelConfig,
+        batch: BatchConfig,
+        generate: GenerateConfig,
+    ) -> Result<Self, RegistryError> {
+        let device = config.device;
+        // One replica of every model per device (one per visible GPU, or the CPU).
+        let devices = tokio::task::spawn_blocking(move || plan_devices(device))
+            .await
+            .map_err(|e| RegistryError::Join(e.to_string()))??;
+        let registry = Self {
+            root: config.model_dir.clone(),
+            devices,
+            batch,
+            generate,
+            models: RwLock::new(Models::default()),
+            admin: tokio::sync::Mutex::new(()),
+        };
+        let entries = repository::latest(&registry.scan().await?);
+        if entries.is_empty() {
+            return Err(RegistryError::NoModels(config.model_dir.clone()));
+        }
+        for entry in entries {
+            let ready = registry.load_entry(entry).await?;
+            let mut models = registry.write();
+            match ready {
+                Ready::Embedding(m) => {
+                    models.embedders.insert(m.name.to_string(), Versions::new(m));
+                }
+                Ready::Generation(m) => {
+                    models.generators.insert(m.name.to_string(), Versions::new(m));
+                }
+            }
+        }
+        {
+            let mut models = registry.write();
+            let names: Vec<String> = models.embedders.keys().cloned().collect();
+            models.default_embedder =
+                pick_default("embedding-model", &config.embedding_model, &names, DEFAULT_EMBEDDING_MODEL)?;
+            let names: Vec<String> = models.generators.keys().cloned().collect();
+            models.default_generator =
+                pick_default("generation-model", &config.generation_model, &names, DEFAULT_GENERATION_MODEL)?;
+        }
+        Ok(registry)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Models> {
+        // The lock guards plain maps that every writer leaves consistent, so a panic elsewhere while
+        // it was held does not make them wrong.
+        self.models.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Models> {
+        self.models.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn scan(&self) -> Result<Vec<Entry>, RegistryError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || repository::scan(&root))
+            .await
+            .map_err(|e| RegistryError::Join(e.to_string()))?
+    }
+
+    /// Loads and warms one version on a blocking thread, then starts its batchers here.
+    async fn load_entry(&self, entry: Entry) -> Result<Ready, RegistryError> {
+        let (root, devices) = (self.root.clone(), self.devices.clone());
+        let (batch, generate) = (self.batch.clone(), self.generate.clone());
+        let kind = entry.kind;
+        let work = move || match kind {
+            Kind::Embedding => load_embedder(&entry, &root, &devices, &batch).map(|l| Loading::Embedding(Box::new(l))),
+            Kind::Generation => load_generator(&entry, &root, &devices, &generate).map(Loading::Generation),
+        };
+        let loaded = tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Join(e.to_string()))??;
+        Ok(match loaded {
+            Loading::Embedding(l) => {
+                let l = *l;
+                let batcher = EmbedPool::new(
+                    l.engines.into_iter().map(|e| EmbedBatcher::spawn(&l.name, e, self.batch.clone())).collect(),
+                );
+                Ready::Embedding(Arc::new(EmbeddingModel {
+                    name: l.name.as_str().into(),
+                    version: l.version,
+                    source: l.source,
+                    device: l.device,
+                    dimension: l.dimension,
+                    tokenizer: Arc::new(l.tokenizer),
+                    limits: l.limits,
+                    batch: self.batch.clone(),
+                    batcher,
+                }))
+            }
+            Loading::Generation(l) => {
+                let scheduler = self.generate.scheduler.clone();
+                let batcher = GenPool::new(
+                    l.engines.into_iter().map(|e| GenBatcher::spawn(&l.name, e, scheduler.clone())).collect(),
+                );
+                Ready::Generation(Arc::new(GenerationModel {
+                    name: l.name.as_str().into(),
+                    version: l.version,
+                    source: l.source,
+                    device: l.device,
+                    tokenizer: l.tokenizer,
+                    template: l.template,
+                    limits: l.limits,
+                    scheduler,
+                    batcher,
+                }))
+            }
+        })
+    }
+
+    /// The embedding model a request names (empty: the default one), at `version` or, without one,
+    /// the version routing picks (the stable one or the canary).
+    pub fn embedder_at(&self, name: &str, version: Option<u64>) -> Result<Arc<EmbeddingModel>, ValidationError> {
+        let models = self.read();
+        let name = if name.is_empty() { models.default_embedder.as_deref().unwrap_or("") } else { name };
+        let versions = models.embedders.get(name);
+        let found = match version {
+            None => versions.and_then(Versions::route),
+            Some(v) => versions.and_then(|m| m.get(v)),
+        };
+        found.ok_or_else(|| unknown("embedding", name, version, &models.embedders))
+    }
+
+    pub fn embedder(&self, name: &str) -> Result<Arc<EmbeddingModel>, ValidationError> {
+        self.embedder_at(name, None)
+    }
+
+    /// The generation model a request names, as [`Registry::embedder_at`] does.
+    pub fn generator_at(&self, name: &str, version: Option<u64>) -> Result<Arc<GenerationModel>, ValidationError> {
+        let models = self.read();
+        let name = if name.is_empty() { models.default_generator.as_deref().unwrap_or("") } else { name };
+        let versions = models.generators.get(name);
+        let found = match version {
+            None => versions.and_then(Versions::route),
+            Some(v) => versions.and_then(|m| m.get(v)),
+        };
+        found.ok_or_else(|| unknown("generation", name, version, &models.generators))
+    }
+
+    pub fn generator(&self, name: &str) -> Result<Arc<GenerationModel>, ValidationError> {
+        self.generator_at(name, None)
+    }
+
+    /// Every loaded embedding model, by name.
+    pub fn embedders(&self) -> Vec<Served<EmbeddingModel>> {
+        self.read().embedders.values().filter_map(served).collect()
+    }
+
+    pub fn generators(&self) -> Vec<Served<GenerationModel>> {
+        self.read().generators.values().filter_map(served).collect()
+    }
+
+    /// The versions of `name` taking requests: stable first, then the canary.
+    pub fn serving_versions(&self, name: &str) -> Vec<u64> {
+        let models = self.read();
+        let s = match (models.embedders.get(name), models.generators.get(name)) {
+            (Some(v), _) => served(v).map(|s| s.versions().map(|m| m.version).collect()),
+            (None, Some(v)) => served(v).map(|s| s.versions().map(|m| m.version).collect()),
+            (None, None) => None,
+        };
+        s.unwrap_or_default()
+    }
+
+    pub fn default_embedder(&self) -> Option<String> {
+        self.read().default_embedder.clone()
+    }
+
+    pub fn default_generator(&self) -> Option<String> {
+        self.read().default_generator.clone()
+    }
+
+    /// Loads `version` of `name` (the highest on disk when `None`), warms it, and then, atomically,
+    /// makes it the stable version, or with `canary_percent` the canary taking that share of the
+    /// requests that name no version. The version it replaces finishes its requests, then is freed.
+    /// Asking for the current canary's version without a share promotes it without reloading.
+    /// Returns the version now serving.
+    pub async fn load_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        canary_percent: Option<u8>,
+    ) -> Result<u64, RegistryError> {
+        let _admin = self.admin.lock().await;
+        let entries = self.scan().await?;
+        let on_disk: Vec<&Entry> = entries.iter().filter(|e| e.name == name).collect();
+        if on_disk.is_empty() {
+            let mut all: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            all.dedup();
+            return Err(RegistryError::NotInRepository { name: name.into(), available: all.join(", ") });
+        }
+        let entry = match version {
+            None => *on_disk.iter().max_by_key(|e| e.version).expect("not empty"),
+            Some(v) => *on_disk.iter().find(|e| e.version == v).ok_or_else(|| RegistryError::UnknownVersion {
+                name: name.into(),
+                version: v,
+                available: on_disk.iter().map(|e| e.version.to_string()).collect::<Vec<_>>().join(", "),
+            })?,
+        };
+        let v = entry.version;
+        {
+            let mut models = self.write();
+            let loaded_as = if models.embedders.get(name).is_some_and(Versions::is_loaded) {
+                Some(Kind::Embedding)
+            } else if models.generators.get(name).is_some_and(Versions::is_loaded) {
+                Some(Kind::Generation)
+            } else {
+                None
+            };
+            if let Some(kind) = loaded_as
+                && kind != entry.kind
+            {
+                return Err(RegistryError::KindChanged { name: name.into(), version: v, loaded: kind.as_str() });
+            }
+            if let Some(p) = canary_percent {
+                if loaded_as.is_none() {
+                    return Err(RegistryError::CanaryWithoutStable { name: name.into(), percent: p });
+                }
+                let stable = match entry.kind {
+                    Kind::Embedding => models.embedders[name].stable().map(|m| m.version),
+                    Kind::Generation => models.generators[name].stable().map(|m| m.version),
+                };
+                if stable == Some(v) {
+                    return Err(RegistryError::CanaryIsStable { name: name.into(), version: v });
+                }
+            } else {
+                let promoted = match entry.kind {
+                    Kind::Embedding => models.embedders.get_mut(name).is_some_and(|m| m.promote_canary(v)),
+                    Kind::Generation => models.generators.get_mut(name).is_some_and(|m| m.promote_canary(v)),
+                };
+                if promoted {
+                    info!(model = name, version = v, "canary promoted to stable");
+                    return Ok(v);
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        let ready = self.load_entry(entry.clone()).await?;
+        let mut models = self.write();
+        fn install<M: Versioned>(map: &mut BTreeMap<String, Versions<M>>, name: &str, m: Arc<M>, canary: Option<u8>) {
+            match (map.get_mut(name), canary) {
+                (Some(v), Some(p)) => v.set_canary(m, p),
+                (Some(v), None) => v.promote(m),
+                (None, _) => {
+                    map.insert(name.to_string(), Versions::new(m));
+                }
+            }
+        }
+        match ready {
+            Ready::Embedding(m) => {
+                install(&mut models.embedders, name, m, canary_percent);
+                models.default_embedder.get_or_insert_with(|| name.to_string());
+            }
+            Ready::Generation(m) => {
+                install(&mut models.generators, name, m, canary_percent);
+                models.default_generator.get_or_insert_with(|| name.to_string());
+            }
+        }
+        info!(
+            model = name,
+            version = v,
+            canary_percent = canary_percent.unwrap_or(0),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model version loaded, warmed and switched in"
+        );
+        Ok(v)
+    }
+
+    /// Unloads `name`: every version, or with `version` the canary of that version only (a rollback).
+    /// New requests stop at once; running ones finish on the version they started on.
+    pub async fn unload(&self, name: &str, version: Option<u64>) -> Result<(), RegistryError> {
+        let _admin = self.admin.lock().await;
+        let mut models = self.write();
+        let models = &mut *models;
+        fn unload<M: Versioned>(v: &mut Versions<M>, version: Option<u64>) -> Result<(), Option<u64>> {
+            match version {
+                None => v.unload(),
+                Some(n) if v.canary().is_some_and(|c| c.model.version() == n) => {
+                    v.drop_canary(n);
+                }
+                Some(n) if v.stable().is_some_and(|s| s.version() == n) => v.unload(),
+                Some(n) => return Err(Some(n)),
+            }
+            Ok(())
+        }
+        let result = if let Some(v) = models.embedders.get_mut(name).filter(|v| v.is_loaded()) {
+            unload(v, version)
+        } else if let Some(v) = models.generators.get_mut(name).filter(|v| v.is_loaded()) {
+            unload(v, version)
+        } else {
+            Err(None)
+        };
+        match result {
+            Ok(()) => {
+                info!(model = name, version = version.unwrap_or(0), "unloaded; running requests finish first");
+                Ok(())
+            }
+            Err(version) => Err(RegistryError::NotLoaded { name: name.into(), version }),
+        }
+    }
+
+    /// Every model version on disk or in memory, and its state.
+    pub async fn index(&self) -> Result<Vec<IndexEntry>, RegistryError> {
+        let entries = self.scan().await?;
+        let mut models = self.write();
+        let mut states: BTreeMap<(String, u64), (IndexState, String)> = BTreeMap::new();
+        for e in entries {
+            states.insert((e.name, e.version), (IndexState::Unavailable, "not loaded".into()));
+        }
+        fn collect<M: Versioned>(
+            map: &mut BTreeMap<String, Versions<M>>,
+            states: &mut BTreeMap<(String, u64), (IndexState, String)>,
+        ) {
+            for (name, versions) in map.iter_mut() {
+                // Retired versions first, so a version that is draining and serving again (a reload
+                // of the same version) shows as serving.
+                let mut all = versions.states();
+                all.reverse();
+                for (v, s) in all {
+                    let state = match s {
+                        VersionState::Stable => (IndexState::Ready, String::new()),
+                        VersionState::Canary(p) => (IndexState::Ready, format!("canary: {p}% of requests")),
+                        VersionState::Draining => {
+                            (IndexState::Unloading, "finishing the requests that started on it".into())
+                        }
+                    };
+                    states.insert((name.clone(), v), state);
+                }
+            }
+        }
+        collect(&mut models.embedders, &mut states);
+        collect(&mut models.generators, &mut states);
+        Ok(states
+            .into_iter()
+            .map(|((name, version), (state, reason))| IndexEntry { name, version, state, reason })
+            .collect())
+    }
+}
+
+/// The error for a model (or version) no request can reach, naming what can be.
+fn unknown<M: Versioned>(
+    kind: &'static str,
+    name: &str,
+    version: Option<u64>,
+    map: &BTreeMap<String, Versions<M>>,
+) -> ValidationError {
+    match (version, map.get(name).filter(|v| v.is_loaded())) {
+        (Some(v), Some(versions)) => {
+            let mut serving: Vec<String> = versions.stable().iter().map(|m| m.version().to_string()).collect();
+            serving.extend(versions.canary().map(|c| c.model.version().to_string()));
+            ValidationError::UnknownVersion { name: name.to_string(), version: v, serving: serving.join(", ") }
+        }
+        _ => ValidationError::UnknownModel { kind, name: name.to_string(), loaded: names(map) },
+    }
+}
+
+impl Versioned for EmbeddingModel {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for GenerationModel {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// A generation model loaded on a blocking thread, before its scheduler starts.
+struct LoadedGen {
+    name: String,
+    version: u64,
+    source: String,
+    device: String,
+    tokenizer: Arc<GgufTokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+    limits: GenerateLimits,
+    engines: Vec<GenEngine>,
+}
+
+/// A model loaded on a blocking thread, before its batcher starts.
+struct Loaded {
+    name: String,
+    version: u64,
+    source: String,
+    device: String,
+    dimension: usize,
+    tokenizer: TextTokenizer,
+    limits: PredictLimits,
+    engines: Vec<EmbedEngine>,
+}
+
+fn devices_name(devices: &[Device]) -> String {
+    devices.iter().map(device_name).collect::<Vec<_>>().join(",")
+}
+
+fn load_generator(
+    entry: &Entry,
+    root: &Path,
+    devices: &[Device],
+    generate: &GenerateConfig,
+) -> Result<LoadedGen, RegistryError> {
+    let (name, path) = (entry.name.clone(), entry.path.as_path());
+    let mut engines = Vec::with_capacity(devices.len());
+    let mut first = None;
+    for device in devices {
+        let LoadedLlama { generator, tokenizer, context_length } =
+            LlamaGenerator::load(path, device, generate.prefill_chunk)?;
+        engines.push(
+            GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?,
+        );
+        first.get_or_insert((tokenizer, context_length));
+    }
+    let (tokenizer, context_length) = first.expect("at least one device");
+    let template = match tokenizer.chat_template.as_deref() {
+        None => None,
+        Some(source) => {
+            let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
+            match ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.eos)) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    warn!(model = %name, error = %e, "chat template unusable; only raw prompts are served");
+                    None
+                }
+            }
+        }
+    };
+    info!(
+        model = %name,
+        version = entry.version,
+        chat_template = template.is_some(),
+        replicas = engines.len(),
+        "generation model ready"
+    );
+    Ok(LoadedGen {
+        version: entry.version,
+        source: path.strip_prefix(root).unwrap_or(path).display().to_string(),
+        device: devices_name(devices),
+        limits: GenerateLimits {
+            context_length: context_length.min(generate.scheduler.max_kv_tokens),
+            max_new_tokens: generate.max_new_tokens,
+        },
+        tokenizer,
+        template,
+        engines,
+        name,
+    })
+}
+
+fn load_embedder(entry: &Entry, root: &Path, devices: &[Device], batch: &BatchConfig) -> Result<Loaded, RegistryError> {
+    let mut replicas = devices.iter().map(|d| load_embedder_on(entry, root, d, batch));
+    let mut loaded = replicas.next().expect("at least one device")?;
+    for other in replicas {
+        loaded.engines.extend(other?.engines);
+    }
+    loaded.device = devices_name(devices);
+    Ok(loaded)
+}
+
+fn load_embedder_on(entry: &Entry, root: &Path, device: &Device, batch: &BatchConfig) -> Result<Loaded, RegistryError> {
+    let (name, dir) = (entry.name.clone(), entry.path.as_path());
+    let started = std::time::Instant::now();
+    let (mut model, info) = SentenceEmbedder::load(dir, device)?;
+    if batch.max_batch_tokens < info.max_input_tokens {
+        return Err(RegistryError::BudgetTooSmall {
+            model: name,
+            budget: batch.max_batch_tokens,
+            max_input: info.max_input_tokens,
+        });
+    }
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), info.max_input_tokens)?;
+    // Warm-up: one real forward pass before health says SERVING, so the first caller does not pay for
+    // lazy allocations and page faults of the weights.
+    let warm = model.embed(&[tokenizer.minimal()?])?;
+    if warm.first().map(Vec::len) != Some(info.dimension) {
+        warn!(model = %name, "warm-up returned an unexpected width");
+    }
+    info!(
+        model = %name,
+        version = entry.version,
+        dimension = info.dimension,
+        max_input_tokens = info.max_input_tokens,
+        normalize = info.normalize,
+        pooling = ?info.pooling,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "embedding model loaded and warmed"
+    );
+    let engine = EmbedEngine::spawn(&name, model).map_err(|source| RegistryError::Io { path: dir.into(), source })?;
+    Ok(Loaded {
+        version: entry.version,
+        source: dir.strip_prefix(root).unwrap_or(dir).display().to_string(),
+        device: device_name(device),
+        dimension: info.dimension,
+        limits: PredictLimits {
+            max_inputs: batch.max_batch_size,
+            max_input_tokens: info.max_input_tokens,
+            max_batch_tokens: batch.max_batch_tokens,
+            default_normalize: info.normalize,
+        },
+        tokenizer,
+        engines: vec![engine],
+        name,
+    })
+}
