@@ -207,15 +207,15 @@ pub static GENERATED_TOKENS: Family =
     Family::new("omnibus_generated_tokens_total", "Tokens generated and streamed.", Kind::Counter, &["model"]);
 pub static REQUESTS: Family = Family::new(
     "omnibus_requests_total",
-    "Finished calls by gRPC status code (OK included).",
+    "Finished calls by model version and gRPC status code (OK included).",
     Kind::Counter,
-    &["model", "method", "code"],
+    &["model", "version", "method", "code"],
 );
 pub static FAILURES: Family = Family::new(
     "omnibus_request_failures_total",
     "Failed calls by gRPC status code and reason (queue_full, deadline, invalid_argument, ...).",
     Kind::Counter,
-    &["model", "method", "code", "reason"],
+    &["model", "version", "method", "code", "reason"],
 );
 pub static EXPIRED_BEFORE_MODEL: Family = Family::new(
     "omnibus_expired_before_model_total",

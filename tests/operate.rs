@@ -73,7 +73,7 @@ async fn overload_is_refused_with_retry_info_while_admitted_calls_succeed() {
     assert_complete(end.unwrap().expect("an end message"), n);
     let m = server.scrape().await;
     let refused = format!(
-        "omnibus_request_failures_total{{model=\"{GENERATOR}\",method=\"Generate\",code=\"RESOURCE_EXHAUSTED\",reason=\"queue_full\"}}"
+        "omnibus_request_failures_total{{model=\"{GENERATOR}\",version=\"1\",method=\"Generate\",code=\"RESOURCE_EXHAUSTED\",reason=\"queue_full\"}}"
     );
     assert_eq!(sample(&m, &refused), 1.0, "{m}");
 }
@@ -165,9 +165,10 @@ async fn metrics_exist_move_and_calls_carry_request_ids() {
     let (n, end) = drain(client.generate(greedy("Hello", 5)).await.unwrap().into_inner()).await;
     assert_eq!((n, end.unwrap().is_some()), (5, true));
     let after = server.scrape().await;
-    let ok = format!("omnibus_requests_total{{model=\"{EMBEDDER}\",method=\"Predict\",code=\"OK\"}}");
+    let ok = format!("omnibus_requests_total{{model=\"{EMBEDDER}\",version=\"1\",method=\"Predict\",code=\"OK\"}}");
     assert_eq!(sample(&after, &ok) - sample(&before, &ok), 2.0, "{after}");
-    let gen_ok = format!("omnibus_requests_total{{model=\"{GENERATOR}\",method=\"Generate\",code=\"OK\"}}");
+    let gen_ok =
+        format!("omnibus_requests_total{{model=\"{GENERATOR}\",version=\"1\",method=\"Generate\",code=\"OK\"}}");
     assert_eq!(sample(&after, &gen_ok), 1.0, "{after}");
     assert_eq!(sample(&after, &format!("omnibus_generated_tokens_total{{model=\"{GENERATOR}\"}}")), 5.0);
     let ttft = format!("omnibus_time_to_first_token_seconds_count{{model=\"{GENERATOR}\"}}");

@@ -222,6 +222,12 @@ async fn canary_takes_its_share_then_rolls_back_or_is_promoted() {
     }
     assert_eq!(versions.iter().filter(|v| *v == "2").count(), 10, "{versions:?}");
     assert_eq!(versions.iter().filter(|v| *v == "1").count(), 30, "{versions:?}");
+    // Counted by version, so the canary's error rate can be compared with the stable one's.
+    let scrape = server.scrape().await;
+    let ok = |v: &str| {
+        format!("omnibus_requests_total{{model=\"{EMBEDDER}\",version=\"{v}\",method=\"Predict\",code=\"OK\"}}")
+    };
+    assert_eq!((common::sample(&scrape, &ok("1")), common::sample(&scrape, &ok("2"))), (31.0, 10.0));
     let listed = server.client().await.list_models(ListModelsRequest {}).await.unwrap().into_inner();
     let m = listed.models.iter().find(|m| m.name == EMBEDDER).unwrap();
     let canary = m.canary.as_ref().expect("the canary is listed");

@@ -136,6 +136,8 @@ pub struct Outcome {
     method: &'static str,
     /// "none" until the call names a model, "unknown" if it names one that is not loaded.
     model: Arc<str>,
+    /// The version that served the call; empty until one is picked.
+    version: String,
     started: Instant,
     deadline: Option<Instant>,
     done: bool,
@@ -143,11 +145,26 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn new(calls: &Arc<Calls>, method: &'static str, deadline: Option<Instant>) -> Self {
-        Self { calls: calls.clone(), method, model: "none".into(), started: Instant::now(), deadline, done: false }
+        Self {
+            calls: calls.clone(),
+            method,
+            model: "none".into(),
+            version: String::new(),
+            started: Instant::now(),
+            deadline,
+            done: false,
+        }
     }
 
     pub fn set_model(&mut self, model: Arc<str>) {
         self.model = model;
+    }
+
+    /// The model and version that serve the call: calls are counted by version too, so a canary's
+    /// error rate can be compared with the stable version's.
+    pub fn set_served(&mut self, model: Arc<str>, version: u64) {
+        self.model = model;
+        self.version = version.to_string();
     }
 
     fn record(&mut self, code: Code, reason: Option<&str>) {
@@ -156,10 +173,10 @@ impl Outcome {
         }
         self.done = true;
         let code_name = code_name(code);
-        let (model, method) = (&*self.model, self.method);
-        metrics::REQUESTS.with(&[model, method, code_name]).inc();
+        let (model, version, method) = (&*self.model, self.version.as_str(), self.method);
+        metrics::REQUESTS.with(&[model, version, method, code_name]).inc();
         if let Some(reason) = reason {
-            metrics::FAILURES.with(&[model, method, code_name, reason]).inc();
+            metrics::FAILURES.with(&[model, version, method, code_name, reason]).inc();
         }
         metrics::REQUEST_DURATION.observe_duration(&[model, method], self.started.elapsed());
     }

@@ -41,7 +41,7 @@ pub(super) async fn generate(
             return Err(outcome.fail(e.into()));
         }
     };
-    outcome.set_model(model.name.clone());
+    outcome.set_served(model.name.clone(), model.version);
     let queued = async { start(&model, convert::generate_params(req), deadline, priority?).await };
     let events = match queued.await {
         Ok(events) => events,

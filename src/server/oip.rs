@@ -451,11 +451,11 @@ impl GrpcInferenceService for OipService {
             };
             let result = match model {
                 Model::Embedding(m) => {
-                    outcome.set_model(m.name.clone());
+                    outcome.set_served(m.name.clone(), m.version);
                     embed(m, req, deadline, priority).await
                 }
                 Model::Generation(m) => {
-                    outcome.set_model(m.name.clone());
+                    outcome.set_served(m.name.clone(), m.version);
                     async {
                         let mut events = start_generation(&m, &req, deadline, priority).await?;
                         let mut text = String::new();
@@ -573,7 +573,7 @@ impl GrpcInferenceService for OipService {
                 let m = match this.model(&req.model_name, &req.model_version) {
                     Ok(Model::Generation(m)) => m,
                     Ok(Model::Embedding(m)) => {
-                        outcome.set_model(m.name.clone());
+                        outcome.set_served(m.name.clone(), m.version);
                         match embed(m, req, deadline, priority).await {
                             Ok(r) => {
                                 outcome.ok();
@@ -596,7 +596,7 @@ impl GrpcInferenceService for OipService {
                         continue;
                     }
                 };
-                outcome.set_model(m.name.clone());
+                outcome.set_served(m.name.clone(), m.version);
                 let mut events = match start_generation(&m, &req, deadline, priority).await {
                     Ok(ev) => ev,
                     Err(e) => {

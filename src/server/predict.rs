@@ -49,7 +49,7 @@ pub(super) async fn predict(
             return Err(outcome.fail(e.into()));
         }
     };
-    outcome.set_model(model.name.clone());
+    outcome.set_served(model.name.clone(), model.version);
     let result = async move {
         let priority = priority?;
         let params = convert::predict_params(req)?;
