@@ -327,7 +327,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_dropped_before_it_finished_is_recorded_once_with_why() {
         let calls = Calls::new(Duration::from_secs(1));
-        let count = |code: &str| metrics::REQUESTS.with(&["drop-test", "Predict", code]).get();
+        let count = |code: &str| metrics::REQUESTS.with(&["drop-test", "", "Predict", code]).get();
         let (deadline0, cancelled0) = (count("DEADLINE_EXCEEDED"), count("CANCELLED"));
         let mut expired = Outcome::new(&calls, "Predict", Some(Instant::now()));
         expired.set_model("drop-test".into());
