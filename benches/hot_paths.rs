@@ -117,7 +117,7 @@ fn forward(c: &mut Criterion) {
     let mut file = std::fs::File::open(models().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let llama = Llama::load(&content, &mut file, &Device::Cpu).unwrap();
-    for batch in [1usize, 4, 16] {
+    for batch in [1usize, 4, 8, 16] {
         // One decode step of `batch` sequences, each with 32 positions already cached.
         let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&llama.config)).collect();
         let prompt: Vec<u32> = (100..132).collect();
