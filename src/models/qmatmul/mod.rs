@@ -6,8 +6,8 @@
 //! Numerics are ggml's: activations are quantized per block to the type each weight type dots with
 //! (Q8_1 for Q4_1; Q8_0 for Q4_0/Q5_x/Q8_0; Q8_K for the K-quants), the block dot products are integer,
 //! and blocks accumulate in f32. Q4_1 (candle's dot is scalar), Q8_0 and Q4_0 have their own kernels
-//! here (AVX-512 VNNI or AVX2, chosen at run time, each weight block shared by four rows); every other
-//! type, and these two off x86, uses candle's per-block `vec_dot` (AVX2 at run time on x86-64, NEON on
+//! here (AVX-512 VNNI or AVX2, chosen at run time, on weights repacked eight columns to a register);
+//! every other type, and these two off x86, uses candle's per-block `vec_dot` (AVX2 at run time on x86-64, NEON on
 //! arm64) inside our tiling and threads. This is the CPU's only matrix-product path for GGUF weights; on CUDA the model
 //! keeps candle's `QMatMul` (see `llama::Linear`).
 mod q4_1;
@@ -50,6 +50,18 @@ impl Out {
         // SAFETY: in bounds (checked above) and owned by the calling task (the caller's promise).
         unsafe { *self.ptr.add(r * self.n + c) = v }
     }
+
+    /// Writes `vals` to row `r`, columns `c..c + vals.len()`.
+    ///
+    /// # Safety
+    /// Those columns must belong to the calling task (be in the `cols` it was handed): no other task may
+    /// write them during the region.
+    #[inline(always)]
+    pub(crate) unsafe fn set_span(&self, r: usize, c: usize, vals: &[f32]) {
+        assert!(r < self.rows && c + vals.len() <= self.n);
+        // SAFETY: in bounds (checked above) and owned by the calling task (the caller's promise).
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(r * self.n + c), vals.len()) }
+    }
 }
 
 /// One weight format's half of the product.
@@ -67,26 +79,44 @@ pub(crate) trait Kernel: Sync {
 /// stay in L1.
 const ROW_BLOCK: usize = 64;
 
-/// The tiling of our own kernels: rows in blocks of [`ROW_BLOCK`], and within a block, for each column
-/// of `cols`, groups of up to four rows that share one unpacked weight block. `dot(c, rows, four)`
-/// fills `four` for column `c` and those rows; this writes them out.
-pub(crate) fn four_row_tiles(
+/// Output columns per weight group in the repacked layouts: one 256-bit register holds a value for each.
+pub(crate) const GROUP: usize = 8;
+
+/// Where byte `j` of column `c`'s block lands in a group's interleaved block: 32-byte chunks, each holding
+/// four consecutive bytes of every column of the group, so one load and one `vpdpbusd` against four
+/// broadcast activation bytes serve all eight columns.
+#[inline(always)]
+pub(crate) fn interleaved(c: usize, j: usize) -> usize {
+    (j / 4) * 32 + c * 4 + j % 4
+}
+
+/// Activation rows per run of a tile: each row keeps eight f32x8 accumulators (ggml's lanes, see the
+/// kernels), so two rows' worth plus the scales fill AVX-512's 32 vector registers.
+pub(crate) const RUN: usize = 2;
+
+/// The tiling of our own kernels: rows in blocks of [`ROW_BLOCK`], and within a block, for each
+/// [`GROUP`] of columns in `cols`, runs of up to [`RUN`] rows. `dot(g, rows, tile)` fills `tile[i]`
+/// with row `rows[i]`'s results for columns `g * GROUP..`; this writes out the ones below `cols.end`
+/// (a matrix's last group is padded).
+pub(crate) fn eight_column_tiles(
     rows: usize,
     cols: Range<usize>,
     out: &Out,
-    mut dot: impl FnMut(usize, &[usize], &mut [f32; 4]),
+    mut dot: impl FnMut(usize, &[usize], &mut [[f32; GROUP]; RUN]),
 ) {
-    let mut four = [0f32; 4];
+    assert_eq!(cols.start % GROUP, 0, "column chunks start on a group");
+    let mut tile = [[0f32; GROUP]; RUN];
     for rb in (0..rows).step_by(ROW_BLOCK) {
         let re = (rb + ROW_BLOCK).min(rows);
-        for c in cols.clone() {
-            for r0 in (rb..re).step_by(4) {
-                let group = [r0, r0 + 1, r0 + 2, r0 + 3];
-                let group = &group[..(re - r0).min(4)];
-                dot(c, group, &mut four);
-                for (i, &r) in group.iter().enumerate() {
-                    // SAFETY: `c` is in `cols`, the calling task's own columns.
-                    unsafe { out.set(r, c, four[i]) };
+        for c0 in cols.clone().step_by(GROUP) {
+            let width = (cols.end - c0).min(GROUP);
+            for r0 in (rb..re).step_by(RUN) {
+                let run: [usize; RUN] = std::array::from_fn(|i| r0 + i);
+                let run = &run[..(re - r0).min(RUN)];
+                dot(c0 / GROUP, run, &mut tile);
+                for (i, &r) in run.iter().enumerate() {
+                    // SAFETY: `c0..c0 + width` is within `cols`, the calling task's own columns.
+                    unsafe { out.set_span(r, c0, &tile[i][..width]) };
                 }
             }
         }
@@ -94,7 +124,8 @@ pub(crate) fn four_row_tiles(
 }
 
 /// Columns per task: several tasks per thread so a slow thread doesn't hold the region, at least 16
-/// (a 64-byte line of one output row, so no two tasks write the same cache line in a decode step).
+/// (a 64-byte line of one output row, so no two tasks write the same cache line in a decode step; a
+/// multiple of [`GROUP`], so no weight group straddles two tasks).
 fn column_chunk(n: usize, threads: usize) -> usize {
     n.div_ceil(threads * 8).next_multiple_of(16).clamp(16, 512)
 }

@@ -1,27 +1,37 @@
-//! Q8_0 and Q4_0 weights against Q8_0 activations: ggml's AVX2 `ggml_vec_dot_q8_0_q8_0` /
-//! `ggml_vec_dot_q4_0_q8_0` (the i8 x i8 products through the sign trick, one f32 fma per block into
-//! eight lanes, ggml's horizontal sum), with each weight block loaded once for up to four activation
-//! rows and the f16 block scales converted once at load instead of once per dot product. SmolLM2's
-//! output head is Q8_0: 49152 columns, a fifth of every decode step.
+//! Q8_0 and Q4_0 weights against Q8_0 activations. The weights are repacked at load into groups of
+//! eight columns (llama.cpp's "8x8" idea), so one `vpdpbusd` against four broadcast activation bytes
+//! advances eight columns, and the f16 block scales are converted once at load. SmolLM2's output head
+//! is Q8_0: 49152 columns, a fifth of every decode step.
+//!
+//! Numerics are ggml's AVX2 `ggml_vec_dot_q8_0_q8_0` / `ggml_vec_dot_q4_0_q8_0`, bit for bit (see
+//! `super::x86`): exact integer sums of four products per lane, `(d_w * d_x) * lane_sum` accumulated
+//! per lane in f32, the lanes added at the end in ggml's order. `vpdpbusd` multiplies unsigned by signed
+//! bytes, so the VNNI path feeds it the weights plus an offset (128 for Q8_0; Q4_0's nibbles are their
+//! values plus 8) and starts each lane at `-offset * (its four activations' sum)`, which the quantizer
+//! computes per block for the matrix's type; AVX2 uses ggml's sign trick for Q8_0 and the same offset
+//! for Q4_0. Same integers either way.
 //!
 //! x86-64 only (AVX-512 VNNI or AVX2+FMA, chosen at run time); elsewhere, and on x86 CPUs without AVX2,
-//! these types go through candle's per-block `vec_dot` inside the same tiling (NEON on arm64).
+//! these types go through candle's per-block `vec_dot` (NEON on arm64).
 use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Result, bail};
 use half::f16;
 
-use super::{Kernel, Out};
+use super::{GROUP, Kernel, Out, RUN, interleaved};
 use crate::models::cpu;
 
 const QK: usize = 32;
 
-/// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to).
+/// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to), and the
+/// offset correction of each lane: `-offset * (qs[4v] + .. + qs[4v + 3])` for the weight type's
+/// [`Q8Weights::OFFSET`].
 #[derive(Clone, Copy)]
 pub struct Q8_0Block {
     qs: [i8; 32],
     d: f32,
+    corr: [i32; 8],
 }
 
 /// Activations quantized to Q8_0, one row after another, as candle's `BlockQ8_0::from_float` does.
@@ -36,8 +46,13 @@ pub(crate) fn round_half_away(v: f32) -> f32 {
     if diff.abs() >= 0.5 { t + 1f32.copysign(v) } else { t }
 }
 
-pub fn quantize_q8_0(x: &[f32]) -> Q8_0Rows {
+/// `offset` is the weight type's [`Q8Weights::OFFSET`], for the lane corrections.
+pub fn quantize_q8_0(x: &[f32], offset: i32) -> Q8_0Rows {
     let simd = cpu::features().avx2_fma;
+    let block = |qs: [i8; 32], d: f32| {
+        let corr = std::array::from_fn(|v| -offset * qs[4 * v..4 * v + 4].iter().map(|&q| q as i32).sum::<i32>());
+        Q8_0Block { qs, d: f16::from_f32(d).to_f32(), corr }
+    };
     super::par_map_units(x, QK, |x, out| {
         out.reserve(x.len() / QK);
         for xs in x.chunks_exact(QK) {
@@ -45,7 +60,7 @@ pub fn quantize_q8_0(x: &[f32]) -> Q8_0Rows {
             if simd {
                 // SAFETY: the CPU has AVX2 and FMA; the chunk holds 32 values.
                 let (qs, _, amax) = unsafe { super::x86::quantize_block(xs) };
-                out.push(Q8_0Block { qs, d: f16::from_f32(amax / 127.0).to_f32() });
+                out.push(block(qs, amax / 127.0));
                 continue;
             }
             let _ = simd;
@@ -56,49 +71,65 @@ pub fn quantize_q8_0(x: &[f32]) -> Q8_0Rows {
             for (q, &v) in qs.iter_mut().zip(xs) {
                 *q = round_half_away(v * id) as i8;
             }
-            out.push(Q8_0Block { qs, d: f16::from_f32(d).to_f32() });
+            out.push(block(qs, d));
         }
     })
 }
 
-/// The weight blocks of one format: 32 signed values each, and a scale.
-pub trait Q8Weights: Send + Sync {
+/// The weight blocks of one format: 32 signed values each, and a scale. `Self` names the format (its
+/// GGUF block's values); the matrix holds [`Group8`]s of `Self::Packed`.
+pub trait Q8Weights: Send + Sync + 'static {
     const DTYPE: GgmlDType;
-    /// Bytes per block in the GGUF data (f16 scale first).
+    /// Bytes per block in the GGUF data (f16 scale first, then the values' bytes).
     const BYTES: usize;
-    fn parse(block: &[u8]) -> Self;
+    /// What makes the values unsigned bytes: 128 for Q8_0's i8; Q4_0's nibbles are their values plus 8.
+    const OFFSET: i32;
+    /// One block of eight columns, their value bytes interleaved (`super::interleaved`).
+    type Packed: Copy + Send + Sync + AsMut<[u8]>;
+    const ZERO: Self::Packed;
+    /// Value `j` of the group's column `c`.
     #[cfg_attr(not(test), allow(dead_code))]
-    fn values(&self) -> [i8; 32];
+    fn value(p: &Self::Packed, c: usize, j: usize) -> i8;
 }
 
 impl Q8Weights for [i8; 32] {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
     const BYTES: usize = 34;
-    fn parse(block: &[u8]) -> Self {
-        std::array::from_fn(|i| block[2 + i] as i8)
-    }
-    fn values(&self) -> [i8; 32] {
-        *self
+    const OFFSET: i32 = 128;
+    type Packed = [u8; 256];
+    const ZERO: [u8; 256] = [0; 256];
+    fn value(p: &[u8; 256], c: usize, j: usize) -> i8 {
+        p[interleaved(c, j)] as i8
     }
 }
 
 impl Q8Weights for [u8; 16] {
     const DTYPE: GgmlDType = GgmlDType::Q4_0;
     const BYTES: usize = 18;
-    fn parse(block: &[u8]) -> Self {
-        block[2..18].try_into().expect("16 bytes")
-    }
-    fn values(&self) -> [i8; 32] {
-        std::array::from_fn(|i| if i < 16 { (self[i] & 0x0F) as i8 - 8 } else { (self[i - 16] >> 4) as i8 - 8 })
+    const OFFSET: i32 = 8;
+    type Packed = [u8; 128];
+    const ZERO: [u8; 128] = [0; 128];
+    fn value(p: &[u8; 128], c: usize, j: usize) -> i8 {
+        let byte = p[interleaved(c, j % 16)];
+        (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i8 - 8
     }
 }
 
-/// A `[n, k]` matrix of Q8_0 (`W = [i8; 32]`) or Q4_0 (`W = [u8; 16]`) blocks.
-pub struct Q8Matrix<W> {
+/// One block (32 values) of eight columns and their scales.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Group8<P> {
+    qs: P,
+    d: [f32; GROUP],
+}
+
+/// A `[n, k]` matrix of Q8_0 (`W = [i8; 32]`) or Q4_0 (`W = [u8; 16]`) blocks, repacked.
+pub struct Q8Matrix<W: Q8Weights> {
     n: usize,
     kb: usize,
-    qs: Vec<W>,
-    d: Vec<f32>,
+    /// `n.div_ceil(8) * kb` blocks, group after group; the last group is padded with zero columns (d = 0)
+    /// whose results are never written.
+    groups: Vec<Group8<W::Packed>>,
 }
 
 impl<W: Q8Weights> Q8Matrix<W> {
@@ -119,18 +150,24 @@ impl<W: Q8Weights> Q8Matrix<W> {
         if data.len() != n * kb * W::BYTES {
             bail!("{:?} data of {} bytes for a {n}x{k} matrix", W::DTYPE, data.len());
         }
-        let mut qs = Vec::with_capacity(n * kb);
-        let mut d = Vec::with_capacity(n * kb);
-        for block in data.chunks_exact(W::BYTES) {
-            d.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            qs.push(W::parse(block));
+        let mut groups = vec![Group8 { qs: W::ZERO, d: [0.0; GROUP] }; n.div_ceil(GROUP) * kb];
+        for (i, block) in data.chunks_exact(W::BYTES).enumerate() {
+            let (col, b) = (i / kb, i % kb);
+            let (g, c) = (col / GROUP, col % GROUP);
+            let dst = &mut groups[g * kb + b];
+            dst.d[c] = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let qs = dst.qs.as_mut();
+            for (j, &byte) in block[2..].iter().enumerate() {
+                qs[interleaved(c, j)] = byte;
+            }
         }
-        Ok(Self { n, kb, qs, d })
+        Ok(Self { n, kb, groups })
     }
 }
 
-/// Dots of one weight column with up to four activation rows.
-type DotFn<W> = fn(&[W], &[f32], &Q8_0Rows, &[usize], &mut [f32; 4]);
+/// Dots of one weight group with a run of activation rows: `tile[i][c]` for row `rows[i]` and the
+/// group's column `c`.
+type DotFn<P> = fn(&[Group8<P>], &Q8_0Rows, &[usize], &mut [[f32; GROUP]; RUN]);
 
 /// Whether this CPU runs our kernels for these types (else the caller uses candle's).
 pub fn supported() -> bool {
@@ -149,32 +186,33 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
     }
 
     fn quantize(&self, x: &[f32], _rows: usize) -> Q8_0Rows {
-        quantize_q8_0(x)
+        quantize_q8_0(x, W::OFFSET)
     }
 
     fn columns(&self, q: &Q8_0Rows, rows: usize, cols: Range<usize>, out: &Out) {
-        let dot: DotFn<W> = x86::select();
+        let dot: DotFn<W::Packed> = x86::select::<W>();
         let kb = self.kb;
-        super::four_row_tiles(rows, cols, out, |c, group, four| {
-            let w = c * kb..(c + 1) * kb;
-            dot(&self.qs[w.clone()], &self.d[w], q, group, four)
+        super::eight_column_tiles(rows, cols, out, |g, run, tile| {
+            dot(&self.groups[g * kb..(g + 1) * kb], q, run, tile)
         });
     }
 }
 
-/// ggml's generic dot (integer block sums, one f32 multiply-add per block): the reference in tests.
+/// ggml's generic dot (integer block sums, one f32 multiply-add per block) per column: the reference in
+/// tests.
 #[cfg(test)]
-fn dot_portable<W: Q8Weights>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize], out: &mut [f32; 4]) {
-    let kb = wq.len();
+fn dot_portable<W: Q8Weights>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
+    let kb = wg.len();
     for (i, &r) in rows.iter().enumerate() {
-        let mut sumf = 0f32;
-        for b in 0..kb {
-            let w = wq[b].values();
-            let x = &q[r * kb + b].qs;
-            let sumi: i32 = (0..32).map(|j| w[j] as i32 * x[j] as i32).sum();
-            sumf += sumi as f32 * (wd[b] * q[r * kb + b].d);
+        for c in 0..GROUP {
+            let mut sumf = 0f32;
+            for (b, w) in wg.iter().enumerate() {
+                let a = &q[r * kb + b];
+                let sumi: i32 = (0..32).map(|j| W::value(&w.qs, c, j) as i32 * a.qs[j] as i32).sum();
+                sumf += sumi as f32 * (w.d[c] * a.d);
+            }
+            tile[i][c] = sumf;
         }
-        out[i] = sumf;
     }
 }
 
@@ -182,83 +220,118 @@ fn dot_portable<W: Q8Weights>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{hsum_float_8, lane_sums_avx2, lane_sums_vnni, nibbles};
-    use super::{DotFn, Q8_0Rows};
+    use super::super::x86::{by_rows, bytes, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles, quad};
+    use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
     use crate::models::cpu;
 
-    /// A weight block as 32 signed bytes in a register.
-    pub trait Unpack: Sized + 'static {
-        unsafe fn unpack(&self) -> __m256i;
+    /// Weight vector `v` of a packed block (column values `4v..4v + 4`) in registers, per path.
+    pub trait Unpack: Q8Weights {
+        /// As u8: the values plus [`Q8Weights::OFFSET`].
+        unsafe fn unsigned(p: &Self::Packed, v: usize) -> __m256i;
+        /// Per column, the exact integer dot of the four values with `x`'s (AVX2).
+        unsafe fn lane_sums_avx2(p: &Self::Packed, v: usize, x: &Q8_0Block) -> __m256i;
     }
 
     impl Unpack for [i8; 32] {
         #[inline(always)]
-        unsafe fn unpack(&self) -> __m256i {
-            // SAFETY: reads exactly the 32 bytes of the array.
-            unsafe { _mm256_loadu_si256(self.as_ptr() as *const __m256i) }
+        unsafe fn unsigned(p: &[u8; 256], v: usize) -> __m256i {
+            // SAFETY: inlined only into AVX2 functions.
+            unsafe { _mm256_xor_si256(bytes(p, v), _mm256_set1_epi8(-128)) }
+        }
+        #[inline(always)]
+        unsafe fn lane_sums_avx2(p: &[u8; 256], v: usize, x: &Q8_0Block) -> __m256i {
+            // SAFETY: inlined only into AVX2 functions.
+            unsafe {
+                // ggml's mul_sum_i8_pairs_float: |w| times x with w's sign, as u8 x i8.
+                let w = bytes(p, v);
+                lane_sums_avx2(_mm256_sign_epi8(w, w), _mm256_sign_epi8(quad(&x.qs, v), w))
+            }
         }
     }
 
     impl Unpack for [u8; 16] {
         #[inline(always)]
-        unsafe fn unpack(&self) -> __m256i {
+        unsafe fn unsigned(p: &[u8; 128], v: usize) -> __m256i {
             // SAFETY: inlined only into AVX2 functions.
-            unsafe { _mm256_sub_epi8(nibbles(self), _mm256_set1_epi8(8)) }
+            unsafe { nibbles(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn lane_sums_avx2(p: &[u8; 128], v: usize, x: &Q8_0Block) -> __m256i {
+            // SAFETY: inlined only into AVX2 functions.
+            unsafe { _mm256_add_epi32(lane_sums_avx2(nibbles(p, v), quad(&x.qs, v)), _mm256_set1_epi32(x.corr[v])) }
         }
     }
 
-    pub fn select<W: Unpack>() -> DotFn<W> {
+    pub fn select<W: Unpack>() -> DotFn<W::Packed> {
         let f = cpu::features();
         if f.avx512_vnni { vnni::<W> } else { avx2::<W> }
     }
 
-    fn avx2<W: Unpack>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize], out: &mut [f32; 4]) {
+    pub fn avx2<W: Unpack>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn run<W: Unpack>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize], out: &mut [f32; 4]) {
+        unsafe fn run<W: Unpack>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, r: usize, out: &mut [f32; GROUP]) {
+            let mut tile = [[0f32; GROUP]; 1];
             // SAFETY: compiled for AVX2+FMA.
-            unsafe { body(wq, wd, q, rows, out, |w, x| lane_sums_avx2(w, x)) }
+            unsafe { body(wg, q, &[r], &mut tile, |p, v, x| W::lane_sums_avx2(p, v, x)) };
+            *out = tile[0];
         }
-        // SAFETY: `select` (the only way here) and `supported()` (the only way to build this kernel) both
-        // require AVX2 and FMA.
-        unsafe { run(wq, wd, q, rows, out) }
+        // One row at a time: sixteen registers hold one row's eight accumulators, not two rows'.
+        for (i, &r) in rows.iter().enumerate() {
+            // SAFETY: `select` (the only way here but tests, which check first) and `supported()` (the
+            // only way to build this kernel) both require AVX2 and FMA.
+            unsafe { run::<W>(wg, q, r, &mut tile[i]) }
+        }
     }
 
-    fn vnni<W: Unpack>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize], out: &mut [f32; 4]) {
+    pub fn vnni<W: Unpack>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
         #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-        unsafe fn run<W: Unpack>(wq: &[W], wd: &[f32], q: &Q8_0Rows, rows: &[usize], out: &mut [f32; 4]) {
-            // SAFETY: compiled for AVX-512 VNNI.
-            unsafe { body(wq, wd, q, rows, out, |w, x| lane_sums_vnni(w, x)) }
+        unsafe fn run<W: Unpack, const R: usize>(
+            wg: &[Group8<W::Packed>],
+            q: &Q8_0Rows,
+            rows: &[usize; R],
+            tile: &mut [[f32; GROUP]; RUN],
+        ) {
+            // SAFETY: compiled for AVX-512 VNNI and VL.
+            unsafe {
+                body(wg, q, rows, tile, |p, v, x| {
+                    lane_sums_vnni(_mm256_set1_epi32(x.corr[v]), W::unsigned(p, v), quad(&x.qs, v))
+                })
+            }
         }
-        // SAFETY: selected only when the CPU has AVX-512 VNNI and VL.
-        unsafe { run(wq, wd, q, rows, out) }
+        // SAFETY: selected only when the CPU has AVX-512 VNNI and VL (tests check first too).
+        unsafe { by_rows!(run::<W>, wg, q, rows, tile) }
     }
 
+    /// `lane_sums(weights, v, x)`: per column, lane `v`'s exact integer sum against activation block `x`.
+    /// Loops over `v` outside the rows, so a weight vector is unpacked once for the run (the compiler
+    /// hoists the rows' shared part of `lane_sums`).
     #[inline(always)]
-    unsafe fn body<W: Unpack>(
-        wq: &[W],
-        wd: &[f32],
+    unsafe fn body<P, const R: usize, const T: usize>(
+        wg: &[Group8<P>],
         q: &Q8_0Rows,
-        rows: &[usize],
-        out: &mut [f32; 4],
-        sums: impl Fn(__m256i, __m256i) -> __m256i,
+        rows: &[usize; R],
+        tile: &mut [[f32; GROUP]; T],
+        lane_sums: impl Fn(&P, usize, &Q8_0Block) -> __m256i,
     ) {
-        let kb = wq.len();
+        let kb = wg.len();
         // SAFETY: inlined only into the `target_feature` functions above; loads read whole arrays.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..kb {
-                let wv = wq[b].unpack();
-                // ggml's mul_sum_i8_pairs_float: |w| times x with w's sign, as u8 x i8.
-                let aw = _mm256_sign_epi8(wv, wv);
-                for (i, &r) in rows.iter().enumerate() {
-                    let a = r * kb + b;
-                    let xv = _mm256_loadu_si256(q[a].qs.as_ptr() as *const __m256i);
-                    let lanes = _mm256_cvtepi32_ps(sums(aw, _mm256_sign_epi8(xv, wv)));
-                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * q[a].d), lanes, acc[i]);
+            let mut acc = [[_mm256_setzero_ps(); 8]; R];
+            for (b, w) in wg.iter().enumerate() {
+                let d = _mm256_loadu_ps(w.d.as_ptr());
+                let mut dd = [_mm256_setzero_ps(); R];
+                for i in 0..R {
+                    dd[i] = _mm256_mul_ps(d, _mm256_set1_ps(q[rows[i] * kb + b].d));
+                }
+                for v in 0..8 {
+                    for i in 0..R {
+                        let lanes = _mm256_cvtepi32_ps(lane_sums(&w.qs, v, &q[rows[i] * kb + b]));
+                        acc[i][v] = _mm256_fmadd_ps(dd[i], lanes, acc[i][v]);
+                    }
                 }
             }
-            for i in 0..rows.len() {
-                out[i] = hsum_float_8(acc[i]);
+            for i in 0..R {
+                _mm256_storeu_ps(tile[i].as_mut_ptr(), hsum_lanes(&acc[i]));
             }
         }
     }
@@ -269,7 +342,7 @@ mod x86 {
     pub trait Unpack {}
     impl Unpack for [i8; 32] {}
     impl Unpack for [u8; 16] {}
-    pub fn select<W>() -> super::DotFn<W> {
+    pub fn select<W: super::Q8Weights>() -> super::DotFn<W::Packed> {
         unreachable!("supported() is false off x86-64")
     }
 }
@@ -280,30 +353,69 @@ mod tests {
 
     use super::*;
 
-    fn check<W: Q8Weights + x86::Unpack>(dtype: GgmlDType) {
+    /// ggml's AVX2 dot of column `c` with row `r`, in scalar code: lane `l` accumulates the exact sum of
+    /// values `4l..4l + 4` times `d_w * d_x` with one fma per block; the lanes are added as
+    /// `hsum_float_8` adds them.
+    fn ggml_avx2_order<W: Q8Weights>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, r: usize, c: usize) -> f32 {
+        let kb = wg.len();
+        let mut l = [0f32; 8];
+        for (b, w) in wg.iter().enumerate() {
+            let a = &q[r * kb + b];
+            for (v, lane) in l.iter_mut().enumerate() {
+                let sum: i32 = (4 * v..4 * v + 4).map(|j| W::value(&w.qs, c, j) as i32 * a.qs[j] as i32).sum();
+                *lane = (w.d[c] * a.d).mul_add(sum as f32, *lane);
+            }
+        }
+        ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+    }
+
+    /// Both SIMD paths reproduce ggml's AVX2 floats bit for bit (what keeps greedy tokens equal to
+    /// llama.cpp's) and agree with its generic dot, on a matrix with a padded group and runs of two rows
+    /// and of one.
+    fn check<W: x86::Unpack>(dtype: GgmlDType) {
         if !supported() {
             return;
         }
         let dev = Device::Cpu;
-        let (n, k) = (7, 320);
+        let (n, k, rows) = (13, 320, 7);
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let m = Q8Matrix::<W>::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap();
-        let xs = Tensor::randn(0f32, 1.0, (4, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let q = quantize_q8_0(&xs);
+        let xs = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = quantize_q8_0(&xs, W::OFFSET);
         let kb = k / QK;
-        for c in 0..n {
-            let w = c * kb..(c + 1) * kb;
-            let (mut want, mut got) = ([0f32; 4], [0f32; 4]);
-            dot_portable(&m.qs[w.clone()], &m.d[w.clone()], &q, &[0, 1, 2, 3], &mut want);
-            x86::select::<W>()(&m.qs[w.clone()], &m.d[w.clone()], &q, &[0, 1, 2, 3], &mut got);
-            for i in 0..4 {
-                assert!((got[i] - want[i]).abs() <= 1e-4 * want[i].abs().max(1.0), "{dtype:?} col {c} row {i}");
+        let mut paths: Vec<(&str, DotFn<W::Packed>)> = vec![("avx2", x86::avx2::<W>)];
+        if cpu::features().avx512_vnni {
+            paths.push(("vnni", x86::vnni::<W>));
+        }
+        for g in 0..n.div_ceil(GROUP) {
+            let wg = &m.groups[g * kb..(g + 1) * kb];
+            for run in [&[0, 1][..], &[2, 3], &[6]] {
+                let mut generic = [[0f32; GROUP]; RUN];
+                dot_portable::<W>(wg, &q, run, &mut generic);
+                for (name, dot) in &paths {
+                    let mut got = [[0f32; GROUP]; RUN];
+                    dot(wg, &q, run, &mut got);
+                    for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                        let want = ggml_avx2_order::<W>(wg, &q, run[i], c);
+                        assert_eq!(
+                            got[i][c].to_bits(),
+                            want.to_bits(),
+                            "{dtype:?} {name} group {g} row {} col {c}",
+                            run[i]
+                        );
+                        let (g_, w_) = (got[i][c], generic[i][c]);
+                        assert!(
+                            (g_ - w_).abs() <= 1e-4 * w_.abs().max(1.0),
+                            "{dtype:?} {name} group {g} row {i} col {c}"
+                        );
+                    }
+                }
             }
         }
     }
 
     #[test]
-    fn simd_agrees_with_ggmls_generic_dot() {
+    fn paths_agree() {
         check::<[i8; 32]>(GgmlDType::Q8_0);
         check::<[u8; 16]>(GgmlDType::Q4_0);
     }

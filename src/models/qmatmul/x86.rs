@@ -1,6 +1,57 @@
-//! AVX2 building blocks shared by the x86 kernels, as ggml writes them. Each is `inline(always)` and
-//! only ever inlined into a function compiled for (and selected on) the features it uses.
+//! AVX2 / AVX-512 VNNI building blocks shared by the x86 kernels over repacked weights (see
+//! `interleaved` in the parent module), and the activation quantizer. Each is `inline(always)` and only
+//! ever inlined into a function compiled for (and selected on) the features it uses.
+//!
+//! ggml's AVX2 dot products keep eight f32 lanes per column, lane `l` accumulating across blocks the
+//! integer sum of block values `4l..4l + 4`, and add the lanes at the end. In the repacked layout,
+//! weight vector `v` of a block holds exactly those four values of every column of a group, so a
+//! kernel keeps eight f32x8 accumulators per row (accumulator `v`, lane `c` = ggml's lane `v` of column
+//! `c`) and reproduces ggml's floats bit for bit, eight columns per instruction.
 use std::arch::x86_64::*;
+
+/// Calls `$run::<[G,] R>(wg, q, rows, tile)` with the run of one or two rows as an array, so each run
+/// length gets its own code with its accumulators in registers.
+macro_rules! by_rows {
+    ($run:ident $(::<$g:ty>)?, $wg:expr, $q:expr, $rows:expr, $tile:expr) => {
+        match *$rows {
+            [a] => $run::<$($g,)? 1>($wg, $q, &[a], $tile),
+            [a, b] => $run::<$($g,)? 2>($wg, $q, &[a, b], $tile),
+            _ => unreachable!("runs are one or two rows"),
+        }
+    };
+}
+pub(crate) use by_rows;
+
+/// The four activation bytes that pair with weight vector `v` (block values `4v..4v + 4`), in every
+/// 32-bit lane.
+#[inline(always)]
+pub unsafe fn quad(x: &[i8; 32], v: usize) -> __m256i {
+    assert!(v < 8);
+    // SAFETY: reads 4 of the array's 32 bytes (checked above); see the module comment.
+    unsafe { _mm256_set1_epi32((x.as_ptr().add(4 * v) as *const i32).read_unaligned()) }
+}
+
+/// Weight vector `v` of a group's 4-bit block, as u8 values 0..16: the low nibbles of 32-byte chunk `v`
+/// (column values `4v..4v + 4`) for `v < 4`, else the high nibbles of chunk `v - 4` (values
+/// `16 + 4(v - 4)..`, that is `4v..4v + 4` again).
+#[inline(always)]
+pub unsafe fn nibbles(qs: &[u8; 128], v: usize) -> __m256i {
+    assert!(v < 8);
+    // SAFETY: reads one 32-byte chunk of the 128 (checked above); see the module comment.
+    unsafe {
+        let p = _mm256_loadu_si256(qs.as_ptr().add(32 * (v % 4)) as *const __m256i);
+        let p = if v < 4 { p } else { _mm256_srli_epi16(p, 4) };
+        _mm256_and_si256(p, _mm256_set1_epi8(0x0F))
+    }
+}
+
+/// Weight vector `v` of a group's 8-bit block: chunk `v`, column values `4v..4v + 4`.
+#[inline(always)]
+pub unsafe fn bytes(qs: &[u8; 256], v: usize) -> __m256i {
+    assert!(v < 8);
+    // SAFETY: reads one 32-byte chunk of the 256 (checked above); see the module comment.
+    unsafe { _mm256_loadu_si256(qs.as_ptr().add(32 * v) as *const __m256i) }
+}
 
 /// u8 x i8, four adjacent products summed per i32 lane: `vpmaddubsw` (pairs to i16; callers keep the
 /// pair sums within i16) then `vpmaddwd` by ones.
@@ -10,33 +61,22 @@ pub unsafe fn lane_sums_avx2(w: __m256i, x: __m256i) -> __m256i {
     unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
 }
 
-/// The same sums in one AVX-512 VNNI instruction (`vpdpbusd`, exact in i32).
+/// `init` plus the same sums in one AVX-512 VNNI instruction (`vpdpbusd`, exact in i32).
 #[inline(always)]
-pub unsafe fn lane_sums_vnni(w: __m256i, x: __m256i) -> __m256i {
+pub unsafe fn lane_sums_vnni(init: __m256i, w: __m256i, x: __m256i) -> __m256i {
     // SAFETY: see the module comment.
-    unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x) }
+    unsafe { _mm256_dpbusd_epi32(init, w, x) }
 }
 
-/// ggml's `hsum_float_8`: the order in which the eight lanes are added matters for exactness.
+/// ggml's `hsum_float_8` on eight accumulators at once (lane `c` of the result is column `c`'s sum):
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, the order in which it adds the lanes.
 #[inline(always)]
-pub unsafe fn hsum_float_8(x: __m256) -> f32 {
+pub unsafe fn hsum_lanes(a: &[__m256; 8]) -> __m256 {
     // SAFETY: see the module comment.
     unsafe {
-        let mut res = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-        res = _mm_add_ss(res, _mm_movehdup_ps(res));
-        _mm_cvtss_f32(res)
-    }
-}
-
-/// ggml's `bytes_from_nibbles_32`: low nibbles are values 0..16, high nibbles 16..32.
-#[inline(always)]
-pub unsafe fn nibbles(packed: &[u8; 16]) -> __m256i {
-    // SAFETY: reads exactly the 16 bytes of `packed`; see the module comment.
-    unsafe {
-        let p = _mm_loadu_si128(packed.as_ptr() as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
-        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low), _mm_and_si128(p, low))
+        let even = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
+        let odd = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
+        _mm256_add_ps(even, odd)
     }
 }
 
