@@ -160,7 +160,7 @@ fn select_dot() -> DotFn {
 fn dot_portable(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
     let kb = wg.len();
     for (i, &r) in rows.iter().enumerate() {
-        for c in 0..GROUP {
+        for (c, out) in tile[i].iter_mut().enumerate() {
             let (mut sumf, mut summ) = (0f32, 0f32);
             for (b, w) in wg.iter().enumerate() {
                 let a = &q[r * kb + b];
@@ -173,7 +173,7 @@ fn dot_portable(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; G
                 sumf += (w.d[c] * a.d) * sumi as f32;
                 summ += w.m[c] * a.s;
             }
-            tile[i][c] = sumf + summ;
+            *out = sumf + summ;
         }
     }
 }
@@ -233,9 +233,9 @@ mod x86 {
                 }
                 for v in 0..8 {
                     let wv = nibbles(&w.qs, v);
-                    for i in 0..R {
+                    for (i, acc) in acc.iter_mut().enumerate() {
                         let lanes = _mm256_cvtepi32_ps(sums(wv, quad(&q[rows[i] * kb + b].qs, v)));
-                        acc[i][v] = _mm256_fmadd_ps(dd[i], lanes, acc[i][v]);
+                        acc[v] = _mm256_fmadd_ps(dd[i], lanes, acc[v]);
                     }
                 }
             }

@@ -204,14 +204,14 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
 fn dot_portable<W: Q8Weights>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
     let kb = wg.len();
     for (i, &r) in rows.iter().enumerate() {
-        for c in 0..GROUP {
+        for (c, out) in tile[i].iter_mut().enumerate() {
             let mut sumf = 0f32;
             for (b, w) in wg.iter().enumerate() {
                 let a = &q[r * kb + b];
                 let sumi: i32 = (0..32).map(|j| W::value(&w.qs, c, j) as i32 * a.qs[j] as i32).sum();
                 sumf += sumi as f32 * (w.d[c] * a.d);
             }
-            tile[i][c] = sumf;
+            *out = sumf;
         }
     }
 }
@@ -324,9 +324,9 @@ mod x86 {
                     dd[i] = _mm256_mul_ps(d, _mm256_set1_ps(q[rows[i] * kb + b].d));
                 }
                 for v in 0..8 {
-                    for i in 0..R {
+                    for (i, acc) in acc.iter_mut().enumerate() {
                         let lanes = _mm256_cvtepi32_ps(lane_sums(&w.qs, v, &q[rows[i] * kb + b]));
-                        acc[i][v] = _mm256_fmadd_ps(dd[i], lanes, acc[i][v]);
+                        acc[v] = _mm256_fmadd_ps(dd[i], lanes, acc[v]);
                     }
                 }
             }
