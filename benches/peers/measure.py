@@ -395,17 +395,24 @@ def write(out: Path, m, rounds, om, llama_rss):
         "a fixed team of compute threads claims (idle workers spin briefly, then park: a decode step is ~200 "
         "parallel regions of tens of microseconds each, and rayon's sleep/wake cost a third of a step), and each "
         "weight column is applied to every activation row of the batch while it is in L1. Q4_1, Q4_0 and Q8_0 "
-        "(the output head) have our own block dot products (AVX-512 VNNI `vpdpbusd` or AVX2, chosen at run "
-        "time, one unpacked weight block serving four rows); other types use candle's per-block dots inside the "
-        "same tiling. Activations are quantized per block as ggml does (AVX2, bit-identical to the scalar code), "
-        "and attention runs on the team too. Greedy tokens still equal llama.cpp's.",
+        "(the output head) have our own kernels: at load every group of eight output columns is repacked so "
+        "that one 32-byte load holds four bytes of each, and one `vpdpbusd` (AVX-512 VNNI; on AVX2 an exact "
+        "`vpmaddubsw` + `vpmaddwd` pair, chosen at run time) advances eight columns at once, each unpacked "
+        "register serving four rows. Other types use candle's per-block dots inside the same tiling. "
+        "Activations are quantized per block as ggml does (AVX2, bit-identical to the scalar code), and "
+        "attention runs on the team too. Greedy tokens still equal llama.cpp's.",
         "",
-        "The batching gain stays below the 4x at 8 streams we aimed for. Measured apart: a one-row decode step "
-        "takes ~7.4 ms and an eight-row step ~26 ms, i.e. ~4.8 ms that any batch pays once (streaming "
-        "SmolLM2-135M's ~75 MB of weights, thread hand-offs, the per-step serial work) plus ~2.6 ms of integer "
-        "dot products per row. 4x would need the per-row part about 3x cheaper, e.g. weights repacked so one "
-        "`vpdpbusd` serves eight columns (what llama.cpp does for Q4_0, not for this Q4_1 file), or a larger "
-        "model, where the once-per-step weight traffic dominates. The ratio moves from run to run (1.6x to 2.1x across this session's runs) and llama.cpp's lands in the same range, while omnibus's aggregate is higher than llama-server's at every concurrency.",
+        "The batching gain stays below the 4x at 8 streams we aimed for. Measured apart (`cargo bench --bench "
+        "hot_paths -- 'smollm2 decode step'`): a one-row decode step takes ~4.6 ms and an eight-row step "
+        "~15.3 ms, i.e. ~3.1 ms that any batch pays once (streaming SmolLM2-135M's ~75 MB of weights at "
+        "~22 GB/s, the per-step serial work) plus ~1.5 ms per row, which caps 8 streams near 2.4x one. The "
+        "per-row part is held up by exactness: greedy tokens equal llama.cpp's only if every column keeps "
+        "ggml's eight f32 lane accumulators and adds them in ggml's order, one int-to-float conversion and one "
+        "FMA per lane per block. Summing a block's integers first (one conversion and one FMA per block) made "
+        "the Q4_1 kernel 3.4x faster than before instead of 2.5x, but each of the three such orders tried "
+        "flipped a greedy token: the activations are re-quantized to 8 bits per block in every layer, so "
+        "last-bit differences grow over 30 layers. llama.cpp's own gain lands lower (same table), and "
+        "omnibus's aggregate is higher than llama-server's at every concurrency.",
         "",
         "## Latency at a fixed rate and memory",
         "",
