@@ -213,7 +213,7 @@ impl Registry {
             return Err(RegistryError::NoModels(config.model_dir.clone()));
         }
         for entry in entries {
-            let ready = registry.load_entry(entry, false).await?;
+            let ready = registry.load_entry(entry).await?;
             let mut models = registry.write();
             match ready {
                 Ready::Embedding(m) => {
@@ -253,48 +253,21 @@ impl Registry {
             .map_err(|e| RegistryError::Join(e.to_string()))?
     }
 
-    /// Loads and warms one version on a thread of its own, then starts its engine threads and batchers.
-    /// A load while serving (`background`) runs at a lower CPU priority, so the requests of the versions
-    /// already serving keep the cores: the swap takes longer, the traffic barely notices.
-    async fn load_entry(&self, entry: Entry, background: bool) -> Result<Ready, RegistryError> {
+    /// Loads and warms one version on a blocking thread, then starts its batchers here.
+    async fn load_entry(&self, entry: Entry) -> Result<Ready, RegistryError> {
         let (root, devices) = (self.root.clone(), self.devices.clone());
         let (batch, generate) = (self.batch.clone(), self.generate.clone());
         let kind = entry.kind;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let work = move || {
-            if background {
-                lower_thread_priority();
-            }
-            let loaded = match kind {
-                Kind::Embedding => {
-                    load_embedder(&entry, &root, &devices, &batch).map(|l| Loading::Embedding(Box::new(l)))
-                }
-                Kind::Generation => load_generator(&entry, &root, &devices, &generate).map(Loading::Generation),
-            };
-            let _ = tx.send(loaded);
+        let work = move || match kind {
+            Kind::Embedding => load_embedder(&entry, &root, &devices, &batch).map(|l| Loading::Embedding(Box::new(l))),
+            Kind::Generation => load_generator(&entry, &root, &devices, &generate).map(Loading::Generation),
         };
-        // A thread of its own, not tokio's blocking pool: its lowered priority could not be raised again
-        // by an unprivileged process, and would stay with a pool thread that later tokenizes requests.
-        std::thread::Builder::new()
-            .name("omnibus-load".into())
-            .spawn(work)
-            .map_err(|source| RegistryError::Io { path: self.root.clone(), source })?;
-        let loaded = rx.await.map_err(|_| RegistryError::Join("the loading thread panicked".into()))??;
-        // Engine threads start here, at normal priority (threads inherit their creator's).
-        let spawn_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| RegistryError::Io { path, source }
-        };
+        let loaded = tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Join(e.to_string()))??;
         Ok(match loaded {
             Loading::Embedding(l) => {
                 let l = *l;
-                let engines = l
-                    .models
-                    .into_iter()
-                    .map(|m| EmbedEngine::spawn(&l.name, m).map_err(spawn_err(&l.path)))
-                    .collect::<Result<Vec<_>, _>>()?;
                 let batcher = EmbedPool::new(
-                    engines.into_iter().map(|e| EmbedBatcher::spawn(&l.name, e, self.batch.clone())).collect(),
+                    l.engines.into_iter().map(|e| EmbedBatcher::spawn(&l.name, e, self.batch.clone())).collect(),
                 );
                 Ready::Embedding(Arc::new(EmbeddingModel {
                     name: l.name.as_str().into(),
@@ -310,13 +283,8 @@ impl Registry {
             }
             Loading::Generation(l) => {
                 let scheduler = self.generate.scheduler.clone();
-                let engines = l
-                    .generators
-                    .into_iter()
-                    .map(|g| GenEngine::spawn(&l.name, g).map_err(spawn_err(&l.path)))
-                    .collect::<Result<Vec<_>, _>>()?;
                 let batcher = GenPool::new(
-                    engines.into_iter().map(|e| GenBatcher::spawn(&l.name, e, scheduler.clone())).collect(),
+                    l.engines.into_iter().map(|e| GenBatcher::spawn(&l.name, e, scheduler.clone())).collect(),
                 );
                 Ready::Generation(Arc::new(GenerationModel {
                     name: l.name.as_str().into(),
@@ -459,7 +427,7 @@ impl Registry {
             }
         }
         let started = std::time::Instant::now();
-        let ready = self.load_entry(entry.clone(), true).await?;
+        let ready = self.load_entry(entry.clone()).await?;
         let mut models = self.write();
         fn install<M: Versioned>(map: &mut BTreeMap<String, Versions<M>>, name: &str, m: Arc<M>, canary: Option<u8>) {
             match (map.get_mut(name), canary) {
@@ -599,9 +567,7 @@ struct LoadedGen {
     tokenizer: Arc<GgufTokenizer>,
     template: Option<Arc<ChatTemplate>>,
     limits: GenerateLimits,
-    /// One per device, loaded and warmed; their engine threads start after the load (see `load_entry`).
-    generators: Vec<LlamaGenerator>,
-    path: PathBuf,
+    engines: Vec<GenEngine>,
 }
 
 /// A model loaded on a blocking thread, before its batcher starts.
@@ -613,24 +579,7 @@ struct Loaded {
     dimension: usize,
     tokenizer: TextTokenizer,
     limits: PredictLimits,
-    models: Vec<SentenceEmbedder>,
-    path: PathBuf,
-}
-
-/// Nice 10 for the calling thread only (on Linux, `setpriority` with `PRIO_PROCESS` and a thread id
-/// applies to that thread). Best effort: a failure only means the load competes at normal priority.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid takes no arguments and cannot fail; setpriority only reads its arguments.
-        let rc = unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, 10)
-        };
-        if rc != 0 {
-            warn!(error = %std::io::Error::last_os_error(), "could not lower the loading thread's priority");
-        }
-    }
+    engines: Vec<EmbedEngine>,
 }
 
 fn devices_name(devices: &[Device]) -> String {
@@ -644,12 +593,14 @@ fn load_generator(
     generate: &GenerateConfig,
 ) -> Result<LoadedGen, RegistryError> {
     let (name, path) = (entry.name.clone(), entry.path.as_path());
-    let mut generators = Vec::with_capacity(devices.len());
+    let mut engines = Vec::with_capacity(devices.len());
     let mut first = None;
     for device in devices {
         let LoadedLlama { generator, tokenizer, context_length } =
             LlamaGenerator::load(path, device, generate.prefill_chunk)?;
-        generators.push(generator);
+        engines.push(
+            GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?,
+        );
         first.get_or_insert((tokenizer, context_length));
     }
     let (tokenizer, context_length) = first.expect("at least one device");
@@ -670,7 +621,7 @@ fn load_generator(
         model = %name,
         version = entry.version,
         chat_template = template.is_some(),
-        replicas = generators.len(),
+        replicas = engines.len(),
         "generation model ready"
     );
     Ok(LoadedGen {
@@ -683,8 +634,7 @@ fn load_generator(
         },
         tokenizer,
         template,
-        generators,
-        path: path.to_path_buf(),
+        engines,
         name,
     })
 }
@@ -693,7 +643,7 @@ fn load_embedder(entry: &Entry, root: &Path, devices: &[Device], batch: &BatchCo
     let mut replicas = devices.iter().map(|d| load_embedder_on(entry, root, d, batch));
     let mut loaded = replicas.next().expect("at least one device")?;
     for other in replicas {
-        loaded.models.extend(other?.models);
+        loaded.engines.extend(other?.engines);
     }
     loaded.device = devices_name(devices);
     Ok(loaded)
@@ -727,6 +677,7 @@ fn load_embedder_on(entry: &Entry, root: &Path, device: &Device, batch: &BatchCo
         elapsed_ms = started.elapsed().as_millis() as u64,
         "embedding model loaded and warmed"
     );
+    let engine = EmbedEngine::spawn(&name, model).map_err(|source| RegistryError::Io { path: dir.into(), source })?;
     Ok(Loaded {
         version: entry.version,
         source: dir.strip_prefix(root).unwrap_or(dir).display().to_string(),
@@ -739,8 +690,7 @@ fn load_embedder_on(entry: &Entry, root: &Path, device: &Device, batch: &BatchCo
             default_normalize: info.normalize,
         },
         tokenizer,
-        models: vec![model],
-        path: dir.to_path_buf(),
+        engines: vec![engine],
         name,
     })
 }
