@@ -305,13 +305,7 @@ impl Registry {
     /// the version routing picks (the stable one or the canary).
     pub fn embedder_at(&self, name: &str, version: Option<u64>) -> Result<Arc<EmbeddingModel>, ValidationError> {
         let models = self.read();
-        let name = if name.is_empty() { models.default_embedder.as_deref().unwrap_or("") } else { name };
-        let versions = models.embedders.get(name);
-        let found = match version {
-            None => versions.and_then(Versions::route),
-            Some(v) => versions.and_then(|m| m.get(v)),
-        };
-        found.ok_or_else(|| unknown("embedding", name, version, &models.embedders))
+        lookup("embedding", &models.embedders, models.default_embedder.as_deref(), name, version)
     }
 
     pub fn embedder(&self, name: &str) -> Result<Arc<EmbeddingModel>, ValidationError> {
@@ -321,13 +315,7 @@ impl Registry {
     /// The generation model a request names, as [`Registry::embedder_at`] does.
     pub fn generator_at(&self, name: &str, version: Option<u64>) -> Result<Arc<GenerationModel>, ValidationError> {
         let models = self.read();
-        let name = if name.is_empty() { models.default_generator.as_deref().unwrap_or("") } else { name };
-        let versions = models.generators.get(name);
-        let found = match version {
-            None => versions.and_then(Versions::route),
-            Some(v) => versions.and_then(|m| m.get(v)),
-        };
-        found.ok_or_else(|| unknown("generation", name, version, &models.generators))
+        lookup("generation", &models.generators, models.default_generator.as_deref(), name, version)
     }
 
     pub fn generator(&self, name: &str) -> Result<Arc<GenerationModel>, ValidationError> {
@@ -527,6 +515,22 @@ impl Registry {
             .map(|((name, version), (state, reason))| IndexEntry { name, version, state, reason })
             .collect())
     }
+}
+
+fn lookup<M: Versioned>(
+    kind: &'static str,
+    map: &BTreeMap<String, Versions<M>>,
+    default: Option<&str>,
+    name: &str,
+    version: Option<u64>,
+) -> Result<Arc<M>, ValidationError> {
+    let name = if name.is_empty() { default.unwrap_or("") } else { name };
+    let versions = map.get(name);
+    let found = match version {
+        None => versions.and_then(Versions::route),
+        Some(v) => versions.and_then(|m| m.get(v)),
+    };
+    found.ok_or_else(|| unknown(kind, name, version, map))
 }
 
 /// The error for a model (or version) no request can reach, naming what can be.

@@ -91,6 +91,33 @@ impl OipService {
     }
 }
 
+impl OipService {
+    /// Runs a repository call: refused while draining and, when it changes the repository (`control`),
+    /// unless --model-control-mode is explicit; recorded in the metrics without a model label (the name
+    /// is the client's, and labels must stay a bounded set).
+    async fn admin<T>(
+        &self,
+        method: &'static str,
+        control: bool,
+        work: impl Future<Output = Result<T, ServeError>>,
+    ) -> Result<Response<T>, Status> {
+        let run = async {
+            let outcome = Outcome::new(&self.calls, method, None);
+            if control && self.model_control != ModelControl::Explicit {
+                return Err(outcome.fail(ServeError::ModelControlDisabled));
+            }
+            match work.await {
+                Ok(r) => {
+                    outcome.ok();
+                    Ok(Response::new(r))
+                }
+                Err(e) => Err(outcome.fail(e)),
+            }
+        };
+        self.calls.unary(method, run).await
+    }
+}
+
 fn tensor_error(field: &str, expected: &str, got: &str) -> ValidationError {
     ValidationError::Tensor { field: field.to_string(), expected: expected.to_string(), got: got.to_string() }
 }
@@ -494,17 +521,7 @@ impl GrpcInferenceService for OipService {
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         let registry = self.registry()?;
-        let work = async {
-            let outcome = Outcome::new(&self.calls, "RepositoryIndex", None);
-            match super::repository::index(&registry, request.into_inner()).await {
-                Ok(r) => {
-                    outcome.ok();
-                    Ok(Response::new(r))
-                }
-                Err(e) => Err(outcome.fail(e)),
-            }
-        };
-        self.calls.unary("RepositoryIndex", work).await
+        self.admin("RepositoryIndex", false, super::repository::index(&registry, request.into_inner())).await
     }
 
     async fn repository_model_load(
@@ -512,21 +529,7 @@ impl GrpcInferenceService for OipService {
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         let registry = self.registry()?;
-        let work = async {
-            // No model label: the name is the client's, and metric labels must stay a bounded set.
-            let outcome = Outcome::new(&self.calls, "RepositoryModelLoad", None);
-            if self.model_control != ModelControl::Explicit {
-                return Err(outcome.fail(ServeError::ModelControlDisabled));
-            }
-            match super::repository::load(&registry, request.into_inner()).await {
-                Ok(r) => {
-                    outcome.ok();
-                    Ok(Response::new(r))
-                }
-                Err(e) => Err(outcome.fail(e)),
-            }
-        };
-        self.calls.unary("RepositoryModelLoad", work).await
+        self.admin("RepositoryModelLoad", true, super::repository::load(&registry, request.into_inner())).await
     }
 
     async fn repository_model_unload(
@@ -534,21 +537,7 @@ impl GrpcInferenceService for OipService {
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
         let registry = self.registry()?;
-        let work = async {
-            // No model label: the name is the client's, and metric labels must stay a bounded set.
-            let outcome = Outcome::new(&self.calls, "RepositoryModelUnload", None);
-            if self.model_control != ModelControl::Explicit {
-                return Err(outcome.fail(ServeError::ModelControlDisabled));
-            }
-            match super::repository::unload(&registry, request.into_inner()).await {
-                Ok(r) => {
-                    outcome.ok();
-                    Ok(Response::new(r))
-                }
-                Err(e) => Err(outcome.fail(e)),
-            }
-        };
-        self.calls.unary("RepositoryModelUnload", work).await
+        self.admin("RepositoryModelUnload", true, super::repository::unload(&registry, request.into_inner())).await
     }
 
     type ModelStreamInferStream = StreamOut;
