@@ -127,7 +127,7 @@ enum Loading {
 }
 
 /// One version of a model, loaded and warmed, its batchers running.
-enum Ready {
+pub enum AnyModel {
     Embedding(Arc<EmbeddingModel>),
     Generation(Arc<GenerationModel>),
 }
@@ -154,10 +154,29 @@ pub struct Served<M> {
     pub canary: Option<(Arc<M>, u8)>,
 }
 
-impl<M> Served<M> {
+impl<M: Versioned> Served<M> {
     /// The versions taking requests.
-    pub fn versions(&self) -> impl Iterator<Item = &Arc<M>> {
+    fn versions(&self) -> impl Iterator<Item = &Arc<M>> {
         std::iter::once(&self.stable).chain(self.canary.as_ref().map(|(m, _)| m))
+    }
+
+    /// The canary's version and share, if there is one.
+    pub fn canary_share(&self) -> Option<(u64, u8)> {
+        self.canary.as_ref().map(|(m, p)| (m.version(), *p))
+    }
+}
+
+impl Served<EmbeddingModel> {
+    /// Requests waiting and computing, over the versions taking requests (not draining ones).
+    pub fn load(&self) -> (usize, usize) {
+        (self.versions().map(|m| m.batcher.queue_len()).sum(), self.versions().map(|m| m.batcher.running()).sum())
+    }
+}
+
+impl Served<GenerationModel> {
+    /// Requests waiting and sequences decoding, over the versions taking requests.
+    pub fn load(&self) -> (usize, usize) {
+        (self.versions().map(|m| m.batcher.waiting()).sum(), self.versions().map(|m| m.batcher.running()).sum())
     }
 }
 
@@ -179,10 +198,7 @@ fn served<M: Versioned>(v: &Versions<M>) -> Option<Served<M>> {
     Some(Served { stable: v.stable()?.clone(), canary: v.canary().map(|c| (c.model.clone(), c.percent)) })
 }
 
-fn names<M>(map: &BTreeMap<String, Versions<M>>) -> String
-where
-    M: Versioned,
-{
+fn names<M: Versioned>(map: &BTreeMap<String, Versions<M>>) -> String {
     map.iter().filter(|(_, v)| v.is_loaded()).map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
 }
 
@@ -216,10 +232,10 @@ impl Registry {
             let ready = registry.load_entry(entry).await?;
             let mut models = registry.write();
             match ready {
-                Ready::Embedding(m) => {
+                AnyModel::Embedding(m) => {
                     models.embedders.insert(m.name.to_string(), Versions::new(m));
                 }
-                Ready::Generation(m) => {
+                AnyModel::Generation(m) => {
                     models.generators.insert(m.name.to_string(), Versions::new(m));
                 }
             }
@@ -254,7 +270,7 @@ impl Registry {
     }
 
     /// Loads and warms one version on a blocking thread, then starts its batchers here.
-    async fn load_entry(&self, entry: Entry) -> Result<Ready, RegistryError> {
+    async fn load_entry(&self, entry: Entry) -> Result<AnyModel, RegistryError> {
         let (root, devices) = (self.root.clone(), self.devices.clone());
         let (batch, generate) = (self.batch.clone(), self.generate.clone());
         let kind = entry.kind;
@@ -269,7 +285,7 @@ impl Registry {
                 let batcher = EmbedPool::new(
                     l.engines.into_iter().map(|e| EmbedBatcher::spawn(&l.name, e, self.batch.clone())).collect(),
                 );
-                Ready::Embedding(Arc::new(EmbeddingModel {
+                AnyModel::Embedding(Arc::new(EmbeddingModel {
                     name: l.name.as_str().into(),
                     version: l.version,
                     source: l.source,
@@ -286,7 +302,7 @@ impl Registry {
                 let batcher = GenPool::new(
                     l.engines.into_iter().map(|e| GenBatcher::spawn(&l.name, e, scheduler.clone())).collect(),
                 );
-                Ready::Generation(Arc::new(GenerationModel {
+                AnyModel::Generation(Arc::new(GenerationModel {
                     name: l.name.as_str().into(),
                     version: l.version,
                     source: l.source,
@@ -320,6 +336,20 @@ impl Registry {
 
     pub fn generator(&self, name: &str) -> Result<Arc<GenerationModel>, ValidationError> {
         self.generator_at(name, None)
+    }
+
+    /// A model of either kind by name (no default), as [`Registry::embedder_at`] resolves versions.
+    pub fn model_at(&self, name: &str, version: Option<u64>) -> Result<AnyModel, ValidationError> {
+        let models = self.read();
+        if models.embedders.get(name).is_some_and(Versions::is_loaded) {
+            return lookup("embedding", &models.embedders, None, name, version).map(AnyModel::Embedding);
+        }
+        if models.generators.get(name).is_some_and(Versions::is_loaded) {
+            return lookup("generation", &models.generators, None, name, version).map(AnyModel::Generation);
+        }
+        let loaded = [names(&models.embedders), names(&models.generators)];
+        let loaded = loaded.iter().filter(|n| !n.is_empty()).cloned().collect::<Vec<_>>().join(", ");
+        Err(ValidationError::UnknownModel { kind: "any", name: name.to_string(), loaded })
     }
 
     /// Every loaded embedding model, by name.
@@ -427,11 +457,11 @@ impl Registry {
             }
         }
         match ready {
-            Ready::Embedding(m) => {
+            AnyModel::Embedding(m) => {
                 install(&mut models.embedders, name, m, canary_percent);
                 models.default_embedder.get_or_insert_with(|| name.to_string());
             }
-            Ready::Generation(m) => {
+            AnyModel::Generation(m) => {
                 install(&mut models.generators, name, m, canary_percent);
                 models.default_generator.get_or_insert_with(|| name.to_string());
             }

@@ -69,14 +69,10 @@ async fn answer(mut stream: TcpStream, registry: &OnceLock<Arc<Registry>>) {
 /// Gauges are read from the batchers at scrape time, so they are exact when scraped.
 fn refresh_gauges(registry: &Registry) {
     // A model's figures cover the versions taking requests (stable and canary), not draining ones.
-    for s in registry.embedders() {
-        let name = &s.stable.name;
-        metrics::QUEUE_SIZE.with(&[name]).set(s.versions().map(|m| m.batcher.queue_len()).sum::<usize>() as i64);
-        metrics::RUNNING.with(&[name]).set(s.versions().map(|m| m.batcher.running()).sum::<usize>() as i64);
-    }
-    for s in registry.generators() {
-        let name = &s.stable.name;
-        metrics::QUEUE_SIZE.with(&[name]).set(s.versions().map(|m| m.batcher.waiting()).sum::<usize>() as i64);
-        metrics::RUNNING.with(&[name]).set(s.versions().map(|m| m.batcher.running()).sum::<usize>() as i64);
+    let embedders = registry.embedders().into_iter().map(|s| (s.stable.name.clone(), s.load()));
+    let generators = registry.generators().into_iter().map(|s| (s.stable.name.clone(), s.load()));
+    for (name, (queued, running)) in embedders.chain(generators) {
+        metrics::QUEUE_SIZE.with(&[&name]).set(queued as i64);
+        metrics::RUNNING.with(&[&name]).set(running as i64);
     }
 }

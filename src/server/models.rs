@@ -2,8 +2,12 @@
 use super::pb;
 use crate::registry::Registry;
 
-fn canary<M>(c: &Option<(std::sync::Arc<M>, u8)>, version: impl Fn(&M) -> u64) -> Option<pb::ModelCanary> {
-    c.as_ref().map(|(m, p)| pb::ModelCanary { version: version(m).to_string(), percent: *p as u32 })
+fn canary(share: Option<(u64, u8)>) -> Option<pb::ModelCanary> {
+    share.map(|(v, p)| pb::ModelCanary { version: v.to_string(), percent: p as u32 })
+}
+
+fn load((queue_size, running): (usize, usize)) -> Option<pb::ModelLoad> {
+    Some(pb::ModelLoad { queue_size: queue_size as u32, running: running as u32 })
 }
 
 pub(super) fn list(registry: &Registry) -> pb::ListModelsResponse {
@@ -23,12 +27,9 @@ pub(super) fn list(registry: &Registry) -> pb::ListModelsResponse {
             }),
             is_default: default_embedder.as_deref() == Some(&*m.name),
             source: m.source.clone(),
-            load: Some(pb::ModelLoad {
-                queue_size: s.versions().map(|m| m.batcher.queue_len()).sum::<usize>() as u32,
-                running: s.versions().map(|m| m.batcher.running()).sum::<usize>() as u32,
-            }),
+            load: load(s.load()),
             version: m.version.to_string(),
-            canary: canary(&s.canary, |m| m.version),
+            canary: canary(s.canary_share()),
         }
     });
     let generators = registry.generators().into_iter().map(|s| {
@@ -46,12 +47,9 @@ pub(super) fn list(registry: &Registry) -> pb::ListModelsResponse {
             }),
             is_default: default_generator.as_deref() == Some(&*m.name),
             source: m.source.clone(),
-            load: Some(pb::ModelLoad {
-                queue_size: s.versions().map(|m| m.batcher.waiting()).sum::<usize>() as u32,
-                running: s.versions().map(|m| m.batcher.running()).sum::<usize>() as u32,
-            }),
+            load: load(s.load()),
             version: m.version.to_string(),
-            canary: canary(&s.canary, |m| m.version),
+            canary: canary(s.canary_share()),
         }
     });
     pb::ListModelsResponse { models: embedders.chain(generators).collect() }

@@ -23,7 +23,7 @@ use super::{convert, deadline};
 use crate::batcher::generate::GenEvent;
 use crate::config::ModelControl;
 use crate::engine::Finish;
-use crate::registry::{EmbeddingModel, GenerationModel, Registry};
+use crate::registry::{AnyModel, EmbeddingModel, GenerationModel, Registry};
 use crate::tokenizer::Truncation;
 use crate::validate::{GenerateParams, PredictParams, ValidationError};
 
@@ -50,17 +50,12 @@ pub struct OipService {
     pub model_control: ModelControl,
 }
 
-enum Model {
-    Embedding(Arc<EmbeddingModel>),
-    Generation(Arc<GenerationModel>),
-}
-
 impl OipService {
     fn registry(&self) -> Result<Arc<Registry>, Status> {
         self.registry.get().cloned().ok_or_else(|| ServeError::NotReady.into())
     }
 
-    fn model(&self, name: &str, version: &str) -> Result<Model, ServeError> {
+    fn model(&self, name: &str, version: &str) -> Result<AnyModel, ServeError> {
         let registry = self.registry().map_err(|_| ServeError::NotReady)?;
         if name.is_empty() {
             return Err(tensor_error("model_name", "the name of a loaded model", "an empty name").into());
@@ -71,23 +66,7 @@ impl OipService {
                 tensor_error("model_version", "a version number (1, 2, ...) or empty", &format!("{v:?}"))
             })?),
         };
-        match registry.embedder_at(name, version) {
-            Ok(m) => return Ok(Model::Embedding(m)),
-            Err(e @ ValidationError::UnknownVersion { .. }) => return Err(e.into()),
-            Err(_) => {}
-        }
-        registry.generator_at(name, version).map(Model::Generation).map_err(|e| match e {
-            ValidationError::UnknownVersion { .. } => e.into(),
-            _ => {
-                let loaded: Vec<String> = registry
-                    .embedders()
-                    .iter()
-                    .map(|s| s.stable.name.to_string())
-                    .chain(registry.generators().iter().map(|s| s.stable.name.to_string()))
-                    .collect();
-                ValidationError::UnknownModel { kind: "any", name: name.to_string(), loaded: loaded.join(", ") }.into()
-            }
-        })
+        Ok(registry.model_at(name, version)?)
     }
 }
 
@@ -398,12 +377,12 @@ impl GrpcInferenceService for OipService {
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
         let (platform, inputs, outputs) = match self.model(&r.name, &r.version).map_err(Status::from)? {
-            Model::Embedding(m) => (
+            AnyModel::Embedding(m) => (
                 "omnibus_embedding",
                 vec![tensor_meta(TEXT, "BYTES", vec![-1, 1])],
                 vec![tensor_meta(EMBEDDING, "FP32", vec![-1, m.dimension as i64])],
             ),
-            Model::Generation(_) => (
+            AnyModel::Generation(_) => (
                 "omnibus_generation",
                 vec![tensor_meta(TEXT_INPUT, "BYTES", vec![1])],
                 vec![tensor_meta(TEXT_OUTPUT, "BYTES", vec![1])],
@@ -434,7 +413,7 @@ impl GrpcInferenceService for OipService {
             dims,
         };
         let config = match self.model(&r.name, &r.version).map_err(Status::from)? {
-            Model::Embedding(m) => pb::ModelConfig {
+            AnyModel::Embedding(m) => pb::ModelConfig {
                 name: r.name,
                 platform: "omnibus_embedding".into(),
                 backend: "omnibus".into(),
@@ -443,7 +422,7 @@ impl GrpcInferenceService for OipService {
                 output: vec![output(EMBEDDING, pb::DataType::TypeFp32, vec![m.dimension as i64])],
                 model_transaction_policy: Some(pb::ModelTransactionPolicy { decoupled: false }),
             },
-            Model::Generation(_) => pb::ModelConfig {
+            AnyModel::Generation(_) => pb::ModelConfig {
                 name: r.name,
                 platform: "omnibus_generation".into(),
                 backend: "omnibus".into(),
@@ -477,11 +456,11 @@ impl GrpcInferenceService for OipService {
                 }
             };
             let result = match model {
-                Model::Embedding(m) => {
+                AnyModel::Embedding(m) => {
                     outcome.set_served(m.name.clone(), m.version);
                     embed(m, req, deadline, priority).await
                 }
-                Model::Generation(m) => {
+                AnyModel::Generation(m) => {
                     outcome.set_served(m.name.clone(), m.version);
                     async {
                         let mut events = start_generation(&m, &req, deadline, priority).await?;
@@ -560,8 +539,8 @@ impl GrpcInferenceService for OipService {
                 let Ok(req) = next else { break };
                 let mut outcome = Outcome::new(&this.calls, "ModelStreamInfer", deadline);
                 let m = match this.model(&req.model_name, &req.model_version) {
-                    Ok(Model::Generation(m)) => m,
-                    Ok(Model::Embedding(m)) => {
+                    Ok(AnyModel::Generation(m)) => m,
+                    Ok(AnyModel::Embedding(m)) => {
                         outcome.set_served(m.name.clone(), m.version);
                         match embed(m, req, deadline, priority).await {
                             Ok(r) => {
