@@ -31,6 +31,9 @@ pub enum Command {
     /// Ask a running omnibus's grpc.health.v1.Health whether it is SERVING (exit 0) or not (exit 1):
     /// the container image's HEALTHCHECK.
     Health(crate::loadgen::HealthArgs),
+    /// Print the SIMD paths this CPU can run, one per line, each a value for OMNIBUS_CPU_FEATURES (CI
+    /// runs the numerics tests once per path).
+    CpuPaths,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -105,8 +108,8 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_MAX_QUEUE_DELAY", default_value = "1ms", value_parser = parse_duration)]
     pub max_queue_delay: Duration,
 
-    /// Padded-token budget per batch (inputs x longest input). Bounds the memory and latency of one
-    /// forward pass, and keeps one long input from padding many short ones.
+    /// Token budget per batch: the sum of the inputs' lengths (the encoder packs a batch's tokens end to
+    /// end, no padding). Bounds the memory and latency of one forward pass.
     #[arg(long, env = "OMNIBUS_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: u32,
 
@@ -283,7 +286,7 @@ impl ServeArgs {
             if got > max { Err(ConfigError::TooLarge { flag, max, got }) } else { Ok(()) }
         }
         at_least("max-batch-size", self.max_batch_size.into(), 1)?;
-        // Beyond a few thousand inputs one forward pass takes seconds and the padded activations gigabytes.
+        // Beyond a few thousand inputs one forward pass takes seconds and its activations gigabytes.
         at_most("max-batch-size", self.max_batch_size.into(), 4096)?;
         at_least("max-queue", self.max_queue.into(), 1)?;
         at_most("max-queue", self.max_queue.into(), 1_000_000)?;
@@ -420,7 +423,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(a) => a,
-            Command::Bench(_) | Command::Health(_) => unreachable!("parsed a serve command line"),
+            Command::Bench(_) | Command::Health(_) | Command::CpuPaths => unreachable!("parsed a serve command line"),
         }
     }
 

@@ -21,7 +21,14 @@ fn main() -> anyhow::Result<()> {
             println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
             std::process::exit(if serving { 0 } else { 1 });
         }
+        Command::CpuPaths => {
+            for p in omnibus::models::cpu::paths() {
+                println!("{}", p.name());
+            }
+            Ok(())
+        }
         Command::Serve(args) => {
+            omnibus::models::cpu::cap_from_env().map_err(anyhow::Error::msg)?;
             let config = args.validate()?;
             telemetry::init(config.log_format);
             // candle's CPU matrix products size their thread pool from RAYON_NUM_THREADS when they first
@@ -29,6 +36,13 @@ fn main() -> anyhow::Result<()> {
             // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads the
             // environment concurrently.
             unsafe { std::env::set_var("RAYON_NUM_THREADS", config.model.threads.to_string()) };
+            // rayon's workers run candle's ops (the device-generic paths): compute threads, so subnormals
+            // are flushed there too.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(config.model.threads)
+                .start_handler(|_| omnibus::models::cpu::flush_denormals())
+                .build_global()
+                .context("building the compute thread pool")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("omnibus-rt")

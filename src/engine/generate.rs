@@ -71,6 +71,8 @@ impl GenEngine {
         // second is headroom so a bug there fails a step with `Stopped` instead of blocking the runtime.
         let (tx, rx) = sync_channel::<Job>(2);
         std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
+            // A compute thread: subnormals flushed (see `models::cpu::flush_denormals`).
+            crate::models::cpu::flush_denormals();
             while let Ok(job) = rx.recv() {
                 let result = catch_unwind(AssertUnwindSafe(|| generator.step(job.plan)))
                     .unwrap_or_else(|p| Err(EngineError::Panicked(super::panic_message(&p))));

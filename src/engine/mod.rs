@@ -73,6 +73,8 @@ impl EmbedEngine {
         // headroom so that a bug there fails a batch with `Stopped` instead of blocking the runtime.
         let (tx, rx) = sync_channel::<Job>(2);
         std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
+            // A compute thread: subnormals flushed (see `models::cpu::flush_denormals`).
+            crate::models::cpu::flush_denormals();
             while let Ok(job) = rx.recv() {
                 if job.reply.is_closed() {
                     continue;
@@ -130,6 +132,19 @@ mod tests {
         let mut z = vec![0.0; 3];
         l2_normalize(&mut z);
         assert_eq!(z, vec![0.0; 3]);
+    }
+
+    struct Ftz;
+    impl Embedder for Ftz {
+        fn embed(&mut self, _: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+            Ok(vec![vec![crate::models::cpu::denormals_flushed() as u8 as f32]])
+        }
+    }
+
+    #[tokio::test]
+    async fn the_model_thread_flushes_subnormals() {
+        let engine = EmbedEngine::spawn("ftz", Ftz).unwrap();
+        assert_eq!(engine.submit(vec![vec![1]]).await.unwrap().unwrap().vectors, vec![vec![1.0]]);
     }
 
     struct Boom;

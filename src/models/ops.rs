@@ -4,28 +4,55 @@
 //! sentence-transformers parity (cosine >= 0.9999) needs. Other devices and dtypes use candle's own ops.
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
+/// Below this, [`exp`] answers exactly 0. e^-86 is 4.5e-38, still a normal float, and so is every
+/// intermediate value on the way to it: nothing here ever makes a subnormal, which would cost a
+/// ~100-cycle microcode assist per operation on Intel cores (FTZ/DAZ on the compute threads is the
+/// second line of defence, see `cpu::flush_denormals`).
+const EXP_ZERO_BELOW: f32 = -86.0;
+
 /// e^x for f32, Cody-Waite range reduction and a degree-6 polynomial; no branches, so it vectorizes.
+/// Exactly 0 below [`EXP_ZERO_BELOW`].
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.clamp(-87.3, 88.7);
+    let xc = x.clamp(EXP_ZERO_BELOW, 88.7);
     // Round to nearest by the 1.5 * 2^23 trick (vectorizes where f32::round does not).
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    let e = f32::from_bits(((n as i32 + 127) << 23) as u32) * p;
+    if x < EXP_ZERO_BELOW { 0.0 } else { e }
 }
 
-/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
+/// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7). Beyond |x| = 4 erf is +-1 in f32
+/// (1 - 1.5e-8 rounds to 1), and the tail is never computed there: e^-(x*x) times the polynomial
+/// would be subnormal near |x| = 9.3.
 #[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let ac = a.min(4.0);
+    let t = 1.0 / (1.0 + 0.327_591_1 * ac);
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
+    let y = 1.0 - poly * exp(-ac * ac);
+    let y = if a >= 4.0 { 1.0 } else { y };
     y.copysign(x)
+}
+
+/// Exact (erf) GELU on a slice, in place; inlined into callers compiled for wider SIMD.
+#[inline(always)]
+pub(crate) fn gelu_in_place(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// Softmax of `x - max` for `d = x - max <= 0`: exactly 0 below -75, so that after the division by
+/// the row's sum (at most 65536 terms of at most 1) no probability is subnormal either.
+#[inline(always)]
+pub(crate) fn softmax_exp(d: f32) -> f32 {
+    if d < -75.0 { 0.0 } else { exp(d) }
 }
 
 #[inline(always)]
@@ -41,7 +68,7 @@ fn softmax_rows(xs: &[f32], out: &mut [f32], dim: usize) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for (o, &x) in o.iter_mut().zip(row) {
-            *o = exp(x - max);
+            *o = softmax_exp(x - max);
             sum += *o;
         }
         let inv = 1.0 / sum;
@@ -166,7 +193,18 @@ mod tests {
             let (want, tol) = if x.abs() < 3.0 { (libm_erf(x as f64), 5e-7) } else { (x.signum() as f64, 2.3e-5) };
             assert!((erf(x) as f64 - want).abs() < tol, "erf({x}) = {} vs {want}", erf(x));
         }
-        assert_eq!(exp(-1000.0), exp(-87.3));
+        // Exactly zero far below, and never a subnormal on the way (the FTZ-free check).
+        assert_eq!(exp(-1000.0), 0.0);
+        for i in 0..200_000 {
+            let x = -80.0 - i as f32 * 1e-4;
+            let e = exp(x);
+            assert!(e == 0.0 || e.is_normal(), "exp({x}) = {e:e}");
+            let e = erf(-(x / 9.0));
+            assert!(e.is_normal(), "erf({}) = {e:e}", -(x / 9.0));
+        }
+        let mut g = [-12.0f32, -9.35, -5.5, 0.0, 9.35];
+        gelu_in_place(&mut g);
+        assert!(g.iter().all(|v| *v == 0.0 || v.is_normal()), "{g:?}");
     }
 
     fn libm_erf(x: f64) -> f64 {
@@ -183,6 +221,31 @@ mod tests {
             }
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// Rows of attention scores as the padded (device) path builds them, a batch of mixed lengths: real
+    /// scores with wide gaps, then -1e9 for each padded key. Padding must get exactly zero weight and
+    /// no probability may be subnormal (each would cost an Intel core a microcode assist).
+    #[test]
+    fn masked_softmax_has_exact_zeros_and_no_subnormals() {
+        let longest = 60;
+        let mut scores = Vec::new();
+        for (i, real) in [3usize, 60, 7, 1, 33, 12].into_iter().enumerate() {
+            for j in 0..longest {
+                scores.push(if j < real { ((i * 7 + j * 13) % 23) as f32 * 4.5 - 50.0 } else { -1e9 });
+            }
+        }
+        let t = Tensor::from_vec(scores.clone(), (6, longest), &Device::Cpu).unwrap();
+        let p = softmax_last_dim(&t).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(p.iter().filter(|v| v.is_subnormal()).count(), 0);
+        for (v, s) in p.iter().zip(&scores) {
+            if *s == -1e9 {
+                assert_eq!(*v, 0.0);
+            }
+        }
+        for row in p.chunks(longest) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
     }
 
     #[test]

@@ -178,6 +178,7 @@ impl<'a, T> Disjoint<'a, T> {
 }
 
 fn worker(s: &Shared) {
+    super::cpu::flush_denormals();
     let mut seen = 0u64;
     loop {
         let mut since = Instant::now();
@@ -244,6 +245,23 @@ mod tests {
             .join()
             .unwrap();
         }
+    }
+
+    #[test]
+    fn workers_flush_subnormals() {
+        let team = Team::new(3);
+        let me = std::thread::current().id();
+        let seen = Mutex::new(Vec::new());
+        for _ in 0..50 {
+            team.run(64, &|_| {
+                std::thread::sleep(Duration::from_micros(20));
+                seen.lock().unwrap().push((std::thread::current().id(), super::super::cpu::denormals_flushed()));
+            });
+        }
+        let seen = seen.into_inner().unwrap();
+        let workers: Vec<_> = seen.iter().filter(|(t, _)| *t != me).collect();
+        assert!(!workers.is_empty(), "the workers ran no task");
+        assert!(workers.iter().all(|(_, ftz)| *ftz), "a compute worker keeps subnormals");
     }
 
     #[test]
