@@ -6,7 +6,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::{Embedder, EngineError};
-use crate::models::bert::{Bert, BertConfig, cls_pool, max_pool, mean_pool};
+use crate::models::bert::{Bert, BertConfig, HiddenAct, cls_pool, max_pool, mean_pool};
+use crate::models::bert_packed::PackedBert;
 
 /// How token states become one sentence vector (sentence-transformers' Pooling module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +31,15 @@ pub struct EmbedderInfo {
 }
 
 pub struct SentenceEmbedder {
-    bert: Bert,
-    device: Device,
+    encoder: Encoder,
     pooling: Pooling,
-    pad_id: u32,
+}
+
+/// The one place the encoder's path is chosen: on the CPU our packed kernels (no padding, see
+/// `models::bert_packed`), elsewhere candle's ops on a padded batch.
+enum Encoder {
+    Packed(PackedBert),
+    Device { bert: Bert, device: Device, pad_id: u32 },
 }
 
 #[derive(Deserialize)]
@@ -78,11 +84,6 @@ impl SentenceEmbedder {
         if !weights.exists() {
             return Err(EngineError::load(&weights, "missing (only safetensors weights are supported)"));
         }
-        // SAFETY: the file is memory-mapped read-only; omnibus never writes model files, and one that is
-        // changed underneath a running server is outside what any server can defend against.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .map_err(|e| EngineError::load(&weights, e))?;
-
         let (pooling, normalize) = Self::pipeline(dir)?;
         let st: Option<SentenceBertConfig> = match dir.join("sentence_bert_config.json") {
             p if p.exists() => Some(read_json(&p)?),
@@ -92,11 +93,21 @@ impl SentenceEmbedder {
             .and_then(|c| c.max_seq_length)
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings);
-        let pad_id = config.pad_token_id;
         let dimension = config.hidden_size;
-        let bert = Bert::load(vb, config).map_err(|e| EngineError::load(&weights, e))?;
+        let packed = device.is_cpu() && config.hidden_act == HiddenAct::Gelu;
+        let encoder = if packed {
+            Encoder::Packed(PackedBert::load(&weights, config).map_err(|e| EngineError::load(&weights, e))?)
+        } else {
+            // SAFETY: the file is memory-mapped read-only; omnibus never writes model files, and one that
+            // is changed underneath a running server is outside what any server can defend against.
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+                .map_err(|e| EngineError::load(&weights, e))?;
+            let pad_id = config.pad_token_id;
+            let bert = Bert::load(vb, config).map_err(|e| EngineError::load(&weights, e))?;
+            Encoder::Device { bert, device: device.clone(), pad_id }
+        };
         let info = EmbedderInfo { dimension, max_input_tokens, normalize, pooling };
-        Ok((Self { bert, device: device.clone(), pooling, pad_id }, info))
+        Ok((Self { encoder, pooling }, info))
     }
 
     /// Reads modules.json: which pooling, and whether a Normalize module follows. A folder without it is
@@ -138,28 +149,75 @@ impl Embedder for SentenceEmbedder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let len = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(batch.len() * len);
-        let mut mask = Vec::with_capacity(batch.len() * len);
-        for seq in batch {
-            ids.extend_from_slice(seq);
-            ids.extend(std::iter::repeat_n(self.pad_id, len - seq.len()));
-            mask.extend(std::iter::repeat_n(1f32, seq.len()));
-            mask.extend(std::iter::repeat_n(0f32, len - seq.len()));
-        }
-        let ids = Tensor::from_vec(ids, (batch.len(), len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (batch.len(), len), &self.device)?;
-        let hidden = self.bert.forward(&ids, &mask)?;
-        let pooled = match self.pooling {
-            Pooling::Mean => mean_pool(&hidden, &mask)?,
-            Pooling::Cls => cls_pool(&hidden)?,
-            Pooling::Max => max_pool(&hidden, &mask)?,
-            Pooling::MeanSqrtLen => {
-                let m = mask.unsqueeze(2)?;
-                let sum = hidden.broadcast_mul(&m)?.sum(1)?;
-                sum.broadcast_div(&m.sum(1)?.sqrt()?)?
+        match &self.encoder {
+            Encoder::Packed(bert) => {
+                let seqs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+                let hidden = bert.forward(&seqs)?;
+                Ok(pool_packed(&hidden, batch, bert.config.hidden_size, self.pooling))
             }
-        };
-        Ok(pooled.to_dtype(DType::F32)?.to_vec2()?)
+            Encoder::Device { bert, device, pad_id } => embed_padded(bert, device, *pad_id, batch, self.pooling),
+        }
     }
+}
+
+/// Pools each sequence's own rows of the packed hidden states (`[total, width]`).
+fn pool_packed(hidden: &[f32], batch: &[Vec<u32>], width: usize, pooling: Pooling) -> Vec<Vec<f32>> {
+    let mut start = 0;
+    batch
+        .iter()
+        .map(|seq| {
+            let rows = &hidden[start * width..(start + seq.len()) * width];
+            start += seq.len();
+            let n = seq.len().max(1) as f32;
+            match pooling {
+                Pooling::Cls => rows[..width].to_vec(),
+                Pooling::Max => rows.chunks_exact(width).fold(vec![f32::NEG_INFINITY; width], |mut m, r| {
+                    m.iter_mut().zip(r).for_each(|(m, &v)| *m = m.max(v));
+                    m
+                }),
+                Pooling::Mean | Pooling::MeanSqrtLen => {
+                    let mut sum = vec![0f32; width];
+                    for r in rows.chunks_exact(width) {
+                        sum.iter_mut().zip(r).for_each(|(s, &v)| *s += v);
+                    }
+                    let d = if pooling == Pooling::Mean { n } else { n.sqrt() };
+                    sum.iter_mut().for_each(|s| *s /= d);
+                    sum
+                }
+            }
+        })
+        .collect()
+}
+
+/// candle's path: a padded `[batch, longest]` batch with its attention mask.
+fn embed_padded(
+    bert: &Bert,
+    device: &Device,
+    pad_id: u32,
+    batch: &[Vec<u32>],
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>, EngineError> {
+    let len = batch.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(batch.len() * len);
+    let mut mask = Vec::with_capacity(batch.len() * len);
+    for seq in batch {
+        ids.extend_from_slice(seq);
+        ids.extend(std::iter::repeat_n(pad_id, len - seq.len()));
+        mask.extend(std::iter::repeat_n(1f32, seq.len()));
+        mask.extend(std::iter::repeat_n(0f32, len - seq.len()));
+    }
+    let ids = Tensor::from_vec(ids, (batch.len(), len), device)?;
+    let mask = Tensor::from_vec(mask, (batch.len(), len), device)?;
+    let hidden = bert.forward(&ids, &mask)?;
+    let pooled = match pooling {
+        Pooling::Mean => mean_pool(&hidden, &mask)?,
+        Pooling::Cls => cls_pool(&hidden)?,
+        Pooling::Max => max_pool(&hidden, &mask)?,
+        Pooling::MeanSqrtLen => {
+            let m = mask.unsqueeze(2)?;
+            let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+            sum.broadcast_div(&m.sum(1)?.sqrt()?)?
+        }
+    };
+    Ok(pooled.to_dtype(DType::F32)?.to_vec2()?)
 }

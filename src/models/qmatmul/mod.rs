@@ -41,6 +41,12 @@ pub(crate) struct Out {
 unsafe impl Sync for Out {}
 
 impl Out {
+    /// Tasks' view of `buf`, `rows x n` row-major; `buf` must outlive every task writing through it.
+    pub(crate) fn new(buf: &mut [f32], rows: usize, n: usize) -> Self {
+        assert_eq!(buf.len(), rows * n);
+        Self { ptr: buf.as_mut_ptr(), rows, n }
+    }
+
     /// # Safety
     /// Column `c` must belong to the calling task (be in the `cols` it was handed): no other task may
     /// write it during the region.
@@ -136,7 +142,7 @@ pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> 
     let act = kernel.quantize(x, rows);
     // Poisoned: an element no task wrote stays NaN and fails every comparison downstream.
     let mut out = vec![f32::NAN; rows * n];
-    let o = Out { ptr: out.as_mut_ptr(), rows, n };
+    let o = Out::new(&mut out, rows, n);
     let team = Team::global();
     let chunk = column_chunk(n, team.threads());
     team.run(n.div_ceil(chunk), &|t| {
