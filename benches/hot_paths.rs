@@ -33,7 +33,7 @@ impl Queued for Waiting {
     fn inputs(&self) -> usize {
         1
     }
-    fn longest(&self) -> usize {
+    fn tokens(&self) -> usize {
         self.len
     }
     fn enqueued_at(&self) -> Instant {

@@ -31,10 +31,10 @@ pub enum ValidationError {
     )]
     TooManyTokens { index: usize, tokens: usize, max: usize },
     #[error(
-        "inputs: {inputs} inputs padded to the longest ({longest} tokens) make {total} tokens, above the \
-         model's max_batch_tokens of {max}; send fewer or shorter inputs per request"
+        "inputs: {inputs} inputs make {total} tokens, above the model's max_batch_tokens of {max}; send fewer \
+         or shorter inputs per request"
     )]
-    TooManyBatchTokens { inputs: usize, longest: usize, total: usize, max: usize },
+    TooManyBatchTokens { inputs: usize, total: usize, max: usize },
     #[error("prompt, messages: exactly one must be set, got {0}")]
     PromptOrMessages(&'static str),
     #[error("max_new_tokens: must be between 1 and {max}, got {got}")]
@@ -115,10 +115,6 @@ pub struct ValidPredict {
 }
 
 impl ValidPredict {
-    pub fn longest(&self) -> usize {
-        self.inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0)
-    }
-
     pub fn tokens(&self) -> usize {
         self.inputs.iter().map(|i| i.ids.len()).sum()
     }
@@ -152,10 +148,10 @@ pub fn predict(
         inputs.push(ValidInput { ids });
     }
     let valid = ValidPredict { inputs, normalize: params.normalize.unwrap_or(limits.default_normalize) };
-    let longest = valid.longest();
-    let total = n * longest;
+    // Batches are packed, not padded: a request costs the sum of its inputs' tokens.
+    let total = valid.tokens();
     if total > limits.max_batch_tokens {
-        return Err(ValidationError::TooManyBatchTokens { inputs: n, longest, total, max: limits.max_batch_tokens });
+        return Err(ValidationError::TooManyBatchTokens { inputs: n, total, max: limits.max_batch_tokens });
     }
     Ok(valid)
 }

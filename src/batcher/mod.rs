@@ -25,7 +25,7 @@ pub struct BatchConfig {
     pub max_batch_size: usize,
     /// How long the oldest waiting request may wait for company.
     pub max_queue_delay: Duration,
-    /// Most padded tokens (inputs x longest) in one forward pass.
+    /// Most tokens (all inputs' lengths together: batches are packed, not padded) in one forward pass.
     pub max_batch_tokens: usize,
     /// Most requests waiting (not yet in a running batch).
     pub max_queue: usize,
@@ -107,8 +107,8 @@ impl Queued for Entry {
     fn inputs(&self) -> usize {
         self.request.inputs.len()
     }
-    fn longest(&self) -> usize {
-        self.request.longest()
+    fn tokens(&self) -> usize {
+        self.request.tokens()
     }
     fn enqueued_at(&self) -> Instant {
         self.enqueued_at

@@ -10,8 +10,8 @@ use super::{BatchConfig, Priority, effective_arrival};
 pub trait Queued {
     /// Inputs this request adds to a batch (each counts against `max_batch_size`).
     fn inputs(&self) -> usize;
-    /// Its longest input in tokens: the batch is padded to the longest of its members.
-    fn longest(&self) -> usize;
+    /// Its tokens, all inputs together: batches are packed end to end, so this is what it costs.
+    fn tokens(&self) -> usize;
     fn enqueued_at(&self) -> Instant;
     fn deadline(&self) -> Option<Instant>;
     /// True when nobody waits for the answer any more (the caller hung up).
@@ -70,48 +70,44 @@ impl<E: Queued> State<E> {
         expired
     }
 
-    /// A batch is due when the waiting inputs fill `max_batch_size`, or their padded tokens fill the
-    /// token budget, or the oldest entry has waited the whole window.
+    /// A batch is due when the waiting inputs fill `max_batch_size`, or their tokens fill the token
+    /// budget, or the oldest entry has waited the whole window.
     pub fn is_due(&self, now: Instant) -> bool {
         let Some(oldest) = self.queue.iter().map(Queued::enqueued_at).min() else { return false };
         if oldest + self.config.max_queue_delay <= now {
             return true;
         }
         let inputs: usize = self.queue.iter().map(Queued::inputs).sum();
-        let tokens: usize = self.queue.iter().map(|e| e.inputs() * e.longest()).sum();
+        let tokens: usize = self.queue.iter().map(Queued::tokens).sum();
         inputs >= self.config.max_batch_size || tokens >= self.config.max_batch_tokens
     }
 
     /// The next batch, if one is due. The first entry in effective-arrival order always rides (so nothing
-    /// starves); the rest are chosen among interactive and overdue batch entries first, then by closeness
-    /// of length to it (so padding stays small) while the batch stays within
-    /// `max_batch_size` inputs and `max_batch_tokens` padded tokens. Validation guarantees that any single
-    /// entry fits both bounds on its own.
+    /// starves); the rest join in that order, interactive and overdue batch entries before batch entries
+    /// still inside their delay, while the batch stays within `max_batch_size` inputs and
+    /// `max_batch_tokens` tokens. Lengths need no sorting: the encoder packs a batch's tokens end to end,
+    /// so a mixed batch costs what its tokens cost. Validation guarantees that any single entry fits both
+    /// bounds on its own.
     pub fn next_batch(&mut self, now: Instant) -> Option<Vec<E>> {
         if !self.is_due(now) {
             return None;
         }
         let anchor = self.queue.front()?;
-        let anchor_len = anchor.longest();
         let mut inputs = anchor.inputs();
-        let mut longest = anchor_len;
+        let mut tokens = anchor.tokens();
         let mut chosen = vec![0usize];
         let mut candidates: Vec<usize> = (1..self.queue.len()).collect();
-        // Stable sort: among equal keys the earlier entry goes first.
-        candidates.sort_by_key(|&i| {
-            let e = &self.queue[i];
-            (self.effective(e) > now, e.longest().abs_diff(anchor_len))
-        });
+        // Stable sort: within each class, queue (effective-arrival) order.
+        candidates.sort_by_key(|&i| self.effective(&self.queue[i]) > now);
         for i in candidates {
             if inputs >= self.config.max_batch_size {
                 break;
             }
             let e = &self.queue[i];
-            let new_inputs = inputs + e.inputs();
-            let new_longest = longest.max(e.longest());
-            if new_inputs <= self.config.max_batch_size && new_inputs * new_longest <= self.config.max_batch_tokens {
+            let (new_inputs, new_tokens) = (inputs + e.inputs(), tokens + e.tokens());
+            if new_inputs <= self.config.max_batch_size && new_tokens <= self.config.max_batch_tokens {
                 inputs = new_inputs;
-                longest = new_longest;
+                tokens = new_tokens;
                 chosen.push(i);
             }
         }
@@ -148,7 +144,7 @@ mod tests {
     struct Fake {
         id: usize,
         inputs: usize,
-        longest: usize,
+        tokens: usize,
         at: Instant,
         deadline: Option<Instant>,
         abandoned: bool,
@@ -159,8 +155,8 @@ mod tests {
         fn inputs(&self) -> usize {
             self.inputs
         }
-        fn longest(&self) -> usize {
-            self.longest
+        fn tokens(&self) -> usize {
+            self.tokens
         }
         fn enqueued_at(&self) -> Instant {
             self.at
@@ -186,8 +182,8 @@ mod tests {
         }
     }
 
-    fn entry(id: usize, inputs: usize, longest: usize, at: Instant) -> Fake {
-        Fake { id, inputs, longest, at, deadline: None, abandoned: false, priority: Priority::Interactive }
+    fn entry(id: usize, inputs: usize, tokens: usize, at: Instant) -> Fake {
+        Fake { id, inputs, tokens, at, deadline: None, abandoned: false, priority: Priority::Interactive }
     }
 
     fn batch(id: usize, at: Instant) -> Fake {
@@ -227,36 +223,39 @@ mod tests {
     }
 
     #[test]
-    fn the_token_budget_caps_the_batch_and_packs_by_length() {
+    fn the_token_budget_counts_real_tokens() {
         let t0 = Instant::now();
-        let mut s = State::new(config()); // 1000 padded tokens
+        let mut s = State::new(config()); // 1000 tokens
         s.push(entry(0, 1, 100, t0)); // anchor, oldest
         s.push(entry(1, 1, 400, t0));
         s.push(entry(2, 1, 110, t0));
         s.push(entry(3, 1, 90, t0));
-        s.push(entry(4, 1, 300, t0));
-        // 100+400+110+90+300 padded... the budget is hit, so the batch is due at once.
+        s.push(entry(4, 1, 350, t0));
+        // 1050 tokens waiting: the budget is hit, so the batch is due at once.
         let batch = s.next_batch(t0).unwrap();
-        // Closest lengths first: 110 and 90 join (3 x 110 = 330), then 300 (4 x 300 = 1200) does not fit,
-        // nor 400.
-        assert_eq!(ids(&batch), vec![0, 2, 3]);
-        let padded = batch.len() * batch.iter().map(|e| e.longest).max().unwrap();
-        assert!(padded <= 1000);
-        assert_eq!(s.len(), 2);
+        // In arrival order while they fit: 100 + 400 + 110 + 90 = 700; 350 more would pass 1000. Padded,
+        // the same four would have counted 4 x 400 = 1600.
+        assert_eq!(ids(&batch), vec![0, 1, 2, 3]);
+        assert_eq!(batch.iter().map(|e| e.tokens).sum::<usize>(), 700);
+        assert_eq!(s.len(), 1);
     }
 
     #[test]
     fn the_oldest_entry_always_rides_so_nothing_starves() {
         let t0 = Instant::now();
         let mut s = State::new(config());
-        s.push(entry(0, 1, 500, t0)); // long and oldest
+        s.push(entry(0, 1, 900, t0)); // long and oldest
         for id in 1..8 {
             s.push(entry(id, 1, 10, t0 + Duration::from_millis(1)));
         }
         let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
         assert_eq!(batch[0].id, 0);
-        // 2 x 500 = 1000 fits, a third at 500 padding does not.
-        assert_eq!(batch.len(), 2);
+        // 900 + 7 x 10 = 970 fits.
+        assert_eq!(batch.len(), 8);
+        s.push(entry(8, 1, 990, t0 + Duration::from_millis(6)));
+        s.push(entry(9, 1, 20, t0 + Duration::from_millis(6)));
+        // The anchor's 990 leaves no room for 20 more.
+        assert_eq!(ids(&s.next_batch(t0 + Duration::from_millis(20)).unwrap()), vec![8]);
     }
 
     #[test]
