@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Result, bail};
 use super::bert::{BertConfig, HiddenAct};
 use super::cpu;
 use super::ops;
-use super::sgemm::{Dense, Epilogue};
+use super::sgemm::{self, Dense, Epilogue, Rows};
 use super::team::{Disjoint, Team};
 
 /// LayerNorm's weight and bias.
@@ -255,7 +255,7 @@ fn attention(qkv: &[f32], spans: &[Span], heads: usize, head_dim: usize, subnorm
     let o = super::qmatmul::Out::new(&mut out, total, h);
     Team::global().run(spans.len() * heads, &|t| {
         let (span, head) = (spans[t / heads], t % heads);
-        let found = attend_any(qkv, span, head, heads, head_dim, &o);
+        let found = attend(qkv, span, head, heads, head_dim, &o);
         if let Some(n) = subnormals {
             n.fetch_add(found, Ordering::Relaxed);
         }
@@ -263,62 +263,62 @@ fn attention(qkv: &[f32], spans: &[Span], heads: usize, head_dim: usize, subnorm
     out
 }
 
-fn attend_any(qkv: &[f32], s: Span, head: usize, heads: usize, hd: usize, out: &super::qmatmul::Out) -> usize {
+/// One head of one sequence: softmax(q k^T / sqrt(d)) v as two small matrix products on the calling
+/// thread, through the same micro-kernels as the linear layers (`sgemm::local`): Q times K^T (K packed
+/// as the product's right-hand side), a softmax per row, then the probabilities times V. Every score is
+/// one multiply-add chain over the head's dimensions, every output one chain over the keys, in a fixed
+/// order: a row's result never depends on the other rows. Returns how many probabilities were
+/// subnormal (always 0: see `ops::softmax_exp`).
+fn attend(qkv: &[f32], s: Span, head: usize, heads: usize, hd: usize, out: &super::qmatmul::Out) -> usize {
+    let (h, len) = (heads * hd, s.len);
+    let ld = 3 * h;
+    let base = s.start * ld + head * hd;
+    let at = |j: usize, part: usize, d: usize| qkv[base + j * ld + part * h + d];
+    let kt = sgemm::pack(hd, len, |d, j| at(j, 1, d));
+    let mut p = vec![0f32; len * len];
+    sgemm::local(Rows { a: &qkv[base..], lda: ld, rows: len }, &kt, &mut p, len);
+    let subnormal = softmax_rows_any(&mut p, len, 1.0 / (hd as f32).sqrt());
+    let v = sgemm::pack(len, hd, |j, d| at(j, 2, d));
+    let mut ctx = vec![0f32; len * hd];
+    sgemm::local(Rows { a: &p, lda: len, rows: len }, &v, &mut ctx, hd);
+    for (i, row) in ctx.chunks_exact(hd).enumerate() {
+        // SAFETY: this task owns head `head`'s columns of its sequence's rows.
+        unsafe { out.set_span(s.start + i, head * hd, row) };
+    }
+    subnormal
+}
+
+fn softmax_rows_any(p: &mut [f32], width: usize, scale: f32) -> usize {
     #[cfg(target_arch = "x86_64")]
     if cpu::features().avx2_fma {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(qkv: &[f32], s: Span, head: usize, heads: usize, hd: usize, o: &super::qmatmul::Out) -> usize {
-            attend(qkv, s, head, heads, hd, o)
+        unsafe fn avx2(p: &mut [f32], width: usize, scale: f32) -> usize {
+            softmax_rows(p, width, scale)
         }
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2(qkv, s, head, heads, hd, out) };
+        return unsafe { avx2(p, width, scale) };
     }
-    attend(qkv, s, head, heads, hd, out)
+    softmax_rows(p, width, scale)
 }
 
-/// One head of one sequence: softmax(q k^T / sqrt(d)) v, row by row. Plain multiplies and adds (no
-/// FMA), eight lanes: the same floats on every SIMD path. Returns how many probabilities were
-/// subnormal (always 0: see `ops::softmax_exp`).
+/// Softmax of every `width`-wide row of `scale * p`, in place; counts subnormal results.
 #[inline(always)]
-fn attend(qkv: &[f32], s: Span, head: usize, heads: usize, hd: usize, out: &super::qmatmul::Out) -> usize {
-    let h = heads * hd;
-    let row = |i: usize, part: usize| &qkv[(s.start + i) * 3 * h + part * h + head * hd..][..hd];
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0f32; s.len];
-    let mut ctx = vec![0f32; hd];
+fn softmax_rows(p: &mut [f32], width: usize, scale: f32) -> usize {
     let mut subnormal = 0;
-    for i in 0..s.len {
-        let q = row(i, 0);
+    for row in p.chunks_exact_mut(width) {
         let mut max = f32::NEG_INFINITY;
-        for (j, sc) in scores.iter_mut().enumerate() {
-            let k = row(j, 1);
-            let mut acc = [0f32; 8];
-            for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
-                for l in 0..8 {
-                    acc[l] += qc[l] * kc[l];
-                }
-            }
-            let mut dot = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-            for l in hd / 8 * 8..hd {
-                dot += q[l] * k[l];
-            }
-            *sc = dot * scale;
-            max = max.max(*sc);
+        for v in row.iter_mut() {
+            *v *= scale;
+            max = max.max(*v);
         }
-        for sc in scores.iter_mut() {
-            *sc = ops::softmax_exp(*sc - max);
+        for v in row.iter_mut() {
+            *v = ops::softmax_exp(*v - max);
         }
-        let inv = 1.0 / lane_sum(&scores, |v| v);
-        ctx.fill(0.0);
-        for (j, &e) in scores.iter().enumerate() {
-            let p = e * inv;
-            subnormal += p.is_subnormal() as usize;
-            for (c, &v) in ctx.iter_mut().zip(row(j, 2)) {
-                *c += p * v;
-            }
+        let inv = 1.0 / lane_sum(row, |v| v);
+        for v in row.iter_mut() {
+            *v *= inv;
+            subnormal += v.is_subnormal() as usize;
         }
-        // SAFETY: this task owns head `head`'s columns of its sequence's rows.
-        unsafe { out.set_span(s.start + i, head * hd, &ctx) };
     }
     subnormal
 }

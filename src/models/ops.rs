@@ -40,6 +40,18 @@ fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// `a * b + c`, with one rounding when `FUSED`. Kernels pass `true` from code compiled for FMA (the
+/// AVX2 and AVX-512 paths) and [`PORTABLE_FUSED`] from portable code.
+#[inline(always)]
+pub(crate) fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// Whether portable code fuses its multiply-adds: on arm64 it is one instruction; on x86-64 the
+/// portable path runs on CPUs without FMA, where a fused multiply-add is a libm call, a hundred times
+/// slower, so it multiplies and adds apart (and its last bits differ from the SIMD paths').
+pub(crate) const PORTABLE_FUSED: bool = !cfg!(target_arch = "x86_64");
+
 /// Exact (erf) GELU on a slice, in place; inlined into callers compiled for wider SIMD.
 #[inline(always)]
 pub(crate) fn gelu_in_place(xs: &mut [f32]) {

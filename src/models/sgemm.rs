@@ -22,7 +22,7 @@ pub const NR: usize = 16;
 /// Most rows any micro-kernel keeps in registers (AVX-512: 12 zmm accumulators).
 const MR_MAX: usize = 12;
 /// A task's rows of activations are sized to stay in L2 while its panels stream past them.
-const ROW_CHUNK_BYTES: usize = 96 * 1024;
+const ROW_CHUNK_BYTES: usize = 192 * 1024;
 /// Depth of one pass over a panel: 192 x 16 weights (12 KiB) stay in L1 beside the rows' activations
 /// while every row block of the task goes through them. Sums carry over from one pass to the next
 /// through the tile, exactly (an f32 stored and reloaded is the same f32), so the FMA chain per
@@ -128,6 +128,97 @@ impl Dense {
     }
 }
 
+/// A small right-hand matrix `B` (`k x n`) packed into panels for [`local`]: panel `p`, row `kk`, lane
+/// `j` is `B[kk][p * NR + j]`; missing columns are zero.
+pub(crate) struct Packed {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+pub(crate) fn pack(k: usize, n: usize, b: impl Fn(usize, usize) -> f32) -> Packed {
+    let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
+    for (p, panel) in data.chunks_exact_mut(k * NR).enumerate() {
+        for (kk, lanes) in panel.chunks_exact_mut(NR).enumerate() {
+            for (j, v) in lanes.iter_mut().enumerate().take(n.saturating_sub(p * NR)) {
+                *v = b(kk, p * NR + j);
+            }
+        }
+    }
+    Packed { data, k, n }
+}
+
+/// `rows` rows of a left-hand matrix, `lda` apart.
+pub(crate) struct Rows<'a> {
+    pub a: &'a [f32],
+    pub lda: usize,
+    pub rows: usize,
+}
+
+/// `out[r * ldo + c] = sum over kk of a[r * lda + kk] * B[kk][c]` for every row `r` and `c < n`, on the
+/// calling thread (for products too small to share, such as one attention head's). The same
+/// micro-kernels and the same FMA chain per element as [`Dense::forward`], without bias or epilogue.
+pub(crate) fn local(lhs: Rows<'_>, b: &Packed, out: &mut [f32], ldo: usize) {
+    let Rows { a, lda, rows } = lhs;
+    assert!(a.len() >= a_extent(rows, b.k, lda, 1), "a holds {} values", a.len());
+    assert!(rows == 0 || out.len() >= (rows - 1) * ldo + b.n, "out holds {} values", out.len());
+    let job = Local { a, lda, rows, b: &b.data, k: b.k, n: b.n };
+    match Path::current() {
+        Path::Portable => local_body::<Portable>(&job, Path::Portable.mr(), out, ldo),
+        // SAFETY: `current` picks these only when the CPU has the features they are compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { x86::local_avx2(&job, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => unsafe { x86::local_avx512(&job, out, ldo) },
+    }
+}
+
+struct Local<'a> {
+    a: &'a [f32],
+    lda: usize,
+    rows: usize,
+    b: &'a [f32],
+    k: usize,
+    n: usize,
+}
+
+#[inline(always)]
+fn local_body<M: Micro>(job: &Local<'_>, mr: usize, out: &mut [f32], ldo: usize) {
+    let (k, n) = (job.k, job.n);
+    let mut tile = [[0f32; NR]; MR_MAX];
+    for p in 0..n.div_ceil(NR) {
+        let panel = &job.b[p * k * NR..(p + 1) * k * NR];
+        let (c0, width) = (p * NR, (n - p * NR).min(NR));
+        for r0 in (0..job.rows).step_by(mr) {
+            let count = (job.rows - r0).min(mr);
+            for k0 in (0..k).step_by(KC) {
+                let kc = (k - k0).min(KC);
+                // SAFETY: `local` checked that rows r0..r0 + count of `a` hold k values each; the panel
+                // slice is whole; count <= mr <= MR_MAX; the caller picked `M` for this CPU.
+                unsafe {
+                    M::micro(
+                        &job.a[r0 * job.lda + k0..],
+                        job.lda,
+                        1,
+                        count,
+                        &panel[k0 * NR..(k0 + kc) * NR],
+                        kc,
+                        &mut tile,
+                        k0 > 0,
+                    )
+                };
+            }
+            if k == 0 {
+                tile.iter_mut().for_each(|t| *t = [0.0; NR]);
+            }
+            for (i, t) in tile.iter().enumerate().take(count) {
+                let o = (r0 + i) * ldo + c0;
+                out[o..o + width].copy_from_slice(&t[..width]);
+            }
+        }
+    }
+}
+
 /// One product as its tasks see it.
 struct Job<'a> {
     w: &'a Dense,
@@ -186,32 +277,52 @@ impl Path {
     }
 }
 
-/// A micro-kernel: `tile[i][j] = sum over kk of a[i * lda + kk] * panel[kk * NR + j]` for `i < rows`,
-/// one FMA chain per element in `kk` order, continuing the chain already in `tile` when `carry`.
+/// A micro-kernel: `tile[i][j] = sum over kk of a[i * rs + kk * ks] * panel[kk * NR + j]` for `i < rows`,
+/// one FMA chain per element in `kk` order, continuing the chain already in `tile` when `carry`. Rows
+/// as they lie (`rs` = the row length, `ks` = 1) or packed (`rs` = 1, `ks` = the block's rows).
 trait Micro {
     /// # Safety
-    /// `a` holds `rows` rows of `lda >= k` values; `panel` holds `k * NR` values; `rows <= MR_MAX`; the
-    /// CPU has the implementation's features.
-    unsafe fn micro(a: &[f32], lda: usize, rows: usize, panel: &[f32], k: usize, tile: &mut [[f32; NR]], carry: bool);
+    /// `a` holds every `a[i * rs + kk * ks]` read; `panel` holds `k * NR` values; `rows <= MR_MAX` and
+    /// `tile` has that many rows; the CPU has the implementation's features.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro(
+        a: &[f32],
+        rs: usize,
+        ks: usize,
+        rows: usize,
+        panel: &[f32],
+        k: usize,
+        tile: &mut [[f32; NR]],
+        carry: bool,
+    );
+}
+
+/// The length `a` needs for `rows` rows of depth `k` at strides `rs`, `ks`.
+#[inline(always)]
+fn a_extent(rows: usize, k: usize, rs: usize, ks: usize) -> usize {
+    if rows == 0 || k == 0 { 0 } else { (rows - 1) * rs + (k - 1) * ks + 1 }
 }
 
 struct Portable;
 
-/// The portable path's multiply-add: fused where the instruction is baseline (see the module comment).
-#[inline(always)]
-fn madd(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_arch = "x86_64") { a * b + c } else { a.mul_add(b, c) }
-}
-
 impl Micro for Portable {
-    unsafe fn micro(a: &[f32], lda: usize, rows: usize, panel: &[f32], k: usize, tile: &mut [[f32; NR]], carry: bool) {
+    unsafe fn micro(
+        a: &[f32],
+        rs: usize,
+        ks: usize,
+        rows: usize,
+        panel: &[f32],
+        k: usize,
+        tile: &mut [[f32; NR]],
+        carry: bool,
+    ) {
         for (i, t) in tile.iter_mut().enumerate().take(rows) {
             let mut acc = if carry { *t } else { [0f32; NR] };
-            let ar = &a[i * lda..i * lda + k];
-            for (kk, &av) in ar.iter().enumerate() {
+            for kk in 0..k {
+                let av = a[i * rs + kk * ks];
                 let b = &panel[kk * NR..kk * NR + NR];
                 for j in 0..NR {
-                    acc[j] = madd(av, b[j], acc[j]);
+                    acc[j] = ops::madd::<{ ops::PORTABLE_FUSED }>(av, b[j], acc[j]);
                 }
             }
             *t = acc;
@@ -224,22 +335,36 @@ impl Micro for Portable {
 #[inline(always)]
 fn task<M: Micro>(job: &Job<'_>, rows: Range<usize>, panels: Range<usize>) {
     let (k, n, mr) = (job.w.k, job.w.n, job.mr);
-    // The running sums of every row of the task against the current panel, carried across depth passes.
-    let mut sums = vec![[0f32; NR]; rows.len()];
-    let mut vals = [0f32; NR];
     assert!(rows.end <= job.rows);
+    // The task's rows packed in blocks of `mr`, depth-major (block b, depth kk, row i at
+    // (b * k + kk) * mr + i; rows past the end are zero): the micro-kernel then reads one contiguous
+    // stream instead of `mr` strided ones, and the packed chunk stays in L2 while every panel passes.
+    let blocks = rows.len().div_ceil(mr);
+    let mut packed = vec![0f32; blocks * k * mr];
+    for (b, block) in packed.chunks_exact_mut(k * mr).enumerate() {
+        for i in 0..mr.min(rows.len() - b * mr) {
+            let src = &job.x[(rows.start + b * mr + i) * k..][..k];
+            for (kk, &v) in src.iter().enumerate() {
+                block[kk * mr + i] = v;
+            }
+        }
+    }
+    // The running sums of every row of the task against the current panel, carried across depth passes.
+    let mut sums = vec![[0f32; NR]; blocks * mr];
+    let mut vals = [0f32; NR];
     for p in panels {
         let panel = &job.w.panels[p * k * NR..(p + 1) * k * NR];
         for k0 in (0..k).step_by(KC) {
             let kc = (k - k0).min(KC);
-            for r0 in rows.clone().step_by(mr) {
-                let count = (rows.end - r0).min(mr);
-                let tile = &mut sums[r0 - rows.start..r0 - rows.start + count];
-                // SAFETY: rows r0..r0 + count of `x` exist (checked above) and hold k0 + kc values each;
-                // the panel slice is whole; count <= mr <= MR_MAX; the caller picked `M` for this CPU.
-                unsafe { M::micro(&job.x[r0 * k + k0..], k, count, &panel[k0 * NR..(k0 + kc) * NR], kc, tile, k0 > 0) };
+            for (b, tile) in sums.chunks_exact_mut(mr).enumerate() {
+                // SAFETY: block b holds k x mr values; the panel slice is whole; mr <= MR_MAX rows of the
+                // tile; the caller picked `M` for this CPU.
+                unsafe {
+                    M::micro(&packed[(b * k + k0) * mr..], 1, mr, mr, &panel[k0 * NR..(k0 + kc) * NR], kc, tile, k0 > 0)
+                };
             }
         }
+        let sums = &sums[..rows.len()];
         let c0 = p * NR;
         let width = (n - c0).min(NR);
         let bias = &job.w.bias[c0..c0 + width];
@@ -269,7 +394,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Job, MR_MAX, Micro, NR, task};
+    use super::{Job, Local, MR_MAX, Micro, NR, a_extent, local_body, task};
 
     pub struct Avx2;
     pub struct Avx512;
@@ -299,13 +424,14 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn micro_avx2<const R: usize>(
         a: &[f32],
-        lda: usize,
+        rs: usize,
+        ks: usize,
         panel: &[f32],
         k: usize,
         tile: &mut [[f32; NR]],
         carry: bool,
     ) {
-        assert!(R <= 6 && tile.len() >= R && a.len() >= (R - 1) * lda + k && panel.len() >= k * NR);
+        assert!(R <= 6 && tile.len() >= R && a.len() >= a_extent(R, k, rs, ks) && panel.len() >= k * NR);
         let (a, b) = (a.as_ptr(), panel.as_ptr());
         // SAFETY: every read is within the lengths checked above; loads and stores of the tile stay in
         // its first R rows.
@@ -322,7 +448,7 @@ mod x86 {
                 let b0 = _mm256_loadu_ps(b.add(kk * NR));
                 let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
                 for i in 0..R {
-                    let av = _mm256_broadcast_ss(&*a.add(i * lda + kk));
+                    let av = _mm256_broadcast_ss(&*a.add(i * rs + kk * ks));
                     lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);
                     hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);
                 }
@@ -338,7 +464,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn micro(
             a: &[f32],
-            lda: usize,
+            rs: usize,
+            ks: usize,
             rows: usize,
             panel: &[f32],
             k: usize,
@@ -346,20 +473,21 @@ mod x86 {
             carry: bool,
         ) {
             // SAFETY: the caller's promise (AVX2 and FMA; rows <= 6 on this path).
-            unsafe { by_count!(micro_avx2, rows, a, lda, panel, k, tile, carry) }
+            unsafe { by_count!(micro_avx2, rows, a, rs, ks, panel, k, tile, carry) }
         }
     }
 
     #[target_feature(enable = "avx512f")]
     unsafe fn micro_avx512<const R: usize>(
         a: &[f32],
-        lda: usize,
+        rs: usize,
+        ks: usize,
         panel: &[f32],
         k: usize,
         tile: &mut [[f32; NR]],
         carry: bool,
     ) {
-        assert!(R <= MR_MAX && tile.len() >= R && a.len() >= (R - 1) * lda + k && panel.len() >= k * NR);
+        assert!(R <= MR_MAX && tile.len() >= R && a.len() >= a_extent(R, k, rs, ks) && panel.len() >= k * NR);
         let (a, b) = (a.as_ptr(), panel.as_ptr());
         // SAFETY: every read is within the lengths checked above; loads and stores of the tile stay in
         // its first R rows.
@@ -373,7 +501,7 @@ mod x86 {
             for kk in 0..k {
                 let bv = _mm512_loadu_ps(b.add(kk * NR));
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(i * lda + kk)), bv, *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(i * rs + kk * ks)), bv, *acc);
                 }
             }
             for (t, acc) in tile.iter_mut().zip(acc) {
@@ -386,7 +514,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn micro(
             a: &[f32],
-            lda: usize,
+            rs: usize,
+            ks: usize,
             rows: usize,
             panel: &[f32],
             k: usize,
@@ -394,8 +523,22 @@ mod x86 {
             carry: bool,
         ) {
             // SAFETY: the caller's promise (AVX-512 F).
-            unsafe { by_count!(micro_avx512, rows, a, lda, panel, k, tile, carry) }
+            unsafe { by_count!(micro_avx512, rows, a, rs, ks, panel, k, tile, carry) }
         }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn local_avx2(job: &Local<'_>, out: &mut [f32], ldo: usize) {
+        local_body::<Avx2>(job, 6, out, ldo)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn local_avx512(job: &Local<'_>, out: &mut [f32], ldo: usize) {
+        local_body::<Avx512>(job, MR_MAX, out, ldo)
     }
 
     /// # Safety
@@ -425,7 +568,7 @@ mod tests {
     /// The element-by-element definition: one multiply-add chain per element (fused on every path but
     /// x86's portable one), then bias, then the epilogue.
     fn reference(w: &[f32], b: &[f32], x: &[f32], rows: usize, n: usize, k: usize, epi: Epilogue<'_>) -> Vec<f32> {
-        let fused = Path::current() != Path::Portable || !cfg!(target_arch = "x86_64");
+        let fused = Path::current() != Path::Portable || ops::PORTABLE_FUSED;
         let mut out = vec![0f32; rows * n];
         for r in 0..rows {
             for c in 0..n {
@@ -475,6 +618,24 @@ mod tests {
                 };
                 let alone = d.forward(&x[last * k..], 1, epi1);
                 assert_eq!(alone, got[last * n..], "{rows}x{n}x{k}: the last row alone");
+            }
+        }
+    }
+
+    /// The thread-local product gives the same bits as the shared one on the same numbers.
+    #[test]
+    fn local_products_equal_dense_ones() {
+        let mut seed = 3;
+        for (rows, n, k) in [(1, 1, 1), (7, 40, 32), (13, 32, 200), (40, 17, 33)] {
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
+            let want = Dense::new(&w, n, k, None).forward(&x, rows, Epilogue::Bias);
+            let b = pack(k, n, |kk, c| w[c * k + kk]);
+            let ldo = n + 3;
+            let mut got = vec![f32::NAN; rows * ldo];
+            local(Rows { a: &x, lda: k, rows }, &b, &mut got, ldo);
+            for r in 0..rows {
+                assert_eq!(got[r * ldo..r * ldo + n], want[r * n..(r + 1) * n], "{rows}x{n}x{k} row {r}");
             }
         }
     }
