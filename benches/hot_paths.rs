@@ -62,7 +62,7 @@ fn batch_selection(c: &mut Criterion) {
                 }
                 s
             },
-            |mut s| black_box(s.next_batch(t0 + Duration::from_millis(5))),
+            |mut s| black_box(s.next_batch(t0 + Duration::from_millis(5), 0)),
             BatchSize::SmallInput,
         )
     });

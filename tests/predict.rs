@@ -249,13 +249,24 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
 
 #[tokio::test]
 async fn a_request_past_its_deadline_in_the_queue_gets_deadline_exceeded() {
-    // A lone request waits up to the 2 s window; its 100 ms deadline ends first.
-    let server = Server::start(&["--max-queue-delay", "2s"]).await;
+    // The model is busy for a second or more with 32 long inputs; a request with a 100 ms deadline waits
+    // behind them and must be answered DEADLINE_EXCEEDED, not after the long batch.
+    let server = Server::start(&[]).await;
+    let mut busy = server.client().await;
+    let long = "word ".repeat(250);
+    let heavy = tokio::spawn(async move {
+        let mut req = request(&vec![long.as_str(); 32]);
+        req.truncate = true;
+        busy.predict(req).await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut client = server.client_without_timer();
-    let mut req = Request::new(request(&["waiting for company"]));
+    let mut req = Request::new(request(&["waiting for the model"]));
     req.set_timeout(Duration::from_millis(100));
     let started = std::time::Instant::now();
     let status = client.predict(req).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "answered only after the window");
+    assert!(started.elapsed() < Duration::from_millis(500), "answered only after {:?}", started.elapsed());
+    assert!(!heavy.is_finished(), "the long batch finished first: the test proved nothing");
+    heavy.await.unwrap().unwrap();
 }

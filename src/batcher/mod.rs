@@ -101,6 +101,19 @@ struct Entry {
     /// Held while the request waits; released when its batch starts or the entry is dropped, which
     /// frees its place in the queue.
     permit: Option<OwnedSemaphorePermit>,
+    /// The request's announcement (see [`EmbedBatcher::announce`]), ended when the task takes it in.
+    announced: Option<Announced>,
+}
+
+/// A request on its way to a batcher (being validated and tokenized): counted until the batcher's task
+/// has it, so that a batch about to start waits for it (within the window) instead of leaving without
+/// it. Dropping it (a request that failed validation) just stops counting it.
+pub struct Announced(Arc<AtomicUsize>);
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Queued for Entry {
@@ -134,6 +147,8 @@ pub struct EmbedStats {
     pub running: AtomicUsize,
     /// Moving average of a batch's compute time, in microseconds.
     pub batch_us: AtomicU64,
+    /// Requests announced and not yet in the queue (see [`Announced`]).
+    pub coming: Arc<AtomicUsize>,
 }
 
 /// Folds `sample` into an exponential moving average kept in `avg` (weight 1/8; the first sample seeds it).
@@ -195,6 +210,13 @@ impl EmbedBatcher {
         retry_after(batches, Duration::from_micros(self.stats.batch_us.load(Ordering::Relaxed)))
     }
 
+    /// Tells the batcher a request is on its way (call it before validating and tokenizing one), so a
+    /// batch about to start waits for it; hand the guard to [`Self::embed`].
+    pub fn announce(&self) -> Announced {
+        self.stats.coming.fetch_add(1, Ordering::AcqRel);
+        Announced(self.stats.coming.clone())
+    }
+
     /// Queues a request and waits for its vectors. Dropping the future (the caller hung up) removes the
     /// request before it reaches the model.
     pub async fn embed(
@@ -202,6 +224,7 @@ impl EmbedBatcher {
         request: ValidPredict,
         deadline: Option<Instant>,
         priority: Priority,
+        announced: Option<Announced>,
     ) -> Result<Embedded, BatchError> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| BatchError::QueueFull {
             model: self.model.clone(),
@@ -214,7 +237,8 @@ impl EmbedBatcher {
             return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
         }
         let (reply, rx) = oneshot::channel();
-        let entry = Entry { request, enqueued_at: Instant::now(), deadline, reply, priority, permit: Some(permit) };
+        let entry =
+            Entry { request, enqueued_at: Instant::now(), deadline, reply, priority, permit: Some(permit), announced };
         self.tx.send(entry).await.map_err(|_| BatchError::Closed(self.model.clone()))?;
         rx.await.map_err(|_| BatchError::Closed(self.model.clone()))?
     }
@@ -223,22 +247,50 @@ impl EmbedBatcher {
 #[cfg(test)]
 mod tests {
     //! The batcher's task with paused tokio time and a fake engine that records what reached it.
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Condvar, Mutex};
 
     use super::*;
     use crate::engine::Embedder;
     use crate::validate::ValidInput;
 
+    /// Records what reached it; a batch holding [`HOLD`] blocks the model until the gate opens, so that
+    /// later requests have to wait in the queue.
     #[derive(Clone, Default)]
     struct Recorder {
         seen: Arc<Mutex<Vec<Vec<u32>>>>,
+        gate: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    const HOLD: u32 = 999;
+
+    impl Recorder {
+        fn open(&self) {
+            *self.gate.0.lock().unwrap() = true;
+            self.gate.1.notify_all();
+        }
     }
 
     impl Embedder for Recorder {
         fn embed(&mut self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+            if batch.iter().any(|ids| ids[0] == HOLD) {
+                let (lock, cv) = &*self.gate;
+                let _open = cv.wait_while(lock.lock().unwrap(), |open| !*open).unwrap();
+            }
             self.seen.lock().unwrap().extend(batch.iter().cloned());
             Ok(batch.iter().map(|ids| vec![ids.len() as f32, ids[0] as f32]).collect())
         }
+    }
+
+    /// Makes the model busy with a request that blocks until `recorder.open()`.
+    async fn hold(b: &EmbedBatcher) -> tokio::task::JoinHandle<Result<Embedded, BatchError>> {
+        let task = {
+            let b = b.clone();
+            tokio::spawn(async move { b.embed(req(HOLD, 3), None, Priority::Interactive, None).await })
+        };
+        while b.running() == 0 {
+            tokio::task::yield_now().await;
+        }
+        task
     }
 
     fn config() -> BatchConfig {
@@ -264,12 +316,14 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lone_request_waits_exactly_the_window() {
+    async fn a_lone_caller_never_waits_for_the_window() {
         let (b, _) = batcher(config());
-        let out = b.embed(req(1, 3), None, Priority::Interactive).await.unwrap();
-        assert_eq!(out.queue_time, Duration::from_millis(5));
-        assert_eq!((out.batch_size, out.batch_requests), (1, 1));
-        assert_eq!(out.vectors, vec![vec![3.0, 1.0]]);
+        for i in 1..4 {
+            let out = b.embed(req(i, 3), None, Priority::Interactive, None).await.unwrap();
+            assert_eq!(out.queue_time, Duration::ZERO);
+            assert_eq!((out.batch_size, out.batch_requests), (1, 1));
+            assert_eq!(out.vectors, vec![vec![3.0, i as f32]]);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -278,7 +332,7 @@ mod tests {
         let tasks: Vec<_> = (0..9u32)
             .map(|i| {
                 let b = b.clone();
-                tokio::spawn(async move { b.embed(req(i, 4), None, Priority::Interactive).await.unwrap() })
+                tokio::spawn(async move { b.embed(req(i, 4), None, Priority::Interactive, None).await.unwrap() })
             })
             .collect();
         let mut sizes = Vec::new();
@@ -298,7 +352,9 @@ mod tests {
         let tasks: Vec<_> = (0..3u32)
             .map(|i| {
                 let b = b.clone();
-                tokio::spawn(async move { b.embed(req(i, 40), None, Priority::Interactive).await.unwrap().batch_size })
+                tokio::spawn(
+                    async move { b.embed(req(i, 40), None, Priority::Interactive, None).await.unwrap().batch_size },
+                )
             })
             .collect();
         let mut sizes = Vec::new();
@@ -312,14 +368,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_hangs_up_never_reaches_the_model() {
         let (b, recorder) = batcher(config());
+        let held = hold(&b).await;
         let gone = {
             let b = b.clone();
-            tokio::spawn(async move { b.embed(req(77, 3), None, Priority::Interactive).await })
+            tokio::spawn(async move { b.embed(req(77, 3), None, Priority::Interactive, None).await })
         };
-        tokio::task::yield_now().await;
-        assert_eq!(b.queue_len(), 1);
+        while b.queue_len() < 1 {
+            tokio::task::yield_now().await;
+        }
         gone.abort();
-        let out = b.embed(req(1, 3), None, Priority::Interactive).await.unwrap();
+        let next = {
+            let b = b.clone();
+            tokio::spawn(async move { b.embed(req(1, 3), None, Priority::Interactive, None).await })
+        };
+        recorder.open();
+        held.await.unwrap().unwrap();
+        let out = next.await.unwrap().unwrap();
         assert_eq!(out.batch_requests, 1);
         assert!(recorder.seen.lock().unwrap().iter().all(|ids| ids[0] != 77));
         assert_eq!(b.queue_len(), 0, "the abandoned entry's place is free again");
@@ -328,31 +392,37 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_expired_request_is_answered_and_never_reaches_the_model() {
         let (b, recorder) = batcher(config());
+        let held = hold(&b).await;
         let deadline = Instant::now() + Duration::from_millis(2);
-        let err = b.embed(req(55, 3), Some(deadline), Priority::Interactive).await.unwrap_err();
+        let err = b.embed(req(55, 3), Some(deadline), Priority::Interactive, None).await.unwrap_err();
         assert!(matches!(err, BatchError::DeadlineExceeded { waited_ms: 2, .. }), "{err}");
-        let past = b.embed(req(56, 3), Some(Instant::now()), Priority::Interactive).await.unwrap_err();
+        let past = b.embed(req(56, 3), Some(Instant::now()), Priority::Interactive, None).await.unwrap_err();
         assert!(matches!(past, BatchError::DeadlineExceeded { waited_ms: 0, .. }), "{past}");
-        assert!(recorder.seen.lock().unwrap().is_empty());
+        recorder.open();
+        held.await.unwrap().unwrap();
+        assert!(recorder.seen.lock().unwrap().iter().all(|ids| ids[0] == HOLD));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_refuses_at_once() {
-        let (b, _) = batcher(BatchConfig { max_queue: 2, max_queue_delay: Duration::from_secs(1), ..config() });
+        let (b, recorder) = batcher(BatchConfig { max_queue: 2, max_queue_delay: Duration::from_secs(1), ..config() });
+        let held = hold(&b).await;
         let waiting: Vec<_> = (0..2u32)
             .map(|i| {
                 let b = b.clone();
-                tokio::spawn(async move { b.embed(req(i, 3), None, Priority::Interactive).await })
+                tokio::spawn(async move { b.embed(req(i, 3), None, Priority::Interactive, None).await })
             })
             .collect();
         while b.queue_len() < 2 {
             tokio::task::yield_now().await;
         }
         let started = Instant::now();
-        let err = b.embed(req(9, 3), None, Priority::Interactive).await.unwrap_err();
+        let err = b.embed(req(9, 3), None, Priority::Interactive, None).await.unwrap_err();
         assert!(matches!(err, BatchError::QueueFull { max_queue: 2, .. }), "{err}");
         assert!(err.to_string().contains("retry in"), "{err}");
         assert_eq!(started.elapsed(), Duration::ZERO);
+        recorder.open();
+        held.await.unwrap().unwrap();
         for w in waiting {
             assert_eq!(w.await.unwrap().unwrap().batch_size, 2);
         }

@@ -3,8 +3,8 @@
 use tokio::time::Instant;
 
 use super::generate::{GenBatcher, GenStream};
-use super::{BatchError, EmbedBatcher, Embedded, Priority};
-use crate::validate::{ValidGenerate, ValidPredict};
+use super::{BatchError, EmbedBatcher, Priority};
+use crate::validate::ValidGenerate;
 
 /// The index of the least loaded replica; ties go to the first, so one replica keeps the traffic while
 /// the others are idle only if it is truly no busier.
@@ -27,17 +27,10 @@ impl EmbedPool {
         self.replicas.len()
     }
 
-    fn pick(&self) -> &EmbedBatcher {
+    /// The replica a new request goes to: the least loaded now. Pick it before validating the request
+    /// and [`EmbedBatcher::announce`] it there.
+    pub fn pick(&self) -> &EmbedBatcher {
         &self.replicas[least_loaded(self.replicas.iter().map(|b| b.queue_len() + b.running()))]
-    }
-
-    pub async fn embed(
-        &self,
-        request: ValidPredict,
-        deadline: Option<Instant>,
-        priority: Priority,
-    ) -> Result<Embedded, BatchError> {
-        self.pick().embed(request, deadline, priority).await
     }
 
     /// Requests waiting, over every replica.

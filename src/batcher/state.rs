@@ -25,11 +25,30 @@ pub trait Queued {
 pub struct State<E> {
     queue: VecDeque<E>,
     config: BatchConfig,
+    /// The last batch: how many requests it answered, and when.
+    last: Option<(usize, Instant)>,
 }
 
 impl<E: Queued> State<E> {
     pub fn new(config: BatchConfig) -> Self {
-        Self { queue: VecDeque::new(), config }
+        Self { queue: VecDeque::new(), config, last: None }
+    }
+
+    /// Tells the state a batch of `requests` has been answered at `now`.
+    pub fn batch_done(&mut self, requests: usize, now: Instant) {
+        self.last = Some((requests, now));
+    }
+
+    /// How many requests the window waits for: callers answered together tend to come back together,
+    /// so when the oldest waiting request arrived within one window of the last batch's answers, as many
+    /// as that batch held are expected; otherwise (a lone caller, or the first request after a pause)
+    /// nobody is, and the batch need not wait at all. This keeps a sequential caller from paying the
+    /// window on every call while a crowd of concurrent callers still meets in one batch.
+    fn expected(&self, oldest: Instant) -> usize {
+        match self.last {
+            Some((requests, at)) if oldest <= at + self.config.max_queue_delay => requests,
+            _ => 1,
+        }
     }
 
     fn effective(&self, e: &E) -> Instant {
@@ -71,10 +90,15 @@ impl<E: Queued> State<E> {
     }
 
     /// A batch is due when the waiting inputs fill `max_batch_size`, or their tokens fill the token
-    /// budget, or the oldest entry has waited the whole window.
-    pub fn is_due(&self, now: Instant) -> bool {
+    /// budget, or the oldest entry has waited the whole window, or as many requests wait as are expected:
+    /// those of the last batch's crowd (see [`Self::expected`]) and the `coming` ones, announced and still
+    /// being validated.
+    pub fn is_due(&self, now: Instant, coming: usize) -> bool {
         let Some(oldest) = self.queue.iter().map(Queued::enqueued_at).min() else { return false };
         if oldest + self.config.max_queue_delay <= now {
+            return true;
+        }
+        if coming == 0 && self.queue.len() >= self.expected(oldest) {
             return true;
         }
         let inputs: usize = self.queue.iter().map(Queued::inputs).sum();
@@ -88,8 +112,8 @@ impl<E: Queued> State<E> {
     /// `max_batch_tokens` tokens. Lengths need no sorting: the encoder packs a batch's tokens end to end,
     /// so a mixed batch costs what its tokens cost. Validation guarantees that any single entry fits both
     /// bounds on its own.
-    pub fn next_batch(&mut self, now: Instant) -> Option<Vec<E>> {
-        if !self.is_due(now) {
+    pub fn next_batch(&mut self, now: Instant, coming: usize) -> Option<Vec<E>> {
+        if !self.is_due(now, coming) {
             return None;
         }
         let anchor = self.queue.front()?;
@@ -198,28 +222,75 @@ mod tests {
     fn waits_for_the_window_then_runs_a_partial_batch() {
         let t0 = Instant::now();
         let mut s = State::new(config());
+        // Three callers were just answered together: the window waits for them.
+        s.batch_done(3, t0);
         s.push(entry(1, 1, 10, t0));
         s.push(entry(2, 1, 10, t0 + Duration::from_millis(1)));
-        assert!(s.next_batch(t0 + Duration::from_millis(4)).is_none());
+        assert!(s.next_batch(t0 + Duration::from_millis(4), 0).is_none());
         assert_eq!(s.next_wakeup(true), Some(t0 + Duration::from_millis(5)));
-        let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
+        let batch = s.next_batch(t0 + Duration::from_millis(5), 0).unwrap();
         assert_eq!(ids(&batch), vec![1, 2]);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_lone_caller_never_waits_and_a_crowd_meets_again() {
+        let t0 = Instant::now();
+        let mut s = State::new(config()); // a 5 ms window
+        // Nothing answered yet: the first request goes at once.
+        s.push(entry(0, 1, 10, t0));
+        assert_eq!(ids(&s.next_batch(t0, 0).unwrap()), vec![0]);
+        s.batch_done(1, t0 + Duration::from_millis(3));
+        // A sequential caller, back right after its answer: at once again.
+        let t1 = t0 + Duration::from_millis(3);
+        s.push(entry(1, 1, 10, t1));
+        assert_eq!(ids(&s.next_batch(t1, 0).unwrap()), vec![1]);
+        // Four callers answered together come back one by one: the batch waits for all four...
+        s.batch_done(4, t1 + Duration::from_millis(3));
+        let t2 = t1 + Duration::from_millis(4);
+        for id in 2..5 {
+            s.push(entry(id, 1, 10, t2));
+            assert!(s.next_batch(t2, 0).is_none(), "{id} of 4 is not a crowd yet");
+        }
+        s.push(entry(5, 1, 10, t2));
+        assert_eq!(ids(&s.next_batch(t2, 0).unwrap()), vec![2, 3, 4, 5]);
+        // ...but never longer than the window when one of them does not come back.
+        s.batch_done(4, t2);
+        for id in 6..9 {
+            s.push(entry(id, 1, 10, t2 + Duration::from_millis(1)));
+        }
+        assert!(s.next_batch(t2 + Duration::from_millis(5), 0).is_none());
+        assert_eq!(s.next_batch(t2 + Duration::from_millis(6), 0).unwrap().len(), 3);
+        // After a pause longer than the window, a newcomer is not taken for the crowd's first...
+        let t3 = t2 + Duration::from_millis(50);
+        s.push(entry(9, 1, 10, t3));
+        assert_eq!(ids(&s.next_batch(t3, 0).unwrap()), vec![9]);
+        // ...unless others are announced (still being tokenized): then it waits for them, within the window.
+        let t4 = t3 + Duration::from_millis(50);
+        s.push(entry(10, 1, 10, t4));
+        assert!(s.next_batch(t4, 2).is_none());
+        s.push(entry(11, 1, 10, t4));
+        assert!(s.next_batch(t4, 1).is_none());
+        s.push(entry(12, 1, 10, t4));
+        assert_eq!(ids(&s.next_batch(t4, 0).unwrap()), vec![10, 11, 12]);
+        s.push(entry(13, 1, 10, t4));
+        assert_eq!(ids(&s.next_batch(t4 + Duration::from_millis(5), 3).unwrap()), vec![13]);
     }
 
     #[test]
     fn a_full_batch_runs_without_waiting_and_is_capped_by_size() {
         let t0 = Instant::now();
         let mut s = State::new(config());
+        s.batch_done(5, t0); // five callers were just answered
         for id in 0..5 {
             s.push(entry(id, 2, 10, t0)); // 10 inputs waiting, cap 8
         }
-        let batch = s.next_batch(t0).unwrap();
+        let batch = s.next_batch(t0, 0).unwrap();
         assert_eq!(batch.iter().map(|e| e.inputs).sum::<usize>(), 8);
         assert_eq!(ids(&batch), vec![0, 1, 2, 3]);
         assert_eq!(s.len(), 1);
         // The rest is not due yet: one entry, window still open.
-        assert!(s.next_batch(t0 + Duration::from_millis(1)).is_none());
+        assert!(s.next_batch(t0 + Duration::from_millis(1), 0).is_none());
     }
 
     #[test]
@@ -232,7 +303,7 @@ mod tests {
         s.push(entry(3, 1, 90, t0));
         s.push(entry(4, 1, 350, t0));
         // 1050 tokens waiting: the budget is hit, so the batch is due at once.
-        let batch = s.next_batch(t0).unwrap();
+        let batch = s.next_batch(t0, 0).unwrap();
         // In arrival order while they fit: 100 + 400 + 110 + 90 = 700; 350 more would pass 1000. Padded,
         // the same four would have counted 4 x 400 = 1600.
         assert_eq!(ids(&batch), vec![0, 1, 2, 3]);
@@ -248,14 +319,14 @@ mod tests {
         for id in 1..8 {
             s.push(entry(id, 1, 10, t0 + Duration::from_millis(1)));
         }
-        let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
+        let batch = s.next_batch(t0 + Duration::from_millis(5), 0).unwrap();
         assert_eq!(batch[0].id, 0);
         // 900 + 7 x 10 = 970 fits.
         assert_eq!(batch.len(), 8);
         s.push(entry(8, 1, 990, t0 + Duration::from_millis(6)));
         s.push(entry(9, 1, 20, t0 + Duration::from_millis(6)));
         // The anchor's 990 leaves no room for 20 more.
-        assert_eq!(ids(&s.next_batch(t0 + Duration::from_millis(20)).unwrap()), vec![8]);
+        assert_eq!(ids(&s.next_batch(t0 + Duration::from_millis(20), 0).unwrap()), vec![8]);
     }
 
     #[test]
@@ -273,7 +344,7 @@ mod tests {
         let expired = s.remove_stale(t0 + Duration::from_millis(2));
         assert_eq!(ids(&expired), vec![1]);
         assert_eq!(s.len(), 1);
-        let batch = s.next_batch(t0 + Duration::from_millis(5)).unwrap();
+        let batch = s.next_batch(t0 + Duration::from_millis(5), 0).unwrap();
         assert_eq!(ids(&batch), vec![2]);
     }
 
@@ -287,19 +358,19 @@ mod tests {
         s.push(entry(10, 4, 10, t0 + Duration::from_millis(1)));
         s.push(entry(11, 4, 10, t0 + Duration::from_millis(2)));
         // Twelve inputs waiting, room for eight: the interactive pair goes, batch work waits...
-        let b = s.next_batch(t0 + Duration::from_millis(2)).unwrap();
+        let b = s.next_batch(t0 + Duration::from_millis(2), 0).unwrap();
         assert_eq!(ids(&b), vec![10, 11]);
         // ...but fills spare room when interactive traffic leaves some.
         s.push(entry(12, 4, 10, t0 + Duration::from_millis(3)));
-        let b = s.next_batch(t0 + Duration::from_millis(8)).unwrap();
+        let b = s.next_batch(t0 + Duration::from_millis(8), 0).unwrap();
         assert_eq!(ids(&b), vec![12, 0]);
         // Once overdue, a batch request is ordered before newer interactive ones: no starvation.
         let late = t0 + Duration::from_millis(150);
         s.push(entry(13, 4, 10, late));
         s.push(entry(14, 4, 10, late));
-        let b = s.next_batch(late).unwrap();
+        let b = s.next_batch(late, 0).unwrap();
         assert_eq!(ids(&b), vec![1, 2]);
-        assert_eq!(ids(&s.next_batch(late + Duration::from_millis(5)).unwrap()), vec![13, 14]);
+        assert_eq!(ids(&s.next_batch(late + Duration::from_millis(5), 0).unwrap()), vec![13, 14]);
     }
 
     #[test]

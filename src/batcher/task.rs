@@ -38,7 +38,7 @@ pub(super) async fn run(
         // Only one batch computes at a time: while it runs, arrivals accumulate into the next one, which
         // is what makes batches grow with load without any window at all.
         if in_flight.is_none()
-            && let Some(batch) = state.next_batch(now)
+            && let Some(batch) = state.next_batch(now, stats.coming.load(Ordering::Acquire))
         {
             stats.running.store(batch.len(), Ordering::Relaxed);
             in_flight = Some(dispatch(&model, &engine, batch, now));
@@ -49,10 +49,12 @@ pub(super) async fn run(
         let wakeup = state.next_wakeup(in_flight.is_none());
         tokio::select! {
             msg = rx.recv(), if open => match msg {
-                Some(entry) => {
+                Some(mut entry) => {
+                    entry.announced = None;
                     state.push(entry);
                     // Take everything that arrived together before deciding, so they can share a batch.
-                    while let Ok(entry) = rx.try_recv() {
+                    while let Ok(mut entry) = rx.try_recv() {
+                        entry.announced = None;
                         state.push(entry);
                     }
                 }
@@ -61,6 +63,7 @@ pub(super) async fn run(
             result = async { (&mut in_flight.as_mut().expect("guarded by the select condition").result).await },
                 if in_flight.is_some() => {
                 let done = in_flight.take().expect("guarded by the select condition");
+                state.batch_done(done.entries.len(), Instant::now());
                 stats.running.store(0, Ordering::Relaxed);
                 ewma(&stats.batch_us, done.started.elapsed());
                 answer(&model, done, result);

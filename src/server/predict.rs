@@ -22,12 +22,15 @@ pub(super) async fn embed(
     priority: Priority,
 ) -> Result<(Embedded, u32), ServeError> {
     let (tokenizer, limits) = (model.tokenizer.clone(), model.limits.clone());
+    // Announced before tokenizing, so that a batch about to start waits for it.
+    let replica = model.batcher.pick().clone();
+    let announced = replica.announce();
     let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
         .await
         .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
     let prompt_tokens = valid.tokens() as u32;
     crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as i64);
-    Ok((model.batcher.embed(valid, deadline, priority).await?, prompt_tokens))
+    Ok((replica.embed(valid, deadline, priority, Some(announced)).await?, prompt_tokens))
 }
 
 /// The model name used in metrics for calls whose model could not be resolved.
