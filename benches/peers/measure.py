@@ -10,6 +10,7 @@ installs the peers first.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ MODELS = ROOT / "models"
 MINILM = MODELS / "all-MiniLM-L6-v2"
 GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT = "The quick brown fox jumps over the lazy dog again"  # 12 tokens with [CLS]/[SEP]
+CORPUS_DIR = ROOT / "benches/corpus"
 PROMPT20 = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 THREADS = 2
 
@@ -102,6 +104,22 @@ class PerfAnalyzer:
 
 
 # ---------------------------------------------------------------- embedding peers
+def peer_rate(encode, batch, seconds, texts=None):
+    """Sentences/s of `encode` on batches of `batch` consecutive texts (cycling through `texts`), or of
+    the uniform short sentence when `texts` is None. Each batch is padded to its own longest, as the
+    peers do it: they pay for their padding."""
+    texts = texts or [SHORT]
+    batches = [[texts[(i + j) % len(texts)] for j in range(batch)] for i in range(0, max(len(texts), batch), batch)]
+    encode(batches[0])
+    n, t0, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        b = batches[i % len(batches)]
+        encode(b)
+        n += len(b)
+        i += 1
+    return n / (time.perf_counter() - t0)
+
+
 class SentenceTransformersPeer:
     def __init__(self):
         import torch
@@ -109,14 +127,11 @@ class SentenceTransformersPeer:
         torch.set_num_threads(THREADS)
         self.model = SentenceTransformer(str(MINILM), device="cpu")
 
-    def rate(self, batch, seconds=4.0):
-        xs = [SHORT] * batch
-        self.model.encode(xs, batch_size=batch)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            self.model.encode(xs, batch_size=batch)
-            n += batch
-        return n / (time.perf_counter() - t0)
+    def encode(self, xs):
+        return self.model.encode(xs, batch_size=len(xs))
+
+    def rate(self, batch, seconds=4.0, texts=None):
+        return peer_rate(self.encode, batch, seconds, texts)
 
 
 class OnnxPeer:
@@ -164,14 +179,8 @@ class OnnxPeer:
         v = (hidden * mask).sum(1) / mask.sum(1)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    def rate(self, batch, seconds=4.0):
-        xs = [SHORT] * batch
-        self.encode(xs)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            self.encode(xs)
-            n += batch
-        return n / (time.perf_counter() - t0)
+    def rate(self, batch, seconds=4.0, texts=None):
+        return peer_rate(self.encode, batch, seconds, texts)
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -252,86 +261,135 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def embeddings_round(r, a, st, ort, pa, corpus, last):
+    secs = f"{a.seconds}s"
+    om = Omnibus()
+    log("omnibus embeddings: the corpus, then the uniform short sentence")
+    for c in [1, 8, 32]:
+        rep = om.bench("predict", "-c", str(c), "--duration", secs, "--input-file", str(corpus))
+        r[f"o_c{c}"].append(rep["items_per_s"])
+        r[f"o_c{c}_p50"].append(rep["latency_ms"]["p50"])
+    for c in [1, 8, 32]:
+        rep = om.bench("predict", "-c", str(c), "--duration", secs, "--input", SHORT)
+        r[f"o_u{c}"].append(rep["items_per_s"])
+        r[f"o_u{c}_p50"].append(rep["latency_ms"]["p50"])
+    if pa:
+        log("perf_analyzer: embeddings over the Open Inference Protocol")
+        for c in [1, 32]:
+            rate, ms = pa.embeddings(om.port, c, a.seconds)
+            r[f"pa{c}"].append(rate)
+            r[f"pa{c}_ms"].append(ms)
+    log("omnibus at a fixed rate")
+    e = om.bench("predict", "--rate", "100", "-c", "256", "--duration", secs, "--input-file", str(corpus))
+    r["o_p99e"].append(e["latency_ms"]["p99"])
+    if last and a.memory_seconds > 0:
+        log(f"omnibus memory: {a.memory_seconds:.0f} s of 32 callers on the corpus")
+        warm = rss_mb(om.proc.pid)
+        om.bench("predict", "-c", "32", "--duration", f"{a.memory_seconds}s", "--input-file", str(corpus))
+        r["rss_warm"].append(warm)
+        r["rss_after"].append(rss_mb(om.proc.pid))
+    om.stop()
+    r["rss_start"].append(om.rss_start)
+    r["rss_end"].append(om.rss_end)
+    log("peers: embeddings (the corpus, then the uniform short sentence)")
+    texts = [l for l in corpus.read_text(encoding="utf-8").splitlines() if l.strip()]
+    for b in [1, 8, 32]:
+        r[f"st_c{b}"].append(st.rate(b, a.seconds / 2, texts))
+        r[f"ort_c{b}"].append(ort.rate(b, a.seconds / 2, texts))
+        r[f"st_u{b}"].append(st.rate(b, a.seconds / 2))
+        r[f"ort_u{b}"].append(ort.rate(b, a.seconds / 2))
+
+
+def generation_round(r, a, llama):
+    secs = f"{a.seconds}s"
+    om = Omnibus()
+    log("omnibus generation")
+    g = om.bench("generate", "-c", "1", "--max-new-tokens", "128", "--duration", secs, "--prompt", PROMPT20)
+    r["o_dec"].append(1000.0 / g["inter_token_ms"]["p50"])
+    g = om.bench("generate", "-c", "1", "--max-new-tokens", "1", "--duration", secs, "--prompt", "word",
+                 "--prompt-repeat", "256")
+    r["o_pp"].append(256 / (g["ttft_ms"]["p50"] / 1000.0))
+    for c in [1, 4, 8, 16]:
+        g = om.bench("generate", "-c", str(c), "--max-new-tokens", "64", "--duration", str(a.seconds * 1.5) + "s",
+                     "--prompt", PROMPT20)
+        r[f"o_g{c}"].append(g["items_per_s"])
+        if c == 1:
+            r["o_ttft"].append(g["ttft_ms"]["p50"])
+        if c == 16:
+            r["o_t16"].append(g["ttft_ms"]["p50"])
+    g = om.bench("generate", "--rate", "2", "-c", "64", "--max-new-tokens", "32", "--duration", secs,
+                 "--prompt", PROMPT20)
+    r["o_p99g"].append(g["latency_ms"]["p99"])
+    om.stop()
+    r["rss_gen"].append(om.rss_start)
+    log("llama.cpp: llama-bench")
+    r["l_dec"].append(llama.bench("-n", "128", "-p", "0"))
+    r["l_pp"].append(llama.bench("-p", "256", "-n", "0"))
+    log("llama.cpp: llama-server")
+    llama.start_server()
+    for c in [1, 4, 8, 16]:
+        res = llama.closed_loop(c, a.seconds * 1.5)
+        r[f"l_g{c}"].append(res["tok_s"])
+        if c == 1:
+            r["l_ttft"].append(res["ttft_ms"])
+        if c == 16:
+            r["l_t16"].append(res["ttft_ms"])
+    lat = []
+    stop = time.perf_counter() + a.seconds
+    threads = []
+    while time.perf_counter() < stop:  # open loop at 2 requests/s, like omnibus's
+        t = threading.Thread(target=lambda: lat.append(llama.stream(PROMPT20, 32)[2]))
+        t.start()
+        threads.append(t)
+        time.sleep(0.5)
+    [t.join() for t in threads]
+    r["l_p99g"].append(sorted(lat)[max(0, int(len(lat) * 0.99) - 1)] * 1e3)
+    r["l_rss"].append(llama.rss)
+    llama.stop_server()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--llama-bin", type=Path, required=True)
+    ap.add_argument("--llama-bin", type=Path)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--only", choices=["embeddings", "generation"], help="measure one part; the other part's "
+                    "last results (target/bench/results-*.json) go into BENCHMARKS.md unchanged")
+    ap.add_argument("--corpus", choices=["tune", "heldout"], default="tune",
+                    help="benches/corpus/<name>.txt: tune for every run, heldout for the last check of a change")
+    ap.add_argument("--memory-seconds", type=float, default=60.0, help="32 callers on the corpus this long "
+                    "(last round), resident memory before and after; 0 skips it")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--perf-analyzer", type=Path, help="perf_analyzer binary (from tritonclient[grpc])")
     ap.add_argument("--perf-analyzer-libs", type=Path, help="folder holding libcudart.so.12 for perf_analyzer")
     a = ap.parse_args()
-    secs = f"{a.seconds}s"
-    r = {k: [] for k in ["o_e1", "o_e8", "o_e32", "st1", "st8", "st32", "ort1", "ort8", "ort32", "o_dec", "o_pp",
-                         "o_ttft", "o_g1", "o_g4", "o_g8", "o_g16", "o_t16", "l_dec", "l_pp", "l_g1", "l_g4", "l_g8",
-                         "l_g16", "l_ttft", "l_t16", "o_p99e", "o_p99g", "l_p99g", "pa1", "pa32", "pa1_ms", "pa32_ms"]}
-    pa = PerfAnalyzer(a.perf_analyzer, a.perf_analyzer_libs, a.work) if a.perf_analyzer else None
-    log("loading sentence-transformers and ONNX Runtime")
-    st, ort = SentenceTransformersPeer(), OnnxPeer(a.work)
-    llama = LlamaCpp(a.llama_bin)
-    for rnd in range(a.rounds):
-        log(f"round {rnd + 1}/{a.rounds}: omnibus embeddings")
-        om = Omnibus()
-        for c in [1, 8, 32]:
-            r[f"o_e{c}"].append(om.bench("predict", "-c", str(c), "--duration", secs, "--input", SHORT)["items_per_s"])
-        if pa:
-            log("perf_analyzer: embeddings over the Open Inference Protocol")
-            for c in [1, 32]:
-                rate, ms = pa.embeddings(om.port, c, a.seconds)
-                r[f"pa{c}"].append(rate)
-                r[f"pa{c}_ms"].append(ms)
-        log("peers: embeddings")
-        for b in [1, 8, 32]:
-            r[f"st{b}"].append(st.rate(b))
-            r[f"ort{b}"].append(ort.rate(b))
-        log("omnibus generation")
-        g = om.bench("generate", "-c", "1", "--max-new-tokens", "128", "--duration", secs, "--prompt", PROMPT20)
-        r["o_dec"].append(1000.0 / g["inter_token_ms"]["p50"])
-        g = om.bench("generate", "-c", "1", "--max-new-tokens", "1", "--duration", secs, "--prompt", "word",
-                     "--prompt-repeat", "256")
-        r["o_pp"].append(256 / (g["ttft_ms"]["p50"] / 1000.0))
-        for c in [1, 4, 8, 16]:
-            g = om.bench("generate", "-c", str(c), "--max-new-tokens", "64", "--duration", str(a.seconds * 1.5) + "s",
-                         "--prompt", PROMPT20)
-            r[f"o_g{c}"].append(g["items_per_s"])
-            if c == 1:
-                r["o_ttft"].append(g["ttft_ms"]["p50"])
-            if c == 16:
-                r["o_t16"].append(g["ttft_ms"]["p50"])
-        log("omnibus at fixed rates")
-        e = om.bench("predict", "--rate", "100", "-c", "256", "--duration", secs, "--input", SHORT)
-        r["o_p99e"].append(e["latency_ms"]["p99"])
-        g = om.bench("generate", "--rate", "2", "-c", "64", "--max-new-tokens", "32", "--duration", secs,
-                     "--prompt", PROMPT20)
-        r["o_p99g"].append(g["latency_ms"]["p99"])
-        om.stop()
-        log("llama.cpp: llama-bench")
-        r["l_dec"].append(llama.bench("-n", "128", "-p", "0"))
-        r["l_pp"].append(llama.bench("-p", "256", "-n", "0"))
-        log("llama.cpp: llama-server")
-        llama.start_server()
-        for c in [1, 4, 8, 16]:
-            res = llama.closed_loop(c, a.seconds * 1.5)
-            r[f"l_g{c}"].append(res["tok_s"])
-            if c == 1:
-                r["l_ttft"].append(res["ttft_ms"])
-            if c == 16:
-                r["l_t16"].append(res["ttft_ms"])
-        lat = []
-        stop = time.perf_counter() + a.seconds
-        threads = []
-        while time.perf_counter() < stop:  # open loop at 2 requests/s, like omnibus's
-            t = threading.Thread(target=lambda: lat.append(llama.stream(PROMPT20, 32)[2]))
-            t.start()
-            threads.append(t)
-            time.sleep(0.5)
-        [t.join() for t in threads]
-        r["l_p99g"].append(sorted(lat)[max(0, int(len(lat) * 0.99) - 1)] * 1e3)
-        llama_rss = llama.rss
-        llama.stop_server()
-    m = {k: med(v) for k, v in r.items()}
-    write(a.out, m, a.rounds, om, llama_rss)
+    corpus = CORPUS_DIR / f"{a.corpus}.txt"
+    parts = [a.only] if a.only else ["embeddings", "generation"]
+    for part in parts:
+        r = collections.defaultdict(list)
+        if part == "embeddings":
+            pa = PerfAnalyzer(a.perf_analyzer, a.perf_analyzer_libs, a.work) if a.perf_analyzer else None
+            log("loading sentence-transformers and ONNX Runtime")
+            st, ort = SentenceTransformersPeer(), OnnxPeer(a.work)
+            for rnd in range(a.rounds):
+                log(f"round {rnd + 1}/{a.rounds}: embeddings on {corpus.name}")
+                embeddings_round(r, a, st, ort, pa, corpus, rnd == a.rounds - 1)
+        else:
+            if not a.llama_bin:
+                sys.exit("--llama-bin is needed to measure generation")
+            llama = LlamaCpp(a.llama_bin)
+            for rnd in range(a.rounds):
+                log(f"round {rnd + 1}/{a.rounds}: generation")
+                generation_round(r, a, llama)
+        result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "rounds": a.rounds,
+                  "corpus": a.corpus, "medians": {k: med(v) for k, v in r.items()}, "all": dict(r)}
+        (a.work / f"results-{part}.json").write_text(json.dumps(result, indent=1))
+    results = {}
+    for part in ["embeddings", "generation"]:
+        f = a.work / f"results-{part}.json"
+        results[part] = json.loads(f.read_text()) if f.exists() else None
+    write(a.out, results)
 
 
 def ratio(x, y, higher_is_better=True):
@@ -341,94 +399,146 @@ def ratio(x, y, higher_is_better=True):
     return f"{q:.2f}x" + ("" if q >= 1 else " (behind)")
 
 
-def write(out: Path, m, rounds, om, llama_rss):
-    lines = [
-        "# Benchmarks",
+def spread(values, fmt="{:.0f}"):
+    """The rounds' figures, for the reader to see the noise: '(a / b / c)'."""
+    return "(" + " / ".join(fmt.format(v) for v in values) + ")"
+
+
+def write(out: Path, results):
+    e, g = results["embeddings"], results["generation"]
+    lines = ["# Benchmarks", ""]
+    for name, part in [("Embeddings", e), ("Generation", g)]:
+        if part:
+            lines.append(f"{name} made by `scripts/bench` on {part['date']}: {part['machine']}; median of "
+                         f"{part['rounds']} rounds.")
+        else:
+            lines.append(f"{name}: not measured yet (`scripts/bench --only {name.lower()}`).")
+        lines.append("")
+    lines += [
+        "Each round runs omnibus and the peers one after another, so a slower machine slows both. Compare "
+        "ratios, not absolute numbers: these VMs drift by 10-20% between runs. omnibus is measured through its "
+        "gRPC server with `omnibus bench` running on the same 2 cores; the embedding peers are measured "
+        "in-process (no server, no RPC), which flatters them.",
         "",
-        f"Made by `scripts/bench` on {time.strftime('%Y-%m-%d')}: {machine()}. Every figure is the median of "
-        f"{rounds} rounds; each round runs omnibus and the peers one after another, so a slower machine slows "
-        "both. Compare ratios, not absolute numbers: these VMs drift by 10-20% between runs. omnibus is "
-        "measured through its gRPC server with `omnibus bench` running on the same 2 cores; the embedding "
-        "peers are measured in-process (no server, no RPC), which flatters them.",
-        "",
-        "## Embeddings: all-MiniLM-L6-v2, 12-token sentences, sentences/s",
-        "",
-        "| concurrency (omnibus clients) / batch (peers) | omnibus | sentence-transformers | ratio | ONNX Runtime | ratio |",
-        "|---|---|---|---|---|---|",
     ]
-    for c in [1, 8, 32]:
-        o, s, x = m[f"o_e{c}"], m[f"st{c}"], m[f"ort{c}"]
-        lines.append(f"| {c} | {o:.0f} | {s:.0f} | {ratio(o, s)} | {x:.0f} | {ratio(o, x)} |")
-    if m.get("pa1") == m.get("pa1"):  # not NaN: perf_analyzer ran
+    if e:
+        m = e["medians"]
+        best_ort = max(m["ort_c1"], m["ort_c8"], m["ort_c32"])
+        best_b = [b for b in [1, 8, 32] if m[f"ort_c{b}"] == best_ort][0]
+        ort1_ms = 1000.0 / m["ort_c1"]
+        lines += [
+            f"## Embeddings: all-MiniLM-L6-v2 on the realistic corpus (`benches/corpus/{e['corpus']}.txt`)",
+            "",
+            "Texts of 3 to 116 words (median 15): English prose and paragraphs, code, and German, Spanish, Italian "
+            "and Russian sayings (see `benches/corpus/README.md`). omnibus: C concurrent gRPC callers sending one "
+            "text each, cycling through the corpus; the peers: batches of C consecutive texts, each padded to its "
+            "longest, tokenization included. Sentences/s:",
+            "",
+            "| C (callers / batch) | omnibus | sentence-transformers | ratio | ONNX Runtime | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in [1, 8, 32]:
+            o, s_, x = m[f"o_c{c}"], m[f"st_c{c}"], m[f"ort_c{c}"]
+            lines.append(f"| {c} | {o:.0f} {spread(e['all'][f'o_c{c}'])} | {s_:.0f} | {ratio(o, s_)} | {x:.0f} | "
+                         f"{ratio(o, x)} |")
         lines += [
             "",
-            "The same model through the Open Inference Protocol (`inference.GRPCInferenceService/ModelInfer`), "
-            "driven by NVIDIA's `perf_analyzer` (from `tritonclient[grpc]==2.51.0`, `--shape TEXT:1`, one "
-            "sentence per request):",
+            "| target | figure |",
+            "|---|---|",
+            f"| 32 callers over 1 caller (aim: 3x) | {m['o_c32'] / m['o_c1']:.2f}x |",
+            f"| 32 callers over ONNX Runtime's best batch (batch {best_b}, {best_ort:.0f}/s; aim: 1.0x, then 1.5x) | "
+            f"{m['o_c32'] / best_ort:.2f}x |",
+            f"| 1 caller's p50 latency vs ONNX Runtime's batch-1 time per text (aim: within 2 ms) | "
+            f"{m['o_c1_p50']:.2f} ms vs {ort1_ms:.2f} ms ({m['o_c1_p50'] - ort1_ms:+.2f} ms) |",
+            f"| p50 latency at 8 / 32 callers, ms | {m['o_c8_p50']:.1f} / {m['o_c32_p50']:.1f} |",
+            f"| Predict p99 at 100 requests/s (open loop, corpus), ms | {m['o_p99e']:.1f} |",
+        ]
+        if "rss_warm" in m:
+            lines.append(f"| resident memory after warm-up / after 60 s of 32 callers, MiB | {m['rss_warm']:.0f} / "
+                         f"{m['rss_after']:.0f} ({(m['rss_after'] / m['rss_warm'] - 1) * 100:+.1f}%) |")
+        lines += [
             "",
-            "| perf_analyzer concurrency | infer/s | average latency, ms |",
+            "The uniform short sentence (12 tokens with [CLS]/[SEP]; no padding for anyone), kept so that nothing "
+            "regresses there:",
+            "",
+            "| C | omnibus | sentence-transformers | ratio | ONNX Runtime | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in [1, 8, 32]:
+            o, s_, x = m[f"o_u{c}"], m[f"st_u{c}"], m[f"ort_u{c}"]
+            lines.append(f"| {c} | {o:.0f} | {s_:.0f} | {ratio(o, s_)} | {x:.0f} | {ratio(o, x)} |")
+        if m.get("pa1") == m.get("pa1"):  # not NaN: perf_analyzer ran
+            lines += [
+                "",
+                "The same model through the Open Inference Protocol (`inference.GRPCInferenceService/ModelInfer`), "
+                "driven by NVIDIA's `perf_analyzer` (from `tritonclient[grpc]==2.51.0`, `--shape TEXT:1`, the "
+                "short sentence):",
+                "",
+                "| perf_analyzer concurrency | infer/s | average latency, ms |",
+                "|---|---|---|",
+                f"| 1 | {m['pa1']:.0f} | {m['pa1_ms']:.1f} |",
+                f"| 32 | {m['pa32']:.0f} | {m['pa32_ms']:.1f} |",
+            ]
+        lines += ["", EMBEDDINGS_PROSE]
+    if g:
+        m = g["medians"]
+        lines += [
+            "## Generation: SmolLM2-135M-Instruct Q4_1, 2 threads",
+            "",
+            "| what | omnibus | llama.cpp | ratio |",
+            "|---|---|---|---|",
+            f"| single-stream decode, tokens/s (omnibus: 1 / inter-token p50; llama-bench -n 128) | {m['o_dec']:.1f} | {m['l_dec']:.1f} | {ratio(m['o_dec'], m['l_dec'])} |",
+            f"| 256-token prompt, tokens/s (omnibus: from time to first token; llama-bench -p 256) | {m['o_pp']:.0f} | {m['l_pp']:.0f} | {ratio(m['o_pp'], m['l_pp'])} |",
+            f"| time to first token, 1 client, ~20-token prompt, ms (llama-server) | {m['o_ttft']:.0f} | {m['l_ttft']:.0f} | {ratio(m['o_ttft'], m['l_ttft'], False)} |",
+        ]
+        for c in [1, 4, 8, 16]:
+            o, l = m[f"o_g{c}"], m[f"l_g{c}"]
+            lines.append(f"| aggregate tokens/s, {c} streaming clients x 64 tokens (llama-server -np 16) | {o:.0f} | {l:.0f} | {ratio(o, l)} |")
+        lines += [
+            f"| batching gain: aggregate at 8 streams over 1 stream | {m['o_g8'] / m['o_g1']:.2f}x | {m['l_g8'] / m['l_g1']:.2f}x | |",
+            f"| time to first token at 16 clients, ms | {m['o_t16']:.0f} | {m['l_t16']:.0f} | {ratio(m['o_t16'], m['l_t16'], False)} |",
+            f"| p99 latency, open loop at 2 requests/s x 32 tokens, ms | {m['o_p99g']:.0f} | {m['l_p99g']:.0f} | {ratio(m['o_p99g'], m['l_p99g'], False)} |",
+            "",
+            "### How the CPU kernels get there",
+            "",
+            "Every GGUF weight matrix goes through `src/models/qmatmul`: output columns are split into chunks that "
+            "a fixed team of compute threads claims (idle workers spin briefly, then park: a decode step is ~200 "
+            "parallel regions of tens of microseconds each, and rayon's sleep/wake cost a third of a step), and each "
+            "weight column is applied to every activation row of the batch while it is in L1. Q4_1, Q4_0 and Q8_0 "
+            "(the output head) have our own kernels: at load every group of eight output columns is repacked so "
+            "that one 32-byte load holds four bytes of each, and one `vpdpbusd` (AVX-512 VNNI; on AVX2 an exact "
+            "`vpmaddubsw` + `vpmaddwd` pair, chosen at run time) advances eight columns at once, each unpacked "
+            "register serving four rows. Other types use candle's per-block dots inside the same tiling. "
+            "Activations are quantized per block as ggml does (AVX2, bit-identical to the scalar code), and "
+            "attention runs on the team too. Greedy tokens still equal llama.cpp's.",
+            "",
+            "The batching gain stays below the 4x at 8 streams we aimed for. Measured apart (`cargo bench --bench "
+            "hot_paths -- 'smollm2 decode step'`): a one-row decode step takes ~4.6 ms and an eight-row step "
+            "~15.3 ms, i.e. ~3.1 ms that any batch pays once (streaming SmolLM2-135M's ~75 MB of weights at "
+            "~22 GB/s, the per-step serial work) plus ~1.5 ms per row, which caps 8 streams near 2.4x one. The "
+            "per-row part is held up by exactness: greedy tokens equal llama.cpp's only if every column keeps "
+            "ggml's eight f32 lane accumulators and adds them in ggml's order, one int-to-float conversion and one "
+            "FMA per lane per block. Summing a block's integers first (one conversion and one FMA per block) made "
+            "the Q4_1 kernel 3.4x faster than before instead of 2.5x, but each of the three such orders tried "
+            "flipped a greedy token: the activations are re-quantized to 8 bits per block in every layer, so "
+            "last-bit differences grow over 30 layers. llama.cpp's own gain lands lower (same table), and "
+            "omnibus's aggregate is higher than llama-server's at every concurrency.",
+            "",
+            "| what | omnibus | llama.cpp |",
             "|---|---|---|",
-            f"| 1 | {m['pa1']:.0f} | {m['pa1_ms']:.1f} |",
-            f"| 32 | {m['pa32']:.0f} | {m['pa32_ms']:.1f} |",
+            f"| resident memory after load (omnibus: both models; llama-server: one model, 16 slots), MiB | {m['rss_gen']:.0f} | {m['l_rss']:.0f} |",
+            "",
         ]
     lines += [
-        "",
-        "## Generation: SmolLM2-135M-Instruct Q4_1, 2 threads",
-        "",
-        "| what | omnibus | llama.cpp | ratio |",
-        "|---|---|---|---|",
-        f"| single-stream decode, tokens/s (omnibus: 1 / inter-token p50; llama-bench -n 128) | {m['o_dec']:.1f} | {m['l_dec']:.1f} | {ratio(m['o_dec'], m['l_dec'])} |",
-        f"| 256-token prompt, tokens/s (omnibus: from time to first token; llama-bench -p 256) | {m['o_pp']:.0f} | {m['l_pp']:.0f} | {ratio(m['o_pp'], m['l_pp'])} |",
-        f"| time to first token, 1 client, ~20-token prompt, ms (llama-server) | {m['o_ttft']:.0f} | {m['l_ttft']:.0f} | {ratio(m['o_ttft'], m['l_ttft'], False)} |",
-    ]
-    for c in [1, 4, 8, 16]:
-        o, l = m[f"o_g{c}"], m[f"l_g{c}"]
-        lines.append(f"| aggregate tokens/s, {c} streaming clients x 64 tokens (llama-server -np 16) | {o:.0f} | {l:.0f} | {ratio(o, l)} |")
-    lines += [
-        f"| batching gain: aggregate at 8 streams over 1 stream | {m['o_g8'] / m['o_g1']:.2f}x | {m['l_g8'] / m['l_g1']:.2f}x | |",
-        f"| time to first token at 16 clients, ms | {m['o_t16']:.0f} | {m['l_t16']:.0f} | {ratio(m['o_t16'], m['l_t16'], False)} |",
-        f"| p99 latency, open loop at 2 requests/s x 32 tokens, ms | {m['o_p99g']:.0f} | {m['l_p99g']:.0f} | {ratio(m['o_p99g'], m['l_p99g'], False)} |",
-        "",
-        "### How the CPU kernels get there",
-        "",
-        "Every GGUF weight matrix goes through `src/models/qmatmul`: output columns are split into chunks that "
-        "a fixed team of compute threads claims (idle workers spin briefly, then park: a decode step is ~200 "
-        "parallel regions of tens of microseconds each, and rayon's sleep/wake cost a third of a step), and each "
-        "weight column is applied to every activation row of the batch while it is in L1. Q4_1, Q4_0 and Q8_0 "
-        "(the output head) have our own kernels: at load every group of eight output columns is repacked so "
-        "that one 32-byte load holds four bytes of each, and one `vpdpbusd` (AVX-512 VNNI; on AVX2 an exact "
-        "`vpmaddubsw` + `vpmaddwd` pair, chosen at run time) advances eight columns at once, each unpacked "
-        "register serving four rows. Other types use candle's per-block dots inside the same tiling. "
-        "Activations are quantized per block as ggml does (AVX2, bit-identical to the scalar code), and "
-        "attention runs on the team too. Greedy tokens still equal llama.cpp's.",
-        "",
-        "The batching gain stays below the 4x at 8 streams we aimed for. Measured apart (`cargo bench --bench "
-        "hot_paths -- 'smollm2 decode step'`): a one-row decode step takes ~4.6 ms and an eight-row step "
-        "~15.3 ms, i.e. ~3.1 ms that any batch pays once (streaming SmolLM2-135M's ~75 MB of weights at "
-        "~22 GB/s, the per-step serial work) plus ~1.5 ms per row, which caps 8 streams near 2.4x one. The "
-        "per-row part is held up by exactness: greedy tokens equal llama.cpp's only if every column keeps "
-        "ggml's eight f32 lane accumulators and adds them in ggml's order, one int-to-float conversion and one "
-        "FMA per lane per block. Summing a block's integers first (one conversion and one FMA per block) made "
-        "the Q4_1 kernel 3.4x faster than before instead of 2.5x, but each of the three such orders tried "
-        "flipped a greedy token: the activations are re-quantized to 8 bits per block in every layer, so "
-        "last-bit differences grow over 30 layers. llama.cpp's own gain lands lower (same table), and "
-        "omnibus's aggregate is higher than llama-server's at every concurrency.",
-        "",
-        "## Latency at a fixed rate and memory",
-        "",
-        "| what | omnibus |",
-        "|---|---|",
-        f"| Predict p99 at 100 requests/s (open loop, from each request's scheduled start), ms | {m['o_p99e']:.1f} |",
-        f"| resident memory with both models, after load / after the last round, MiB | {om.rss_start:.0f} / {om.rss_end:.0f} |",
-        f"| llama-server resident memory (one model, 16 slots), MiB | {llama_rss:.0f} |",
         "",
         "## Re-running",
         "",
         "```sh",
-        "./scripts/bench            # installs the peers (PyPI), builds llama.cpp's tools, measures, rewrites this file",
-        "./scripts/bench --rounds 5",
-        "cargo bench --bench hot_paths     # criterion: batch selection, tokenization, kernels, forward per batch size",
-        "cargo bench --bench embed_forward # MiniLM forward per batch size, medians",
+        "./scripts/bench                       # installs the peers (PyPI), builds llama.cpp's tools, measures both parts",
+        "./scripts/bench --only embeddings     # one part; the other part's last results stay",
+        "./scripts/bench --only embeddings --corpus heldout   # the held-out texts: the last check of a change",
+        "cargo bench --bench embed_forward     # in-process MiniLM forward: the corpus, mixed and uniform batches",
+        "cargo bench --bench hot_paths         # criterion: batch selection, tokenization, kernels, decode steps",
         "```",
         "",
         "Run it on a quiet machine: a compile beside a benchmark can cut a figure tenfold.",
@@ -436,6 +546,17 @@ def write(out: Path, m, rounds, om, llama_rss):
     ]
     out.write_text("\n".join(lines))
     log(f"wrote {out}")
+
+
+EMBEDDINGS_PROSE = (
+    "How: on the CPU the encoder runs a batch's tokens packed end to end, one `[tokens, 384]` matrix for "
+    "every linear layer (Q, K and V fused into one product), attention per text over its own length "
+    "(`src/models/bert_packed.rs`), so a batch costs what its tokens cost, whatever the mix of lengths. The "
+    "matrix products are our own f32 kernels on weights packed at load (`src/models/sgemm.rs`: AVX-512 or "
+    "AVX2+FMA micro-kernels, chosen at run time, on the compute team), one FMA chain per output element in a "
+    "fixed order, so a text's vector is bit-identical alone or in any batch. Compute threads flush subnormal "
+    "floats to zero, and masked or underflowing attention weights are exactly zero."
+)
 
 
 if __name__ == "__main__":
