@@ -4,11 +4,12 @@
 use crate::engine::sampling::SamplingConfig;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
-use crate::tokenizer::{TextTokenizer, TokenizerError, Truncation};
+use crate::tokenizer::{MAX_BYTES_PER_TOKEN, TextTokenizer, TokenizerError, Truncation};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ValidationError {
-    #[error("model: no {kind} model named {name:?} is loaded (loaded: {loaded})")]
+    #[error("model: no {}model named {name:?} is loaded (loaded: {loaded})", kind_label(.kind))]
+    /// `kind` is "embedding" or "generation", or empty when a model of either kind would do.
     UnknownModel { kind: &'static str, name: String, loaded: String },
     #[error("model_version: model {name:?} serves no version {version} (serving: {serving})")]
     UnknownVersion { name: String, version: u64, serving: String },
@@ -35,10 +36,15 @@ pub enum ValidationError {
          or shorter inputs per request"
     )]
     TooManyBatchTokens { inputs: usize, total: usize, max: usize },
+    #[error(
+        "{field}: {bytes} bytes is more text than this model reads ({max_tokens} tokens, at most {max_bytes} bytes \
+         are tokenized); {hint}"
+    )]
+    TooManyBytes { field: String, bytes: usize, max_bytes: usize, max_tokens: usize, hint: &'static str },
     #[error("prompt, messages: exactly one must be set, got {0}")]
     PromptOrMessages(&'static str),
     #[error("max_new_tokens: must be between 1 and {max}, got {got}")]
-    MaxNewTokens { max: usize, got: u32 },
+    MaxNewTokens { max: usize, got: u64 },
     #[error(
         "max_new_tokens: the prompt's {prompt} tokens plus max_new_tokens {new} make {total}, above the model's \
          context length of {max}"
@@ -69,6 +75,11 @@ pub enum ValidationError {
         #[source]
         source: TokenizerErrorEq,
     },
+}
+
+/// "embedding " for "embedding", nothing for no kind: the word before "model" in an error.
+fn kind_label(kind: &str) -> String {
+    if kind.is_empty() { String::new() } else { format!("{kind} ") }
 }
 
 /// [`TokenizerError`] by message, so that [`ValidationError`] stays comparable in tests.
@@ -138,6 +149,19 @@ pub fn predict(
         return Err(ValidationError::EmptyInput { index });
     }
     let truncation = if params.truncate { params.direction } else { Truncation::None };
+    // Refused before any tokenizing: text this long cannot fit the window (see MAX_BYTES_PER_TOKEN). With
+    // truncation, the tokenizer reads only the part it keeps.
+    if truncation == Truncation::None
+        && let Some((index, text)) = params.inputs.iter().enumerate().find(|(_, t)| t.len() > tokenizer.max_bytes())
+    {
+        return Err(ValidationError::TooManyBytes {
+            field: format!("inputs[{index}]"),
+            bytes: text.len(),
+            max_bytes: tokenizer.max_bytes(),
+            max_tokens: limits.max_input_tokens,
+            hint: "shorten it or set truncate=true",
+        });
+    }
     let mut inputs = Vec::with_capacity(n);
     for (index, text) in params.inputs.iter().enumerate() {
         let ids =
@@ -168,7 +192,9 @@ pub struct GenerateParams {
     pub prompt: String,
     /// (role, content)
     pub messages: Vec<(String, String)>,
-    pub max_new_tokens: u32,
+    /// As sent (the Open Inference Protocol's `max_tokens` is 64-bit): checked against the limit, never
+    /// clamped, so an error names the value the client sent.
+    pub max_new_tokens: u64,
     pub temperature: f32,
     pub top_k: u32,
     pub top_p: Option<f32>,
@@ -211,6 +237,19 @@ pub fn generate(
     tokenizer: &GgufTokenizer,
     template: Option<&ChatTemplate>,
 ) -> Result<ValidGenerate, ValidationError> {
+    // Refused before rendering or tokenizing anything: text this long cannot fit the context.
+    let max_bytes = limits.context_length.saturating_mul(MAX_BYTES_PER_TOKEN);
+    let too_long = |field: &str, bytes: usize| ValidationError::TooManyBytes {
+        field: field.into(),
+        bytes,
+        max_bytes,
+        max_tokens: limits.context_length,
+        hint: "shorten it",
+    };
+    let given = params.prompt.len() + params.messages.iter().map(|(r, c)| r.len() + c.len()).sum::<usize>();
+    if given > max_bytes {
+        return Err(too_long(if params.messages.is_empty() { "prompt" } else { "messages" }, given));
+    }
     let text = match (params.prompt.is_empty(), params.messages.is_empty()) {
         (false, false) => return Err(ValidationError::PromptOrMessages("both")),
         (true, true) => return Err(ValidationError::PromptOrMessages("neither (or an empty prompt)")),
@@ -227,7 +266,7 @@ pub fn generate(
             template.render(&params.messages).map_err(ValidationError::ChatTemplate)?
         }
     };
-    if params.max_new_tokens == 0 || params.max_new_tokens as usize > limits.max_new_tokens {
+    if params.max_new_tokens == 0 || params.max_new_tokens > limits.max_new_tokens as u64 {
         return Err(ValidationError::MaxNewTokens { max: limits.max_new_tokens, got: params.max_new_tokens });
     }
     let t = params.temperature;
@@ -247,6 +286,9 @@ pub fn generate(
     }
     if let Some((index, s)) = params.stop.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > MAX_STOP_BYTES) {
         return Err(ValidationError::StopLength { index, max: MAX_STOP_BYTES, got: s.len() });
+    }
+    if text.len() > max_bytes {
+        return Err(too_long("messages", text.len()));
     }
     let prompt_ids = tokenizer.encode(&text).map_err(|e| ValidationError::PromptTokenizer { source: e.into() })?;
     if prompt_ids.is_empty() {

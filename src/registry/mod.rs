@@ -349,7 +349,7 @@ impl Registry {
         }
         let loaded = [names(&models.embedders), names(&models.generators)];
         let loaded = loaded.iter().filter(|n| !n.is_empty()).cloned().collect::<Vec<_>>().join(", ");
-        Err(ValidationError::UnknownModel { kind: "any", name: name.to_string(), loaded })
+        Err(ValidationError::UnknownModel { kind: "", name: name.to_string(), loaded })
     }
 
     /// Every loaded embedding model, by name.

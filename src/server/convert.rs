@@ -45,7 +45,7 @@ pub fn generate_params(req: pb::GenerateRequest) -> GenerateParams {
     GenerateParams {
         prompt: req.prompt,
         messages: req.messages.into_iter().map(|m| (m.role, m.content)).collect(),
-        max_new_tokens: req.max_new_tokens,
+        max_new_tokens: req.max_new_tokens.into(),
         temperature: sampling.temperature,
         top_k: sampling.top_k,
         top_p: sampling.top_p,
