@@ -8,6 +8,11 @@ fn main() -> anyhow::Result<()> {
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("omnibus_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    // Our codec: prost's, with malformed requests answered INVALID_ARGUMENT (see src/server/codec.rs).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .codec_path("crate::server::codec::Codec")
+        .compile_fds(fds)?;
     Ok(())
 }
