@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve every model in the model directory over gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load-test a running omnibus over gRPC and report throughput and latency percentiles.
     #[command(subcommand)]
     Bench(crate::loadgen::BenchTarget),
@@ -149,6 +149,22 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
 
+    /// Largest request metadata (headers), in bytes as HTTP/2 counts them (names and values plus 32 per
+    /// entry). A call above it gets RESOURCE_EXHAUSTED alone; the connection and its other calls go on.
+    /// The default is above Envoy's 60 KiB, so whatever a mesh forwards is accepted.
+    #[arg(long, env = "OMNIBUS_MAX_HEADER_BYTES", default_value_t = 96 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// A new connection must send the HTTP/2 preface and first frame (or a TLS hello) within this long,
+    /// or it is closed: sockets that connect and say nothing would otherwise hold a descriptor for ever.
+    #[arg(long, env = "OMNIBUS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Close a connection that has had no call open for this long (`0`: never). gRPC clients reconnect
+    /// transparently when they next call.
+    #[arg(long, env = "OMNIBUS_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// On SIGTERM/SIGINT: how long in-flight calls may run on after health turns NOT_SERVING and new
     /// calls are refused; what is left then ends with UNAVAILABLE. Keep it below Kubernetes'
     /// terminationGracePeriodSeconds minus the preStop pause.
@@ -207,6 +223,9 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub max_concurrent_streams: u32,
+    pub max_header_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
@@ -323,6 +342,11 @@ impl ServeArgs {
         at_least("max-message-size", self.max_message_size as u64, 1024)?;
         at_most("max-message-size", self.max_message_size as u64, i32::MAX as u64)?;
         at_least("max-concurrent-streams", self.max_concurrent_streams.into(), 1)?;
+        // Below 8 KiB ordinary clients (user agents, tracing headers) would be refused; above 16 MiB one
+        // call's metadata costs more memory than a mesh would ever forward.
+        at_least("max-header-bytes", self.max_header_bytes as u64, 8 * 1024)?;
+        at_most("max-header-bytes", self.max_header_bytes as u64, 16 * 1024 * 1024)?;
+        at_least("handshake-timeout (in ms)", self.handshake_timeout.as_millis() as u64, 1)?;
         at_most("shutdown-grace (in s)", self.shutdown_grace.as_secs(), 3600)?;
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => {
@@ -348,6 +372,9 @@ impl ServeArgs {
                 request_timeout: nonzero(self.request_timeout),
                 max_message_size: self.max_message_size,
                 max_concurrent_streams: self.max_concurrent_streams,
+                max_header_bytes: self.max_header_bytes,
+                handshake_timeout: self.handshake_timeout,
+                idle_timeout: nonzero(self.idle_timeout),
                 shutdown_grace: self.shutdown_grace,
                 keepalive_interval: nonzero(self.keepalive_interval),
                 keepalive_timeout: self.keepalive_timeout,
@@ -422,7 +449,7 @@ mod tests {
         let mut argv = vec!["omnibus", "serve", "--model-dir", "."];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             Command::Bench(_) | Command::Health(_) | Command::CpuPaths => unreachable!("parsed a serve command line"),
         }
     }

@@ -48,7 +48,7 @@ fn parse_serve(settings: &BTreeMap<String, String>) -> omnibus::config::ServeArg
         argv.push(v.clone());
     }
     match Cli::try_parse_from(&argv) {
-        Ok(Cli { command: Command::Serve(args) }) => args,
+        Ok(Cli { command: Command::Serve(args) }) => *args,
         Ok(_) => unreachable!(),
         Err(e) => panic!("{argv:?} is not a valid omnibus serve command line: {e}"),
     }

@@ -154,21 +154,30 @@ async fn a_sentence_gets_the_same_vector_alone_and_in_a_concurrent_batch() {
 
 #[tokio::test]
 async fn a_full_window_batches_all_concurrent_callers() {
-    // A 300 ms window and a batch size of 32: 32 concurrent callers must share one batch.
+    // A 300 ms window and a batch size of 32: 32 callers, each calling again as soon as it is answered.
+    // The first round may start before every caller has reached the server (a request waits only for
+    // company that is expected: announced, or answered together with it); from then on, callers
+    // answered together are expected together, and the window holds them in one batch of 32.
     let server = Server::start(&["--max-queue-delay", "300ms"]).await;
     let client = server.client().await;
     let mut tasks = Vec::new();
     for s in mixed_sentences() {
         let mut c = client.clone();
-        tasks.push(tokio::spawn(async move { c.predict(request(&[s.as_str()])).await.unwrap().into_inner() }));
+        tasks.push(tokio::spawn(async move {
+            let mut sizes = Vec::new();
+            for _ in 0..3 {
+                let m = c.predict(request(&[s.as_str()])).await.unwrap().into_inner().metadata.unwrap();
+                assert_eq!(m.batch_size, m.batch_requests, "one input per request");
+                sizes.push(m.batch_size);
+            }
+            sizes
+        }));
     }
-    let mut sizes = Vec::new();
+    let mut last = Vec::new();
     for t in tasks {
-        let m = t.await.unwrap().metadata.unwrap();
-        sizes.push(m.batch_size);
-        assert_eq!(m.batch_size, m.batch_requests, "one input per request");
+        last.push(*t.await.unwrap().last().unwrap());
     }
-    assert!(sizes.iter().all(|&s| s == 32), "batch sizes {sizes:?}");
+    assert!(last.iter().all(|&s| s == 32), "batch sizes of the third round {last:?}");
 }
 
 fn assert_status(result: Result<tonic::Response<pb::PredictResponse>, tonic::Status>, code: Code, needles: &[&str]) {

@@ -71,17 +71,15 @@ impl<E: Queued> State<E> {
     }
 
     /// Removes entries nobody waits for (dropped silently) and entries past their deadline (returned,
-    /// so the caller can answer them with DEADLINE_EXCEEDED). Neither ever reaches the model.
+    /// so the caller can answer them with DEADLINE_EXCEEDED, and they are counted as expired even when
+    /// the caller already stopped waiting at that deadline). Neither ever reaches the model.
     pub fn remove_stale(&mut self, now: Instant) -> Vec<E> {
         let mut expired = Vec::new();
         let mut kept = VecDeque::with_capacity(self.queue.len());
         for e in self.queue.drain(..) {
-            if e.is_abandoned() {
-                continue;
-            }
             if e.deadline().is_some_and(|d| d <= now) {
                 expired.push(e);
-            } else {
+            } else if !e.is_abandoned() {
                 kept.push_back(e);
             }
         }

@@ -167,7 +167,7 @@ impl Outcome {
         self.version = version.to_string();
     }
 
-    fn record(&mut self, code: Code, reason: Option<&str>) {
+    pub(super) fn record(&mut self, code: Code, reason: Option<&str>) {
         if self.done {
             return;
         }
@@ -191,11 +191,6 @@ impl Outcome {
         self.record(code, Some(reason));
         err.into()
     }
-
-    /// For a stream that ended with an error status.
-    fn failed_with(&mut self, status: &Status, reason: &str) {
-        self.record(status.code(), Some(reason));
-    }
 }
 
 impl Drop for Outcome {
@@ -213,6 +208,14 @@ impl Drop for Outcome {
             self.record(Code::Cancelled, Some("client_cancelled"));
         }
     }
+}
+
+/// Counts a call refused before any handler saw it (too much metadata, a malformed message): no model
+/// was chosen, so its model label is "none".
+pub fn record_refused(method: &str, code: Code, reason: &str) {
+    let code_name = code_name(code);
+    metrics::REQUESTS.with(&["none", "", method, code_name]).inc();
+    metrics::FAILURES.with(&["none", "", method, code_name, reason]).inc();
 }
 
 /// gRPC's canonical code names, as Prometheus label values.
@@ -240,21 +243,36 @@ fn code_name(code: Code) -> &'static str {
 
 type Inner<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// A response stream that holds its call's place in the in-flight count, ends with UNAVAILABLE when the
-/// grace period ends, and records its outcome when it ends (or, through the outcome's drop, when the
-/// client drops it).
+/// A stalled reader (an HTTP/2 window at zero) stops hyper from polling the response body, so a stream
+/// cannot notice its own deadline; a watchdog this long after it ends the call on the server's side.
+const STALL_GRACE: Duration = Duration::from_millis(250);
+
+/// What ending a stream's call takes: its outcome to record and its place in the in-flight count.
+struct Ending {
+    outcome: Outcome,
+    _guard: CallGuard,
+}
+
+/// A response stream that holds its call's place in the in-flight count, ends with DEADLINE_EXCEEDED at
+/// the call's deadline (a few ms before the caller's own timer, like unary calls) or with UNAVAILABLE
+/// when the grace period ends, and records its outcome when it ends (or, through the outcome's drop,
+/// when the client drops it). A watchdog ends the call at its deadline even when the client has stopped
+/// reading (hyper then holds the body and never polls it again): the outcome is recorded and the
+/// in-flight count released, though the HTTP/2 stream itself stays until the client reads or the
+/// connection closes (hyper cannot reset one stream from outside).
 pub struct CallStream<T> {
     inner: Inner<T>,
     grace_over: Pin<Box<dyn Future<Output = ()> + Send>>,
     grace: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The failure the stream ended with, for the metric's reason label.
     reason_of: fn(&Status) -> &'static str,
-    outcome: Outcome,
+    ending: Arc<std::sync::Mutex<Option<Ending>>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
     finished: bool,
-    _guard: CallGuard,
 }
 
-impl<T> CallStream<T> {
+impl<T: Send + 'static> CallStream<T> {
     pub fn new(
         calls: &Arc<Calls>,
         guard: CallGuard,
@@ -262,19 +280,53 @@ impl<T> CallStream<T> {
         inner: Inner<T>,
         reason_of: fn(&Status) -> &'static str,
     ) -> Self {
+        let deadline = outcome.deadline;
+        let ending = Arc::new(std::sync::Mutex::new(Some(Ending { outcome, _guard: guard })));
+        let watchdog = deadline.map(|d| {
+            let ending = ending.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(d + STALL_GRACE).await;
+                if let Some(mut e) = ending.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    e.outcome.record(Code::DeadlineExceeded, Some("deadline"));
+                }
+            })
+        });
         Self {
             inner,
             grace_over: Box::pin(calls.grace_over()),
             grace: calls.grace(),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             reason_of,
-            outcome,
+            ending,
+            watchdog,
             finished: false,
-            _guard: guard,
+        }
+    }
+
+    /// Ends the call: records `code` (and `reason`), releases the in-flight place, drops the source.
+    fn finish(&mut self, code: Code, reason: Option<&str>) {
+        self.finished = true;
+        self.inner = Box::pin(tokio_stream::empty());
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        if let Some(mut e) = self.ending.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            e.outcome.record(code, reason);
         }
     }
 }
 
-impl<T> Stream for CallStream<T> {
+impl<T> Drop for CallStream<T> {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        // An unfinished call's outcome records itself on drop (client gone, deadline, grace).
+        self.ending.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+impl<T: Send + 'static> Stream for CallStream<T> {
     type Item = Result<T, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -282,21 +334,25 @@ impl<T> Stream for CallStream<T> {
             return Poll::Ready(None);
         }
         if self.grace_over.as_mut().poll(cx).is_ready() {
-            self.finished = true;
             let status: Status = ServeError::GraceOver(self.grace).into();
-            self.outcome.failed_with(&status, "grace_over");
+            self.finish(status.code(), Some("grace_over"));
+            return Poll::Ready(Some(Err(status)));
+        }
+        if let Some(d) = self.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            let status = Status::deadline_exceeded("deadline exceeded: the call's deadline passed while streaming");
+            self.finish(status.code(), Some("deadline"));
             return Poll::Ready(Some(Err(status)));
         }
         match self.inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(Err(status))) => {
-                self.finished = true;
                 let reason = (self.reason_of)(&status);
-                self.outcome.failed_with(&status, reason);
+                self.finish(status.code(), Some(reason));
                 Poll::Ready(Some(Err(status)))
             }
             Poll::Ready(None) => {
-                self.finished = true;
-                self.outcome.record(Code::Ok, None);
+                self.finish(Code::Ok, None);
                 Poll::Ready(None)
             }
             other => other,

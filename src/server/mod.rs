@@ -4,6 +4,8 @@
 //! listener, and on shutdown drains: health NOT_SERVING, new calls UNAVAILABLE, running calls finish
 //! within the grace period, what is left then ends with UNAVAILABLE.
 mod calls;
+pub(crate) mod codec;
+mod conn;
 mod convert;
 mod deadline;
 mod edge;
@@ -204,11 +206,16 @@ pub async fn serve(
         let _ = stop_tx.send(());
     });
 
-    // Nagle's algorithm holds small responses back for the peer's delayed ACK (40 ms and more per
-    // call); a request-response protocol wants every frame out at once.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = conn::incoming(
+        listener,
+        conn::ConnLimits { handshake_timeout: sc.handshake_timeout, idle_timeout: sc.idle_timeout },
+    );
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(sc.max_concurrent_streams)
+        // HTTP/2's own header limit is set far above ours (the edge layer's --max-header-bytes): over it,
+        // h2 refuses the stream with HTTP 431 (UNKNOWN to gRPC clients), and at 4x it closes the whole
+        // connection (ENHANCE_YOUR_CALM) with every other call on it.
+        .http2_max_header_list_size(sc.max_header_bytes.saturating_mul(4).max(1 << 20).min(u32::MAX as usize) as u32)
         .http2_keepalive_interval(sc.keepalive_interval)
         .http2_keepalive_timeout(Some(sc.keepalive_timeout))
         .max_connection_age_grace(sc.max_connection_age_grace);
@@ -220,7 +227,7 @@ pub async fn serve(
     }
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let server = builder
-        .layer(edge::EdgeLayer { max_message_size: sc.max_message_size })
+        .layer(edge::EdgeLayer { max_message_size: sc.max_message_size, max_header_bytes: sc.max_header_bytes })
         .layer(deadline::DeadlineLayer { default: sc.request_timeout })
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -3,7 +3,8 @@
 
 Checks: health; reflection v1 and v1alpha list the services and describe every message; the JSON bodies
 of the README's ghz examples parse into the reflected message types; Predict; a streamed Generate that
-ends with exactly one end message; a stream cancelled halfway that frees its sequence on the server.
+ends with exactly one end message; a stream cancelled halfway that frees its sequence on the server; a
+stream past grpcio's own deadline ended by the server with DEADLINE_EXCEEDED before grpcio's timer.
 
 Usage: interop.py HOST:PORT README.md
 """
@@ -115,4 +116,17 @@ deadline = time.time() + 10
 while running() != 0 and time.time() < deadline:
     time.sleep(0.02)
 check(running() == 0, "cancelling halfway freed the sequence")
+# grpcio's own deadline (not tonic's): the server ends the stream first, with its own message; grpcio's
+# timer would say just "Deadline Exceeded".
+started = time.time()
+try:
+    for _ in generate(cls["GenerateRequest"](prompt="Tell me a very long story about", max_new_tokens=2000),
+                      timeout=0.8):
+        pass
+    check(False, "a 2000-token stream with a 0.8 s deadline must not finish")
+except grpc.RpcError as e:
+    # The server's messages start "deadline exceeded" (while streaming, or while still queued).
+    check(e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and e.details().startswith("deadline exceeded"),
+          f"the server ended the stream at grpcio's deadline: {e.code()} {e.details()!r} "
+          f"after {time.time() - started:.3f} s")
 print("interop: all checks passed")

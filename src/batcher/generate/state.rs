@@ -99,15 +99,17 @@ impl<E: Pending> GenState<E> {
         self.running.get_mut(&id)
     }
 
-    /// Drops waiting entries nobody listens to; returns those past their deadline.
+    /// Drops waiting entries nobody listens to; returns those past their deadline (whether or not the
+    /// caller's stream has already ended at it: either way the deadline is why it leaves).
     pub fn remove_stale_waiting(&mut self, now: Instant) -> Vec<E> {
         let mut expired = Vec::new();
         let mut kept = VecDeque::with_capacity(self.waiting.len());
         for e in self.waiting.drain(..) {
-            if e.is_abandoned() {
-                continue;
+            if e.deadline().is_some_and(|d| d <= now) {
+                expired.push(e);
+            } else if !e.is_abandoned() {
+                kept.push_back(e);
             }
-            if e.deadline().is_some_and(|d| d <= now) { expired.push(e) } else { kept.push_back(e) }
         }
         self.waiting = kept;
         expired
