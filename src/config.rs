@@ -80,9 +80,16 @@ pub struct ServeArgs {
     pub max_running_seqs: u32,
 
     /// KV-cache positions reserved across running sequences (each reserves prompt + max_new_tokens).
-    /// Bounds generation memory: about 46 KiB per position for SmolLM2-135M.
-    #[arg(long, env = "OMNIBUS_MAX_KV_TOKENS", default_value_t = 32768)]
-    pub max_kv_tokens: u32,
+    /// Bounds generation memory: about 46 KiB per position for SmolLM2-135M. Default: sized from the
+    /// memory limit (the cgroup's, or --memory-limit) once the models are loaded, logged at start;
+    /// 32768 without a limit.
+    #[arg(long, env = "OMNIBUS_MAX_KV_TOKENS")]
+    pub max_kv_tokens: Option<u32>,
+
+    /// The memory the server must fit in (e.g. `2Gi`, `1500Mi`, bytes): sizes the default KV cache and
+    /// embedding batch budgets. Default: the cgroup's memory limit, if there is one.
+    #[arg(long, env = "OMNIBUS_MEMORY_LIMIT", value_parser = parse_bytes)]
+    pub memory_limit: Option<u64>,
 
     /// Generate requests that may wait for a running slot; beyond it RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "OMNIBUS_MAX_WAITING", default_value_t = 64)]
@@ -109,17 +116,19 @@ pub struct ServeArgs {
     pub max_queue_delay: Duration,
 
     /// Token budget per batch: the sum of the inputs' lengths (the encoder packs a batch's tokens end to
-    /// end, no padding). Bounds the memory and latency of one forward pass.
-    #[arg(long, env = "OMNIBUS_MAX_BATCH_TOKENS", default_value_t = 16384)]
-    pub max_batch_tokens: u32,
+    /// end, no padding). Bounds the memory and latency of one forward pass. Default: 16384, less when
+    /// the memory limit calls for it (see --memory-limit).
+    #[arg(long, env = "OMNIBUS_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<u32>,
 
     /// Requests that may wait per model. Beyond it calls get RESOURCE_EXHAUSTED at once instead of
     /// queueing without bound, so a client or autoscaler learns of overload immediately.
     #[arg(long, env = "OMNIBUS_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: u32,
 
-    /// Compute threads for the model's matrix products (default: every core). Fewer leave room for
-    /// gRPC and tokenization on small machines.
+    /// Compute threads for the model's matrix products. Default: the cgroup's CPU quota rounded up when
+    /// there is one (a pod's CPU limit), else every core; Kubernetes manifests set it from the pod's CPU
+    /// request (downward API), so a pod never starts one spinning thread per core of its node.
     #[arg(long, env = "OMNIBUS_THREADS")]
     pub threads: Option<usize>,
 
@@ -140,6 +149,11 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// The deadline of generation streams (Generate, ModelStreamInfer) that set no grpc-timeout: a long
+    /// generation must not be cut at the unary --request-timeout; `0`: none.
+    #[arg(long, env = "OMNIBUS_STREAM_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub stream_timeout: Duration,
+
     /// Largest request or response message in bytes. gRPC's usual 4 MiB is too small for big embedding
     /// batches; larger requests get RESOURCE_EXHAUSTED saying so.
     #[arg(long, env = "OMNIBUS_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
@@ -159,6 +173,12 @@ pub struct ServeArgs {
     /// or it is closed: sockets that connect and say nothing would otherwise hold a descriptor for ever.
     #[arg(long, env = "OMNIBUS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+
+    /// A model thread that shows no life this long (a hung forward pass, a deadlock) turns health
+    /// NOT_SERVING for the whole server, so the liveness probe fails and Kubernetes restarts the pod;
+    /// `0`: never. Keep it above the longest legitimate forward pass (seconds, for a full batch).
+    #[arg(long, env = "OMNIBUS_ENGINE_STALL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub engine_stall_timeout: Duration,
 
     /// Close a connection that has had no call open for this long (`0`: never). gRPC clients reconnect
     /// transparently when they next call.
@@ -221,11 +241,13 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
     pub request_timeout: Option<Duration>,
+    pub stream_timeout: Option<Duration>,
     pub max_message_size: usize,
     pub max_concurrent_streams: u32,
     pub max_header_bytes: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    pub engine_stall_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
@@ -258,7 +280,18 @@ pub struct ModelConfig {
     pub embedding_model: Option<String>,
     pub generation_model: Option<String>,
     pub threads: usize,
+    /// Where `threads` came from, for the start-up log.
+    pub threads_source: String,
     pub device: DeviceChoice,
+    pub memory: MemoryConfig,
+}
+
+/// What the memory plan starts from (see `resources::plan`): the limit to fit, and the budgets flags set.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryConfig {
+    pub limit: Option<(u64, &'static str)>,
+    pub kv_tokens: Option<usize>,
+    pub batch_tokens: Option<usize>,
 }
 
 /// The whole, checked configuration.
@@ -309,24 +342,29 @@ impl ServeArgs {
         at_most("max-batch-size", self.max_batch_size.into(), 4096)?;
         at_least("max-queue", self.max_queue.into(), 1)?;
         at_most("max-queue", self.max_queue.into(), 1_000_000)?;
-        at_least("max-batch-tokens", self.max_batch_tokens.into(), 1)?;
+        if let Some(t) = self.max_batch_tokens {
+            at_least("max-batch-tokens", t.into(), 1)?;
+        }
         // A window above 10 s is a misconfiguration (a unit typo), never a batching strategy.
         at_most("max-queue-delay (in ms)", self.max_queue_delay.as_millis() as u64, 10_000)?;
-        let threads = match self.threads {
-            Some(t) => {
-                at_least("threads", t as u64, 1)?;
-                at_most("threads", t as u64, 1024)?;
-                t
-            }
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        };
+        if let Some(t) = self.threads {
+            at_least("threads", t as u64, 1)?;
+            at_most("threads", t as u64, 1024)?;
+        }
+        let (threads, threads_source) = crate::resources::threads(self.threads);
         at_least("max-running-seqs", self.max_running_seqs.into(), 1)?;
         at_most("max-running-seqs", self.max_running_seqs.into(), 1024)?;
         at_least("max-waiting", self.max_waiting.into(), 1)?;
         at_least("max-new-tokens", self.max_new_tokens.into(), 1)?;
         at_least("prefill-chunk", self.prefill_chunk.into(), 1)?;
-        if self.max_kv_tokens < self.max_new_tokens + 1 {
-            return Err(ConfigError::KvBelowNewTokens { kv: self.max_kv_tokens, new: self.max_new_tokens });
+        if let Some(kv) = self.max_kv_tokens
+            && kv < self.max_new_tokens + 1
+        {
+            return Err(ConfigError::KvBelowNewTokens { kv, new: self.max_new_tokens });
+        }
+        if let Some(m) = self.memory_limit {
+            // Below 128 MiB not even one model and its runtime fit.
+            at_least("memory-limit (in MiB)", m >> 20, 128)?;
         }
         if self.max_queue < self.max_batch_size {
             return Err(ConfigError::QueueSmallerThanBatch { queue: self.max_queue, batch: self.max_batch_size });
@@ -370,11 +408,13 @@ impl ServeArgs {
                 listen: self.listen,
                 metrics_listen,
                 request_timeout: nonzero(self.request_timeout),
+                stream_timeout: nonzero(self.stream_timeout),
                 max_message_size: self.max_message_size,
                 max_concurrent_streams: self.max_concurrent_streams,
                 max_header_bytes: self.max_header_bytes,
                 handshake_timeout: self.handshake_timeout,
                 idle_timeout: nonzero(self.idle_timeout),
+                engine_stall_timeout: nonzero(self.engine_stall_timeout),
                 shutdown_grace: self.shutdown_grace,
                 keepalive_interval: nonzero(self.keepalive_interval),
                 keepalive_timeout: self.keepalive_timeout,
@@ -386,14 +426,14 @@ impl ServeArgs {
             batch: BatchConfig {
                 max_batch_size: self.max_batch_size as usize,
                 max_queue_delay: self.max_queue_delay,
-                max_batch_tokens: self.max_batch_tokens as usize,
+                max_batch_tokens: self.max_batch_tokens.map_or(crate::resources::DEFAULT_BATCH_TOKENS, |t| t as usize),
                 max_queue: self.max_queue as usize,
                 batch_priority_delay: self.batch_priority_delay,
             },
             generate: GenerateConfig {
                 scheduler: GenConfig {
                     max_running: self.max_running_seqs as usize,
-                    max_kv_tokens: self.max_kv_tokens as usize,
+                    max_kv_tokens: self.max_kv_tokens.map_or(crate::resources::DEFAULT_KV_TOKENS, |t| t as usize),
                     max_waiting: self.max_waiting as usize,
                     max_queue_delay: self.max_queue_delay,
                     batch_priority_delay: self.batch_priority_delay,
@@ -406,7 +446,16 @@ impl ServeArgs {
                 embedding_model: self.embedding_model,
                 generation_model: self.generation_model,
                 threads,
+                threads_source,
                 device: self.device,
+                memory: MemoryConfig {
+                    limit: match self.memory_limit {
+                        Some(b) => Some((b, "--memory-limit")),
+                        None => crate::resources::memory_limit().map(|b| (b, "the cgroup's limit")),
+                    },
+                    kv_tokens: self.max_kv_tokens.map(|t| t as usize),
+                    batch_tokens: self.max_batch_tokens.map(|t| t as usize),
+                },
             },
             log_format: self.log_format,
         })
@@ -422,6 +471,27 @@ fn jitter(age: Duration) -> Duration {
 }
 
 /// Parses `250us`, `2ms`, `1.5s`, `1m`; a bare number is milliseconds.
+/// Bytes, with an optional binary (`Ki`, `Mi`, `Gi`) or decimal (`K`, `M`, `G`) suffix, as Kubernetes
+/// writes quantities.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 2Gi, 1500Mi or 2147483648"))?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use Ki, Mi, Gi, K, M or G")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
@@ -452,6 +522,15 @@ mod tests {
             Command::Serve(a) => *a,
             Command::Bench(_) | Command::Health(_) | Command::CpuPaths => unreachable!("parsed a serve command line"),
         }
+    }
+
+    #[test]
+    fn sizes_parse_as_kubernetes_writes_them() {
+        assert_eq!(parse_bytes("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1500Mi"), Ok(1500 << 20));
+        assert_eq!(parse_bytes("2147483648"), Ok(2147483648));
+        assert_eq!(parse_bytes("1G"), Ok(1_000_000_000));
+        assert!(parse_bytes("2GB").is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   state, and the CPU kernels (quantized matrix products on a compute team).
 //! - [`tokenizer`]: tokenization and truncation, run off the async runtime's workers.
 //! - [`registry`]: finds the models in the model directory and loads them.
+//! - [`resources`]: the CPUs and memory the cgroup allows, and the memory plan that sizes the budgets.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`metrics`]: Prometheus families every layer records into (plain atomics, no tonic).
 //! - [`loadgen`]: `omnibus bench`, a gRPC client that load-tests any omnibus; outside the layers above.
@@ -26,6 +27,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod models;
 pub mod registry;
+pub mod resources;
 pub mod server;
 pub mod telemetry;
 pub mod tokenizer;

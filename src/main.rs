@@ -31,6 +31,11 @@ fn main() -> anyhow::Result<()> {
             omnibus::models::cpu::cap_from_env().map_err(anyhow::Error::msg)?;
             let config = args.validate()?;
             telemetry::init(config.log_format);
+            tracing::info!(
+                threads = %config.model.threads_source,
+                simd = omnibus::models::cpu::describe(),
+                "compute threads"
+            );
             // candle's CPU matrix products size their thread pool from RAYON_NUM_THREADS when they first
             // run, so --threads must be in the environment before any model code.
             // SAFETY: no other thread exists yet (the runtime is built below), so nothing reads the

@@ -225,8 +225,37 @@ pub static EXPIRED_BEFORE_MODEL: Family = Family::new(
 );
 pub static INFLIGHT: Family =
     Family::new("omnibus_inflight_calls", "Calls being served now (streams included).", Kind::Gauge, &[]);
+pub static KV_TOKENS: Family = Family::new(
+    "omnibus_kv_tokens",
+    "Generation KV-cache positions reserved by running sequences (state=used) and left in the budget (state=free).",
+    Kind::Gauge,
+    &["model", "state"],
+);
+pub static RESIDENT_MEMORY: Family = Family::new(
+    "omnibus_resident_memory_bytes",
+    "Resident memory of the process (models, KV caches, buffers); compare with the pod's limit.",
+    Kind::Gauge,
+    &[],
+);
+pub static MODEL_MEMORY: Family = Family::new(
+    "omnibus_model_memory_bytes",
+    "Memory a model takes, planned at start: its weights as loaded (kind=weights), its KV-cache budget \
+     (kind=kv_budget) or its batch activations budget (kind=batch_budget).",
+    Kind::Gauge,
+    &["model", "kind"],
+);
+pub static ENGINE_STALLED: Family = Family::new(
+    "omnibus_engine_stalled",
+    "1 while a model thread has shown no life for --engine-stall-timeout (liveness then fails), else 0.",
+    Kind::Gauge,
+    &["model"],
+);
 
 static ALL: &[&Family] = &[
+    &KV_TOKENS,
+    &RESIDENT_MEMORY,
+    &MODEL_MEMORY,
+    &ENGINE_STALLED,
     &QUEUE_SIZE,
     &RUNNING,
     &BATCH_SIZE,

@@ -174,6 +174,7 @@ pub struct EmbedBatcher {
     max_queue: usize,
     max_batch_size: usize,
     pub stats: Arc<EmbedStats>,
+    heartbeat: crate::engine::Heartbeat,
 }
 
 impl EmbedBatcher {
@@ -186,8 +187,9 @@ impl EmbedBatcher {
         let permits = Arc::new(Semaphore::new(config.max_queue));
         let (max_queue, max_batch_size) = (config.max_queue, config.max_batch_size);
         let stats = Arc::new(EmbedStats::default());
+        let heartbeat = engine.heartbeat().clone();
         tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
-        Self { model, tx, permits, max_queue, max_batch_size, stats }
+        Self { model, tx, permits, max_queue, max_batch_size, stats, heartbeat }
     }
 
     pub fn model(&self) -> &str {
@@ -202,6 +204,11 @@ impl EmbedBatcher {
     /// Requests in the batch computing now.
     pub fn running(&self) -> usize {
         self.stats.running.load(Ordering::Relaxed)
+    }
+
+    /// How long the model thread has shown no life (see `engine::Heartbeat`).
+    pub fn silence(&self) -> Duration {
+        self.heartbeat.silence()
     }
 
     /// The delay a refused caller is told to wait: the batches ahead of it at the recent batch time.

@@ -41,6 +41,11 @@ impl EmbedPool {
     pub fn running(&self) -> usize {
         self.replicas.iter().map(EmbedBatcher::running).sum()
     }
+
+    /// The longest silence of any replica's model thread.
+    pub fn silence(&self) -> std::time::Duration {
+        self.replicas.iter().map(EmbedBatcher::silence).max().unwrap_or_default()
+    }
 }
 
 #[derive(Clone)]
@@ -74,6 +79,16 @@ impl GenPool {
 
     pub fn running(&self) -> usize {
         self.replicas.iter().map(GenBatcher::running).sum()
+    }
+
+    /// The longest silence of any replica's model thread.
+    pub fn silence(&self) -> std::time::Duration {
+        self.replicas.iter().map(GenBatcher::silence).max().unwrap_or_default()
+    }
+
+    /// KV-cache positions reserved, over every replica.
+    pub fn kv_reserved(&self) -> usize {
+        self.replicas.iter().map(GenBatcher::kv_reserved).sum()
     }
 }
 

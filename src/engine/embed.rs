@@ -28,6 +28,10 @@ pub struct EmbedderInfo {
     /// Whether the model's own pipeline normalises (a Normalize module).
     pub normalize: bool,
     pub pooling: Pooling,
+    /// Activation memory per token of a batch at its peak (f32): the layer input, Q/K/V, the attention
+    /// context, the attention output, the intermediate layer, the packed copy a product reads, and
+    /// the layer output. The memory plan sizes the token budget with it.
+    pub activation_bytes_per_token: u64,
 }
 
 pub struct SentenceEmbedder {
@@ -94,6 +98,8 @@ impl SentenceEmbedder {
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings);
         let dimension = config.hidden_size;
+        let (h, ff) = (config.hidden_size as u64, config.intermediate_size as u64);
+        let activation_bytes_per_token = 4 * (h + 3 * h + h + h + ff + ff.max(h) + h);
         let packed = device.is_cpu() && config.hidden_act == HiddenAct::Gelu;
         let encoder = if packed {
             Encoder::Packed(PackedBert::load(&weights, config).map_err(|e| EngineError::load(&weights, e))?)
@@ -106,7 +112,7 @@ impl SentenceEmbedder {
             let bert = Bert::load(vb, config).map_err(|e| EngineError::load(&weights, e))?;
             Encoder::Device { bert, device: device.clone(), pad_id }
         };
-        let info = EmbedderInfo { dimension, max_input_tokens, normalize, pooling };
+        let info = EmbedderInfo { dimension, max_input_tokens, normalize, pooling, activation_bytes_per_token };
         Ok((Self { encoder, pooling }, info))
     }
 

@@ -2,9 +2,8 @@
 //! sampler and text state, and runs one batched step whenever the scheduler (`batcher::generate`) asks:
 //! new sequences' prompts go in as prefill chunks beside the decode rows of running ones.
 use std::collections::BTreeMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{SyncSender, TrySendError};
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
@@ -63,26 +62,25 @@ struct Job {
 #[derive(Clone)]
 pub struct GenEngine {
     tx: SyncSender<Job>,
+    heart: super::Heartbeat,
 }
 
 impl GenEngine {
     pub fn spawn<G: Generator>(name: &str, mut generator: G) -> std::io::Result<Self> {
-        // The scheduler waits for each step before planning the next, so one slot is all it uses; a
-        // second is headroom so a bug there fails a step with `Stopped` instead of blocking the runtime.
-        let (tx, rx) = sync_channel::<Job>(2);
-        std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
-            // A compute thread: subnormals flushed (see `models::cpu::flush_denormals`).
-            crate::models::cpu::flush_denormals();
-            while let Ok(job) = rx.recv() {
-                let result = catch_unwind(AssertUnwindSafe(|| generator.step(job.plan)))
-                    .unwrap_or_else(|p| Err(EngineError::Panicked(super::panic_message(&p))));
-                if let Err(err) = &result {
-                    error!(error = %err, "generation step failed");
-                }
-                let _ = job.reply.send(result);
+        let heart = super::Heartbeat::new();
+        let tx = super::thread::spawn(name, heart.clone(), move |job: Job| {
+            let result = super::thread::guarded(|| generator.step(job.plan));
+            if let Err(err) = &result {
+                error!(error = %err, "generation step failed");
             }
+            let _ = job.reply.send(result);
         })?;
-        Ok(Self { tx })
+        Ok(Self { tx, heart })
+    }
+
+    /// The model thread's heartbeat.
+    pub fn heartbeat(&self) -> &super::Heartbeat {
+        &self.heart
     }
 
     pub fn submit(&self, plan: StepPlan) -> oneshot::Receiver<Result<StepReport, EngineError>> {
@@ -124,6 +122,8 @@ pub struct LoadedLlama {
     pub generator: LlamaGenerator,
     pub tokenizer: Arc<GgufTokenizer>,
     pub context_length: usize,
+    /// KV-cache bytes per position (keys and values of every layer, f32).
+    pub kv_bytes_per_token: u64,
 }
 
 impl LlamaGenerator {
@@ -165,8 +165,10 @@ impl LlamaGenerator {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "generation model loaded and warmed"
         );
+        let c = &model.config;
+        let kv_bytes_per_token = (c.n_layer * 2 * c.n_kv_head * c.head_dim * std::mem::size_of::<f32>()) as u64;
         let generator = Self::new(model, tokenizer.clone(), prefill_chunk);
-        Ok(LoadedLlama { generator, tokenizer, context_length })
+        Ok(LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token })
     }
 
     /// After a sampled token: text, stop sequences and end conditions.

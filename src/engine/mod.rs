@@ -5,10 +5,10 @@ mod embed;
 mod generate;
 pub mod sampling;
 pub mod text;
+mod thread;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -19,6 +19,7 @@ pub use candle_core::Device;
 pub use device::{DeviceChoice, Plan, Target, Visible, device_name, parse_visible, plan, plan_devices};
 pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
 pub use generate::{Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, SeqEvent, SeqId, StepPlan, StepReport};
+pub use thread::Heartbeat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -64,32 +65,26 @@ struct Job {
 #[derive(Clone)]
 pub struct EmbedEngine {
     tx: SyncSender<Job>,
+    heart: Heartbeat,
 }
 
 impl EmbedEngine {
     /// Moves the model onto a new thread named after it.
     pub fn spawn<M: Embedder>(name: &str, mut model: M) -> std::io::Result<Self> {
-        // The batcher keeps at most one batch in flight, so one slot is all it can use; a second is
-        // headroom so that a bug there fails a batch with `Stopped` instead of blocking the runtime.
-        let (tx, rx) = sync_channel::<Job>(2);
-        std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
-            // A compute thread: subnormals flushed (see `models::cpu::flush_denormals`).
-            crate::models::cpu::flush_denormals();
-            while let Ok(job) = rx.recv() {
-                if job.reply.is_closed() {
-                    continue;
-                }
-                let start = Instant::now();
-                // A panic inside candle must not take the model (and every later request) with it.
-                let result = catch_unwind(AssertUnwindSafe(|| model.embed(&job.inputs)))
-                    .unwrap_or_else(|panic| Err(EngineError::Panicked(panic_message(&panic))));
-                if let Err(err) = &result {
-                    error!(error = %err, "embedding batch failed");
-                }
-                let _ = job.reply.send(result.map(|vectors| EngineOutput { vectors, elapsed: start.elapsed() }));
+        let heart = Heartbeat::new();
+        let tx = thread::spawn(name, heart.clone(), move |job: Job| {
+            if job.reply.is_closed() {
+                return;
             }
+            let start = Instant::now();
+            thread::test_fault(&job.inputs);
+            let result = thread::guarded(|| model.embed(&job.inputs));
+            if let Err(err) = &result {
+                error!(error = %err, "embedding batch failed");
+            }
+            let _ = job.reply.send(result.map(|vectors| EngineOutput { vectors, elapsed: start.elapsed() }));
         })?;
-        Ok(Self { tx })
+        Ok(Self { tx, heart })
     }
 
     /// Hands a batch to the model thread; the answer comes on the returned receiver.
@@ -101,14 +96,11 @@ impl EmbedEngine {
         }
         rx
     }
-}
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+    /// The model thread's heartbeat.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heart
+    }
 }
 
 /// Scales a vector to unit length (sentence-transformers' Normalize module); a zero vector stays zero.

@@ -8,6 +8,7 @@ mod repository;
 mod versions;
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -46,6 +47,8 @@ pub enum RegistryError {
          full-length input could never run"
     )]
     BudgetTooSmall { model: String, budget: usize, max_input: usize },
+    #[error(transparent)]
+    Memory(#[from] crate::resources::PlanError),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
@@ -83,6 +86,9 @@ pub struct EmbeddingModel {
     pub tokenizer: Arc<TextTokenizer>,
     pub limits: PredictLimits,
     pub batch: BatchConfig,
+    /// Resident memory its loading added (weights, all replicas).
+    pub weight_bytes: u64,
+    pub activation_bytes_per_token: u64,
     /// One batcher per device replica.
     pub batcher: EmbedPool,
 }
@@ -97,6 +103,9 @@ pub struct GenerationModel {
     pub template: Option<Arc<ChatTemplate>>,
     pub limits: GenerateLimits,
     pub scheduler: GenConfig,
+    /// Resident memory its loading added (weights, all replicas).
+    pub weight_bytes: u64,
+    pub kv_bytes_per_token: u64,
     /// One scheduler per device replica.
     pub batcher: GenPool,
 }
@@ -110,6 +119,8 @@ pub struct Registry {
     /// One load or unload at a time: loading takes the cores for seconds, and two loads of one name
     /// would race to install their versions.
     admin: tokio::sync::Mutex<()>,
+    /// The budgets sized at start; versions loaded later run with the same.
+    plan: Option<crate::resources::MemoryPlan>,
 }
 
 #[derive(Default)]
@@ -124,6 +135,15 @@ struct Models {
 enum Loading {
     Embedding(Box<Loaded>),
     Generation(LoadedGen),
+}
+
+impl Loading {
+    fn set_weight_bytes(&mut self, bytes: u64) {
+        match self {
+            Loading::Embedding(l) => l.weight_bytes = bytes,
+            Loading::Generation(l) => l.weight_bytes = bytes,
+        }
+    }
 }
 
 /// One version of a model, loaded and warmed, its batchers running.
@@ -178,6 +198,13 @@ impl Served<GenerationModel> {
     pub fn load(&self) -> (usize, usize) {
         (self.versions().map(|m| m.batcher.waiting()).sum(), self.versions().map(|m| m.batcher.running()).sum())
     }
+
+    /// KV-cache positions reserved and the budget, over the versions taking requests and their replicas.
+    pub fn kv(&self) -> (usize, usize) {
+        let used = self.versions().map(|m| m.batcher.kv_reserved()).sum();
+        let budget = self.versions().map(|m| m.scheduler.max_kv_tokens * m.batcher.replicas()).sum();
+        (used, budget)
+    }
 }
 
 fn pick_default(
@@ -216,27 +243,33 @@ impl Registry {
         let devices = tokio::task::spawn_blocking(move || plan_devices(device))
             .await
             .map_err(|e| RegistryError::Join(e.to_string()))??;
-        let registry = Self {
+        let mut registry = Self {
             root: config.model_dir.clone(),
             devices,
             batch,
             generate,
             models: RwLock::new(Models::default()),
             admin: tokio::sync::Mutex::new(()),
+            plan: None,
         };
         let entries = repository::latest(&registry.scan().await?);
         if entries.is_empty() {
             return Err(RegistryError::NoModels(config.model_dir.clone()));
         }
+        // Every model's weights first, then the budgets that fit what is left of the memory limit, then
+        // the batchers with those budgets.
+        let mut loaded = Vec::with_capacity(entries.len());
         for entry in entries {
-            let ready = registry.load_entry(entry).await?;
-            let mut models = registry.write();
-            match ready {
+            loaded.push(registry.load_weights(entry).await?);
+        }
+        registry.plan_memory(&config, &loaded)?;
+        for l in loaded {
+            match registry.start(l)? {
                 AnyModel::Embedding(m) => {
-                    models.embedders.insert(m.name.to_string(), Versions::new(m));
+                    registry.write().embedders.insert(m.name.to_string(), Versions::new(m));
                 }
                 AnyModel::Generation(m) => {
-                    models.generators.insert(m.name.to_string(), Versions::new(m));
+                    registry.write().generators.insert(m.name.to_string(), Versions::new(m));
                 }
             }
         }
@@ -271,17 +304,74 @@ impl Registry {
 
     /// Loads and warms one version on a blocking thread, then starts its batchers here.
     async fn load_entry(&self, entry: Entry) -> Result<AnyModel, RegistryError> {
+        let loaded = self.load_weights(entry).await?;
+        self.start(loaded)
+    }
+
+    /// Loads and warms one version's weights on a blocking thread, its engine threads running.
+    async fn load_weights(&self, entry: Entry) -> Result<Loading, RegistryError> {
         let (root, devices) = (self.root.clone(), self.devices.clone());
-        let (batch, generate) = (self.batch.clone(), self.generate.clone());
+        let prefill_chunk = self.generate.prefill_chunk;
         let kind = entry.kind;
-        let work = move || match kind {
-            Kind::Embedding => load_embedder(&entry, &root, &devices, &batch).map(|l| Loading::Embedding(Box::new(l))),
-            Kind::Generation => load_generator(&entry, &root, &devices, &generate).map(Loading::Generation),
+        let work = move || {
+            // One load at a time (at start, and under the admin lock after), so the growth of the
+            // process's resident memory is this model's.
+            let before = crate::resources::resident_bytes().unwrap_or(0);
+            let mut loaded = match kind {
+                Kind::Embedding => load_embedder(&entry, &root, &devices).map(|l| Loading::Embedding(Box::new(l)))?,
+                Kind::Generation => load_generator(&entry, &root, &devices, prefill_chunk).map(Loading::Generation)?,
+            };
+            loaded.set_weight_bytes(crate::resources::resident_bytes().unwrap_or(0).saturating_sub(before));
+            Ok(loaded)
         };
-        let loaded = tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Join(e.to_string()))??;
+        tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Join(e.to_string()))?
+    }
+
+    /// Sizes the KV cache and the embedding token budget from the memory limit, now that the models'
+    /// resident memory is known, and logs the arithmetic (see `resources::plan`).
+    fn plan_memory(&mut self, config: &ModelConfig, loaded: &[Loading]) -> Result<(), RegistryError> {
+        let (mut generators, mut embedders, mut kv_bytes, mut act_bytes) = (0, 0, 0, 0);
+        for l in loaded {
+            match l {
+                Loading::Embedding(e) => {
+                    embedders += e.engines.len();
+                    act_bytes = act_bytes.max(e.activation_bytes_per_token);
+                }
+                Loading::Generation(g) => {
+                    generators += g.engines.len();
+                    kv_bytes = kv_bytes.max(g.kv_bytes_per_token);
+                }
+            }
+        }
+        let plan = crate::resources::plan(crate::resources::PlanInputs {
+            limit: config.memory.limit,
+            resident: crate::resources::resident_bytes().unwrap_or(0),
+            generators,
+            kv_bytes_per_token: kv_bytes,
+            embedders,
+            batch_bytes_per_token: act_bytes,
+            kv_tokens: config.memory.kv_tokens,
+            batch_tokens: config.memory.batch_tokens,
+        })?;
+        info!(%plan, "memory plan");
+        self.batch.max_batch_tokens = plan.batch_tokens;
+        self.generate.scheduler.max_kv_tokens = plan.kv_tokens;
+        self.plan = Some(plan);
+        Ok(())
+    }
+
+    /// Starts a loaded version's batchers with the registry's budgets.
+    fn start(&self, loaded: Loading) -> Result<AnyModel, RegistryError> {
         Ok(match loaded {
             Loading::Embedding(l) => {
                 let l = *l;
+                if self.batch.max_batch_tokens < l.max_input_tokens {
+                    return Err(RegistryError::BudgetTooSmall {
+                        model: l.name,
+                        budget: self.batch.max_batch_tokens,
+                        max_input: l.max_input_tokens,
+                    });
+                }
                 let batcher = EmbedPool::new(
                     l.engines.into_iter().map(|e| EmbedBatcher::spawn(&l.name, e, self.batch.clone())).collect(),
                 );
@@ -292,8 +382,15 @@ impl Registry {
                     device: l.device,
                     dimension: l.dimension,
                     tokenizer: Arc::new(l.tokenizer),
-                    limits: l.limits,
+                    limits: PredictLimits {
+                        max_inputs: self.batch.max_batch_size,
+                        max_input_tokens: l.max_input_tokens,
+                        max_batch_tokens: self.batch.max_batch_tokens,
+                        default_normalize: l.default_normalize,
+                    },
                     batch: self.batch.clone(),
+                    weight_bytes: l.weight_bytes,
+                    activation_bytes_per_token: l.activation_bytes_per_token,
                     batcher,
                 }))
             }
@@ -309,12 +406,22 @@ impl Registry {
                     device: l.device,
                     tokenizer: l.tokenizer,
                     template: l.template,
-                    limits: l.limits,
+                    limits: GenerateLimits {
+                        context_length: l.context_length.min(scheduler.max_kv_tokens),
+                        max_new_tokens: self.generate.max_new_tokens,
+                    },
                     scheduler,
+                    weight_bytes: l.weight_bytes,
+                    kv_bytes_per_token: l.kv_bytes_per_token,
                     batcher,
                 }))
             }
         })
+    }
+
+    /// The memory plan made at start.
+    pub fn memory_plan(&self) -> Option<&crate::resources::MemoryPlan> {
+        self.plan.as_ref()
     }
 
     /// The embedding model a request names (empty: the default one), at `version` or, without one,
@@ -350,6 +457,20 @@ impl Registry {
         let loaded = [names(&models.embedders), names(&models.generators)];
         let loaded = loaded.iter().filter(|n| !n.is_empty()).cloned().collect::<Vec<_>>().join(", ");
         Err(ValidationError::UnknownModel { kind: "", name: name.to_string(), loaded })
+    }
+
+    /// Models whose model thread (any version taking requests, any replica) has shown no life for
+    /// `timeout` or longer, with that silence: a hung forward pass or a deadlock.
+    pub fn stalled(&self, timeout: Duration) -> Vec<(Arc<str>, Duration)> {
+        let e = self
+            .embedders()
+            .into_iter()
+            .flat_map(|s| s.versions().map(|m| (m.name.clone(), m.batcher.silence())).collect::<Vec<_>>());
+        let g = self
+            .generators()
+            .into_iter()
+            .flat_map(|s| s.versions().map(|m| (m.name.clone(), m.batcher.silence())).collect::<Vec<_>>());
+        e.chain(g).filter(|(_, silence)| *silence >= timeout).collect()
     }
 
     /// Every loaded embedding model, by name.
@@ -600,7 +721,9 @@ struct LoadedGen {
     device: String,
     tokenizer: Arc<GgufTokenizer>,
     template: Option<Arc<ChatTemplate>>,
-    limits: GenerateLimits,
+    context_length: usize,
+    kv_bytes_per_token: u64,
+    weight_bytes: u64,
     engines: Vec<GenEngine>,
 }
 
@@ -612,7 +735,10 @@ struct Loaded {
     device: String,
     dimension: usize,
     tokenizer: TextTokenizer,
-    limits: PredictLimits,
+    max_input_tokens: usize,
+    default_normalize: bool,
+    activation_bytes_per_token: u64,
+    weight_bytes: u64,
     engines: Vec<EmbedEngine>,
 }
 
@@ -624,20 +750,20 @@ fn load_generator(
     entry: &Entry,
     root: &Path,
     devices: &[Device],
-    generate: &GenerateConfig,
+    prefill_chunk: usize,
 ) -> Result<LoadedGen, RegistryError> {
     let (name, path) = (entry.name.clone(), entry.path.as_path());
     let mut engines = Vec::with_capacity(devices.len());
     let mut first = None;
     for device in devices {
-        let LoadedLlama { generator, tokenizer, context_length } =
-            LlamaGenerator::load(path, device, generate.prefill_chunk)?;
+        let LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token } =
+            LlamaGenerator::load(path, device, prefill_chunk)?;
         engines.push(
             GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?,
         );
-        first.get_or_insert((tokenizer, context_length));
+        first.get_or_insert((tokenizer, context_length, kv_bytes_per_token));
     }
-    let (tokenizer, context_length) = first.expect("at least one device");
+    let (tokenizer, context_length, kv_bytes_per_token) = first.expect("at least one device");
     let template = match tokenizer.chat_template.as_deref() {
         None => None,
         Some(source) => {
@@ -662,10 +788,9 @@ fn load_generator(
         version: entry.version,
         source: path.strip_prefix(root).unwrap_or(path).display().to_string(),
         device: devices_name(devices),
-        limits: GenerateLimits {
-            context_length: context_length.min(generate.scheduler.max_kv_tokens),
-            max_new_tokens: generate.max_new_tokens,
-        },
+        context_length,
+        kv_bytes_per_token,
+        weight_bytes: 0,
         tokenizer,
         template,
         engines,
@@ -673,8 +798,8 @@ fn load_generator(
     })
 }
 
-fn load_embedder(entry: &Entry, root: &Path, devices: &[Device], batch: &BatchConfig) -> Result<Loaded, RegistryError> {
-    let mut replicas = devices.iter().map(|d| load_embedder_on(entry, root, d, batch));
+fn load_embedder(entry: &Entry, root: &Path, devices: &[Device]) -> Result<Loaded, RegistryError> {
+    let mut replicas = devices.iter().map(|d| load_embedder_on(entry, root, d));
     let mut loaded = replicas.next().expect("at least one device")?;
     for other in replicas {
         loaded.engines.extend(other?.engines);
@@ -683,17 +808,10 @@ fn load_embedder(entry: &Entry, root: &Path, devices: &[Device], batch: &BatchCo
     Ok(loaded)
 }
 
-fn load_embedder_on(entry: &Entry, root: &Path, device: &Device, batch: &BatchConfig) -> Result<Loaded, RegistryError> {
+fn load_embedder_on(entry: &Entry, root: &Path, device: &Device) -> Result<Loaded, RegistryError> {
     let (name, dir) = (entry.name.clone(), entry.path.as_path());
     let started = std::time::Instant::now();
     let (mut model, info) = SentenceEmbedder::load(dir, device)?;
-    if batch.max_batch_tokens < info.max_input_tokens {
-        return Err(RegistryError::BudgetTooSmall {
-            model: name,
-            budget: batch.max_batch_tokens,
-            max_input: info.max_input_tokens,
-        });
-    }
     let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), info.max_input_tokens)?;
     // Warm-up: one real forward pass before health says SERVING, so the first caller does not pay for
     // lazy allocations and page faults of the weights.
@@ -717,12 +835,10 @@ fn load_embedder_on(entry: &Entry, root: &Path, device: &Device, batch: &BatchCo
         source: dir.strip_prefix(root).unwrap_or(dir).display().to_string(),
         device: device_name(device),
         dimension: info.dimension,
-        limits: PredictLimits {
-            max_inputs: batch.max_batch_size,
-            max_input_tokens: info.max_input_tokens,
-            max_batch_tokens: batch.max_batch_tokens,
-            default_normalize: info.normalize,
-        },
+        max_input_tokens: info.max_input_tokens,
+        default_normalize: info.normalize,
+        activation_bytes_per_token: info.activation_bytes_per_token,
+        weight_bytes: 0,
         tokenizer,
         engines: vec![engine],
         name,

@@ -27,23 +27,30 @@ fn margin(timeout: Duration) -> Duration {
     Duration::from_millis(20).min(timeout / 20).max(Duration::from_millis(1))
 }
 
-/// `default`: the deadline of calls that set no `grpc-timeout` (`--request-timeout`).
+/// `default`: the deadline of unary calls that set no `grpc-timeout` (`--request-timeout`);
+/// `stream_default`: of generation streams (`--stream-timeout`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeadlineLayer {
     pub default: Option<Duration>,
+    pub stream_default: Option<Duration>,
 }
 
 impl<S> tower::Layer<S> for DeadlineLayer {
     type Service = DeadlineService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        DeadlineService { inner, default: self.default }
+        DeadlineService { inner, limits: *self }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct DeadlineService<S> {
     inner: S,
-    default: Option<Duration>,
+    limits: DeadlineLayer,
+}
+
+/// The generation streams, whose default deadline is `--stream-timeout`.
+fn is_stream(path: &str) -> bool {
+    path.ends_with("/Generate") || path.ends_with("/ModelStreamInfer")
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -75,8 +82,11 @@ where
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };
-        let (timeout, whose) = match (timeout, self.default) {
+        let stream = is_stream(req.uri().path());
+        let default = if stream { self.limits.stream_default } else { self.limits.default };
+        let (timeout, whose) = match (timeout, default) {
             (Some(t), _) => (t, "the call's grpc-timeout"),
+            (None, Some(t)) if stream => (t, "the server's --stream-timeout (the call set no grpc-timeout)"),
             (None, Some(t)) => (t, "the server's --request-timeout (the call set no grpc-timeout)"),
             (None, None) => return Box::pin(self.inner.call(req)),
         };
@@ -124,6 +134,13 @@ fn parse(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_streams_have_their_own_default() {
+        assert!(is_stream("/omnibus.v1.Inference/Generate"));
+        assert!(is_stream("/inference.GRPCInferenceService/ModelStreamInfer"));
+        assert!(!is_stream("/omnibus.v1.Inference/Predict"));
+    }
 
     #[test]
     fn the_margin_is_small_and_bounded() {

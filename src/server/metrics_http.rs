@@ -75,4 +75,22 @@ fn refresh_gauges(registry: &Registry) {
         metrics::QUEUE_SIZE.with(&[&name]).set(queued as i64);
         metrics::RUNNING.with(&[&name]).set(running as i64);
     }
+    for s in registry.embedders() {
+        let m = &s.stable;
+        metrics::MODEL_MEMORY.with(&[&m.name, "weights"]).set(m.weight_bytes as i64);
+        let batch = m.batch.max_batch_tokens as u64 * m.activation_bytes_per_token;
+        metrics::MODEL_MEMORY.with(&[&m.name, "batch_budget"]).set(batch as i64);
+    }
+    for s in registry.generators() {
+        let m = &s.stable;
+        metrics::MODEL_MEMORY.with(&[&m.name, "weights"]).set(m.weight_bytes as i64);
+        let kv = (m.scheduler.max_kv_tokens * m.batcher.replicas()) as u64 * m.kv_bytes_per_token;
+        metrics::MODEL_MEMORY.with(&[&m.name, "kv_budget"]).set(kv as i64);
+        let (used, budget) = s.kv();
+        metrics::KV_TOKENS.with(&[&s.stable.name, "used"]).set(used as i64);
+        metrics::KV_TOKENS.with(&[&s.stable.name, "free"]).set(budget.saturating_sub(used) as i64);
+    }
+    if let Some(rss) = crate::resources::resident_bytes() {
+        metrics::RESIDENT_MEMORY.with(&[]).set(rss as i64);
+    }
 }

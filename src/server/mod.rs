@@ -112,6 +112,41 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
     Ok(tls)
 }
 
+/// Liveness that sees the engines: while any model thread has shown no life for `timeout`, health is
+/// NOT_SERVING for the whole server (the liveness probe's service) and the inference service, so
+/// Kubernetes restarts the pod; if the thread comes back before that, so does SERVING.
+async fn watch_engines(
+    registry: Arc<OnceLock<Arc<Registry>>>,
+    reporter: tonic_health::server::HealthReporter,
+    calls: Arc<Calls>,
+    timeout: Duration,
+) {
+    let mut was_stalled = false;
+    let every = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(registry) = registry.get() else { continue };
+        let stalled = registry.stalled(timeout);
+        let names = registry.embedders().into_iter().map(|s| s.stable.name.clone());
+        let names = names.chain(registry.generators().into_iter().map(|s| s.stable.name.clone()));
+        for name in names {
+            let on = stalled.iter().any(|(n, _)| *n == name);
+            crate::metrics::ENGINE_STALLED.with(&[&name]).set(on as i64);
+        }
+        if !stalled.is_empty() && !was_stalled {
+            let which: Vec<String> = stalled.iter().map(|(n, d)| format!("{n} ({} s)", d.as_secs())).collect();
+            error!(models = %which.join(", "), "model thread stalled past --engine-stall-timeout; NOT_SERVING");
+            reporter.set_service_status("", ServingStatus::NotServing).await;
+            reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
+        } else if stalled.is_empty() && was_stalled && !calls.is_draining() {
+            info!("model threads are alive again; SERVING");
+            reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::Serving).await;
+            reporter.set_service_status("", ServingStatus::Serving).await;
+        }
+        was_stalled = !stalled.is_empty();
+    }
+}
+
 /// Serves on `listener` (and metrics on `metrics`) until `shutdown` resolves and the drain is over.
 /// Fails when the models cannot be loaded.
 pub async fn serve(
@@ -154,6 +189,10 @@ pub async fn serve(
 
     if let Some(metrics) = metrics {
         tokio::spawn(metrics_http::serve(metrics, cell.clone()));
+    }
+
+    if let Some(timeout) = sc.engine_stall_timeout {
+        tokio::spawn(watch_engines(cell.clone(), reporter.clone(), calls.clone(), timeout));
     }
 
     // Models load while the server already answers health checks (NOT_SERVING), as startup probes expect.
@@ -228,7 +267,7 @@ pub async fn serve(
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let server = builder
         .layer(edge::EdgeLayer { max_message_size: sc.max_message_size, max_header_bytes: sc.max_header_bytes })
-        .layer(deadline::DeadlineLayer { default: sc.request_timeout })
+        .layer(deadline::DeadlineLayer { default: sc.request_timeout, stream_default: sc.stream_timeout })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

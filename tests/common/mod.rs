@@ -49,7 +49,21 @@ impl Server {
         Self::start_with(dir, extra, None).await
     }
 
+    /// As `start`, with extra environment variables for the server.
+    pub async fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn(&model_dir(), extra, None, env).await
+    }
+
     async fn start_with(dir: &std::path::Path, extra: &[&str], tls: Option<ClientTlsConfig>) -> Server {
+        Self::spawn(dir, extra, tls, &[]).await
+    }
+
+    async fn spawn(
+        dir: &std::path::Path,
+        extra: &[&str],
+        tls: Option<ClientTlsConfig>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "omnibus-{}-{}.log",
             std::process::id(),
@@ -62,6 +76,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--model-dir"])
             .arg(dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("OMNIBUS_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)

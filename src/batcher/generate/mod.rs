@@ -76,6 +76,8 @@ impl Pending for Entry {
 pub struct GenStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
+    /// KV-cache positions reserved by the running sequences (of `GenConfig::max_kv_tokens`).
+    pub kv_reserved: AtomicUsize,
     /// Expired requests answered before reaching the model.
     pub expired_waiting: AtomicUsize,
     /// Moving average of a finished sequence's time from admission to its end, in microseconds.
@@ -91,6 +93,7 @@ pub struct GenBatcher {
     max_waiting: usize,
     max_running: usize,
     pub stats: Arc<GenStats>,
+    heartbeat: crate::engine::Heartbeat,
 }
 
 impl GenBatcher {
@@ -101,8 +104,19 @@ impl GenBatcher {
         let permits = Arc::new(Semaphore::new(config.max_waiting));
         let stats = Arc::new(GenStats::default());
         let (max_waiting, max_running) = (config.max_waiting, config.max_running);
+        let heartbeat = engine.heartbeat().clone();
         tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
-        Self { model, tx, permits, max_waiting, max_running, stats }
+        Self { model, tx, permits, max_waiting, max_running, stats, heartbeat }
+    }
+
+    /// How long the model thread has shown no life (see `engine::Heartbeat`).
+    pub fn silence(&self) -> std::time::Duration {
+        self.heartbeat.silence()
+    }
+
+    /// KV-cache positions the running sequences have reserved.
+    pub fn kv_reserved(&self) -> usize {
+        self.stats.kv_reserved.load(Ordering::Relaxed)
     }
 
     pub fn running(&self) -> usize {

@@ -50,6 +50,7 @@ pub(super) async fn run(
         }
         stats.running.store(state.running(), Ordering::Relaxed);
         stats.waiting.store(state.waiting(), Ordering::Relaxed);
+        stats.kv_reserved.store(state.kv_reserved(), Ordering::Relaxed);
 
         if state.running() == 0 && plan.drop.is_empty() {
             if !open && state.waiting() == 0 {
