@@ -8,10 +8,21 @@ ARG RUST_VERSION=1.95
 ARG CUDA_VERSION=13.0.1
 ARG UBUNTU=ubuntu24.04
 
-# ---- models: fetched once, copied into both images below the binary
-FROM python:3.12-slim-bookworm AS models
+# ---- the model fetcher (docker build --target fetch -t omnibus:fetch .): the init container of
+# deploy/components/model-volume fills a volume with it; and the models, fetched once, copied into both
+# images below the binary
+FROM python:3.12-slim-bookworm AS fetch
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin omnibus \
+    && mkdir /models && chown 10001:10001 /models
 WORKDIR /fetch
 COPY models/fetch.py models/fetch.py
+# pip wants a writable home for its cache.
+ENV HOME=/tmp
+USER 10001
+ENTRYPOINT ["python3", "/fetch/models/fetch.py"]
+CMD ["--dest", "/models"]
+
+FROM fetch AS models
 RUN python3 models/fetch.py --dest /models
 
 # ---- CPU build: dependencies first (cached while only src/ changes), then omnibus itself

@@ -139,12 +139,46 @@ fn autoscalers_read_a_metric_the_server_exports() {
     let hpa = read("deploy/components/hpa/hpa.yaml");
     let metric = hpa.split("metric:").nth(1).and_then(|m| values(m, "name").first().copied()).unwrap();
     assert!(names.contains(&metric), "{metric}");
+    // KEDA's AverageValue divides by the threshold only: the query must be a total, not a per-pod
+    // average (tests/autoscale.rs evaluates it in a real Prometheus); the HPA's Pods metric is the
+    // per-pod value, which the HPA averages itself.
+    assert_eq!(values(&keda, "metricType"), vec!["AverageValue"]);
+    assert!(query.starts_with("sum(") && !query.contains('/') && !query.contains("count"), "{query}");
+    assert!(hpa.contains("type: Pods") && hpa.contains("type: AverageValue"));
     // Retries: never on overload or deadlines.
     let istio = read("deploy/base/istio.yaml");
-    let retry_on = values(&istio, "retryOn")[0];
-    assert!(retry_on.contains("unavailable"), "{retry_on}");
-    assert!(!retry_on.contains("resource-exhausted") && !retry_on.contains("deadline-exceeded"), "{retry_on}");
+    for retry_on in values(&istio, "retryOn") {
+        assert!(retry_on.contains("unavailable"), "{retry_on}");
+        assert!(!retry_on.contains("resource-exhausted") && !retry_on.contains("deadline-exceeded"), "{retry_on}");
+    }
     assert!(istio.contains("mode: STRICT"));
+    // Outlier detection counts connection-level failures only: a trailers-only DEADLINE_EXCEEDED is a
+    // 504 to Envoy and must not eject a slow pod.
+    assert_eq!(values(&istio, "consecutive5xxErrors"), vec!["0"]);
+    assert_eq!(values(&istio, "splitExternalLocalOriginErrors"), vec!["true"]);
+    assert!(values(&istio, "consecutiveGatewayErrors").is_empty());
+    // Generation streams have no route timeout (the server's deadline is in charge); unary calls one
+    // above the server's --request-timeout.
+    let streams = istio.split("- name: generation-streams").nth(1).unwrap().split("- name: unary").next().unwrap();
+    assert!(streams.contains("/omnibus.v1.Inference/Generate") && !streams.contains("timeout:"), "{streams}");
+}
+
+/// Pods are sized from their own resources: threads from the CPU request, the memory plan from the
+/// limit, and requests equal to limits (the CPU limit is the quota the threads match).
+#[test]
+fn pods_are_sized_from_their_own_resources() {
+    let deployment = read("deploy/base/deployment.yaml");
+    let env = deployment.split("env:").nth(1).unwrap();
+    assert!(env.contains("name: OMNIBUS_THREADS") && env.contains("resource: requests.cpu"), "{env}");
+    assert!(env.contains("name: OMNIBUS_MEMORY_LIMIT") && env.contains("resource: limits.memory"), "{env}");
+    let resources = deployment.split("resources:").nth(1).unwrap();
+    let requests = resources.split("limits:").next().unwrap();
+    let limits = resources.split("limits:").nth(1).unwrap();
+    for key in ["cpu", "memory"] {
+        assert_eq!(values(requests, key), values(limits, key), "{key}: requests and limits differ");
+    }
+    // The flags those variables feed accept what the downward API writes (whole CPUs; bytes).
+    assert_eq!(omnibus::config::parse_bytes("2147483648"), Ok(2 << 30));
 }
 
 #[tokio::test]
