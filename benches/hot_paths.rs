@@ -12,7 +12,6 @@ use omnibus::batcher::{BatchConfig, Queued, State};
 use omnibus::engine::{Embedder, SentenceEmbedder};
 use omnibus::models::llama::{KvCache, Llama, Step};
 use omnibus::models::qmatmul::QMatrix;
-use omnibus::tokenizer::gguf::GgufTokenizer;
 use omnibus::tokenizer::{TextTokenizer, Truncation};
 use tokio::time::Instant;
 
@@ -80,7 +79,7 @@ fn tokenization(c: &mut Criterion) {
     });
     let mut file = std::fs::File::open(models().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
-    let gtok = GgufTokenizer::from_metadata(&content.metadata).unwrap();
+    let gtok = omnibus::engine::gguf_tokenizer(&content.metadata).unwrap();
     c.bench_function("tokenizer/smollm2 240 words", |b| b.iter(|| gtok.encode(black_box(&long))));
 }
 

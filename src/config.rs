@@ -4,36 +4,33 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, ValueEnum};
 
 use crate::batcher::BatchConfig;
 use crate::batcher::generate::GenConfig;
-pub use crate::engine::DeviceChoice;
+use crate::engine::DeviceChoice;
+pub use crate::units::{parse_bytes, parse_duration};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "omnibus",
-    version,
-    about = "A model-serving server: gRPC embeddings and generation with dynamic batching"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
+/// `--device`: the flag's values, mapped onto the engine's [`DeviceChoice`] (the engine knows no clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The GPUs when this build has CUDA and some are visible, else the CPU (with a warning when GPUs
+    /// were asked for).
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// Every visible GPU; start-up fails when this build or this machine has none.
+    Cuda,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve every model in the model directory over gRPC.
-    Serve(Box<ServeArgs>),
-    /// Load-test a running omnibus over gRPC and report throughput and latency percentiles.
-    #[command(subcommand)]
-    Bench(crate::loadgen::BenchTarget),
-    /// Ask a running omnibus's grpc.health.v1.Health whether it is SERVING (exit 0) or not (exit 1):
-    /// the container image's HEALTHCHECK.
-    Health(crate::loadgen::HealthArgs),
-    /// Print the SIMD paths this CPU can run, one per line, each a value for OMNIBUS_CPU_FEATURES (CI
-    /// runs the numerics tests once per path).
-    CpuPaths,
+impl From<Device> for DeviceChoice {
+    fn from(d: Device) -> Self {
+        match d {
+            Device::Auto => DeviceChoice::Auto,
+            Device::Cpu => DeviceChoice::Cpu,
+            Device::Cuda => DeviceChoice::Cuda,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,7 +49,10 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Args)]
+/// `omnibus serve`'s flags. A parser of its own too, so tests and tools can check a command line
+/// without the binary's other subcommands.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "omnibus serve")]
 pub struct ServeArgs {
     /// Address for gRPC (h2c). Use port 0 to let the OS pick; the chosen address is printed on stdout.
     #[arg(long, env = "OMNIBUS_LISTEN", default_value = "0.0.0.0:50051")]
@@ -133,8 +133,8 @@ pub struct ServeArgs {
     pub threads: Option<usize>,
 
     /// Where models run.
-    #[arg(long, env = "OMNIBUS_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
+    #[arg(long, env = "OMNIBUS_DEVICE", value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
 
     /// Log line format.
     #[arg(long, env = "OMNIBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -447,7 +447,7 @@ impl ServeArgs {
                 generation_model: self.generation_model,
                 threads,
                 threads_source,
-                device: self.device,
+                device: self.device.into(),
                 memory: MemoryConfig {
                     limit: match self.memory_limit {
                         Some(b) => Some((b, "--memory-limit")),
@@ -470,77 +470,14 @@ fn jitter(age: Duration) -> Duration {
     age.mul_f64(0.9 + r as f64 / 10_000.0)
 }
 
-/// Parses `250us`, `2ms`, `1.5s`, `1m`; a bare number is milliseconds.
-/// Bytes, with an optional binary (`Ki`, `Mi`, `Gi`) or decimal (`K`, `M`, `G`) suffix, as Kubernetes
-/// writes quantities.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 2Gi, 1500Mi or 2147483648"))?;
-    let scale: u64 = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        other => return Err(format!("unknown unit {other:?} in {s:?}; use Ki, Mi, Gi, K, M or G")),
-    };
-    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too large"))
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500us, 2ms or 1s"))?;
-    let secs = match unit.trim() {
-        "ns" => value / 1e9,
-        "us" | "µs" => value / 1e6,
-        "" | "ms" => value / 1e3,
-        "s" => value,
-        "m" => value * 60.0,
-        other => return Err(format!("unknown unit {other:?} in {s:?}; use ns, us, ms, s or m")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a non-negative duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> ServeArgs {
-        let mut argv = vec!["omnibus", "serve", "--model-dir", "."];
+        let mut argv = vec!["omnibus", "--model-dir", "."];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => *a,
-            Command::Bench(_) | Command::Health(_) | Command::CpuPaths => unreachable!("parsed a serve command line"),
-        }
-    }
-
-    #[test]
-    fn sizes_parse_as_kubernetes_writes_them() {
-        assert_eq!(parse_bytes("2Gi"), Ok(2 << 30));
-        assert_eq!(parse_bytes("1500Mi"), Ok(1500 << 20));
-        assert_eq!(parse_bytes("2147483648"), Ok(2147483648));
-        assert_eq!(parse_bytes("1G"), Ok(1_000_000_000));
-        assert!(parse_bytes("2GB").is_err());
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
-        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_millis(3));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("3 weeks").is_err());
+        ServeArgs::try_parse_from(argv).unwrap()
     }
 
     #[test]
@@ -565,7 +502,7 @@ mod tests {
         assert!(args(&["--metrics-listen", "off"]).validate().unwrap().server.metrics_listen.is_none());
         let err = args(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"]).validate().unwrap_err();
         assert!(matches!(err, ConfigError::NoFile { flag: "tls-cert", .. }));
-        assert!(Cli::try_parse_from(["omnibus", "serve", "--tls-cert", "c.pem"]).is_err(), "cert needs a key");
+        assert!(ServeArgs::try_parse_from(["omnibus", "--tls-cert", "c.pem"]).is_err(), "cert needs a key");
     }
 
     #[test]

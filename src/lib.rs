@@ -17,13 +17,15 @@
 //! - [`resources`]: the CPUs and memory the cgroup allows, and the memory plan that sizes the budgets.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`metrics`]: Prometheus families every layer records into (plain atomics, no tonic).
-//! - [`loadgen`]: `omnibus bench`, a gRPC client that load-tests any omnibus; outside the layers above.
+//! - [`units`]: durations and byte sizes on the command line, shared by the server's and the clients' flags.
+//! - [`client`]: `omnibus bench` (load generator) and `omnibus health`; clients outside the layers above,
+//!   using only the generated code.
 #![deny(rust_2018_idioms)]
 
 pub mod batcher;
+pub mod client;
 pub mod config;
 pub mod engine;
-pub mod loadgen;
 pub mod metrics;
 pub mod models;
 pub mod registry;
@@ -31,4 +33,5 @@ pub mod resources;
 pub mod server;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod units;
 pub mod validate;

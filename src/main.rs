@@ -1,23 +1,51 @@
-//! The `omnibus` binary: parse and check the flags, start telemetry, serve until SIGTERM or SIGINT.
+//! The `omnibus` binary: the command line (its subcommands live here, outside the library's layers),
+//! then serve until SIGTERM or SIGINT, or run one of the clients.
 use anyhow::Context;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::Parser;
-use omnibus::config::{Cli, Command};
+use clap::{Parser, Subcommand};
+use omnibus::client::{bench, health};
+use omnibus::config::ServeArgs;
 use omnibus::{server, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "omnibus",
+    version,
+    about = "A model-serving server: gRPC embeddings and generation with dynamic batching"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve every model in the model directory over gRPC.
+    Serve(Box<ServeArgs>),
+    /// Load-test a running omnibus over gRPC and report throughput and latency percentiles.
+    #[command(subcommand)]
+    Bench(bench::BenchTarget),
+    /// Ask a running omnibus's grpc.health.v1.Health whether it is SERVING (exit 0) or not (exit 1):
+    /// the container image's HEALTHCHECK.
+    Health(health::HealthArgs),
+    /// Print the SIMD paths this CPU can run, one per line, each a value for OMNIBUS_CPU_FEATURES (CI
+    /// runs the numerics tests once per path).
+    CpuPaths,
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(target) => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(omnibus::loadgen::run(target))
+            runtime.block_on(bench::run(target))
         }
         Command::Health(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let serving = runtime.block_on(omnibus::loadgen::health(args))?;
+            let serving = runtime.block_on(health::health(args))?;
             println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
             std::process::exit(if serving { 0 } else { 1 });
         }

@@ -1,7 +1,6 @@
 //! Parse, don't validate: untrusted request fields become `Valid*` types here, in one place, or a
 //! [`ValidationError`] that names the field, the bound and the given value. Later layers take only
 //! `Valid*` types. No tonic here: `server::convert` hands over plain fields.
-use crate::engine::sampling::SamplingConfig;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
 use crate::tokenizer::{MAX_BYTES_PER_TOKEN, TextTokenizer, TokenizerError, Truncation};
@@ -217,7 +216,7 @@ pub struct GenerateLimits {
 pub struct ValidGenerate {
     pub prompt_ids: Vec<u32>,
     pub max_new_tokens: usize,
-    pub sampling: SamplingConfig,
+    pub sampling: Sampling,
     pub stop: Vec<String>,
     pub logprobs: bool,
 }
@@ -306,7 +305,7 @@ pub fn generate(
     Ok(ValidGenerate {
         prompt_ids,
         max_new_tokens: new,
-        sampling: SamplingConfig {
+        sampling: Sampling {
             temperature: t,
             top_k: params.top_k as usize,
             top_p,
@@ -317,6 +316,26 @@ pub fn generate(
         stop: params.stop,
         logprobs: params.logprobs,
     })
+}
+
+/// Sampling settings of one sequence, validated: what the engine's sampler takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no limit.
+    pub top_k: usize,
+    /// In (0, 1].
+    pub top_p: f32,
+    /// 1 means off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+    }
 }
 
 fn random_seed() -> u64 {

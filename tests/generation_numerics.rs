@@ -24,7 +24,7 @@ fn load() -> (Llama, GgufTokenizer, Vec<Case>) {
     let mut file = std::fs::File::open(&path).expect("run python3 models/fetch.py first");
     let content = gguf_file::Content::read(&mut file).unwrap();
     let model = Llama::load(&content, &mut file, &Device::Cpu).unwrap();
-    let tok = GgufTokenizer::from_metadata(&content.metadata).unwrap();
+    let tok = omnibus::engine::gguf_tokenizer(&content.metadata).unwrap();
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/generation.json")).unwrap();
     let r: Reference = serde_json::from_str(&text).unwrap();
     (model, tok, r.cases)

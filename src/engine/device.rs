@@ -7,7 +7,8 @@ use tracing::{info, warn};
 
 use super::EngineError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Where models run, as the operator asked (`--device` maps onto this in `config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     /// The GPUs when this build has CUDA and some are visible, else the CPU (with a warning when GPUs
     /// were asked for).

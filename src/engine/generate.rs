@@ -1,7 +1,7 @@
 //! A generation model on its own OS thread. It owns the weights and every running sequence's KV cache,
 //! sampler and text state, and runs one batched step whenever the scheduler (`batcher::generate`) asks:
 //! new sequences' prompts go in as prefill chunks beside the decode rows of running ones.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
 
@@ -12,11 +12,12 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use super::EngineError;
-use super::sampling::{Rng, SamplingConfig, logprob, sample};
+use super::sampling::{Rng, logprob, sample};
 use super::text::{Matched, StopMatcher, TextToken};
 use crate::models::llama::{KvCache, Llama, Step};
-use crate::tokenizer::gguf::{Detokenizer, GgufTokenizer};
-use crate::validate::ValidGenerate;
+use crate::tokenizer::TokenizerError;
+use crate::tokenizer::gguf::{Detokenizer, GgufTokenizer, GgufVocab};
+use crate::validate::{Sampling, ValidGenerate};
 
 /// The scheduler's name for a sequence.
 pub type SeqId = u64;
@@ -100,7 +101,7 @@ struct Sequence {
     generated: Vec<u32>,
     emitted: u32,
     max_new_tokens: usize,
-    sampling: SamplingConfig,
+    sampling: Sampling,
     rng: Rng,
     logprobs: bool,
     detok: Detokenizer,
@@ -115,6 +116,46 @@ pub struct LlamaGenerator {
     /// running streams' next tokens while a long prompt is read.
     prefill_chunk: usize,
     seqs: BTreeMap<SeqId, Sequence>,
+}
+
+/// The tokenizer a GGUF file carries in its metadata. The file's values are read here, where candle's
+/// GGUF types are known; the tokenizer module builds from plain values.
+pub fn gguf_tokenizer(md: &HashMap<String, gguf_file::Value>) -> Result<GgufTokenizer, TokenizerError> {
+    let load = |reason: String| TokenizerError::Load { path: "GGUF metadata".into(), reason };
+    let text = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
+    let strings = |k: &str| -> Result<Vec<String>, TokenizerError> {
+        match md.get(k) {
+            None => Ok(Vec::new()),
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| load(format!("{k}: {e}")))?
+                .iter()
+                .map(|x| x.to_string().cloned().map_err(|e| load(format!("{k}: {e}"))))
+                .collect(),
+        }
+    };
+    let token_types = match md.get("tokenizer.ggml.token_type") {
+        Some(v) => Some(
+            v.to_vec()
+                .map_err(|e| load(format!("tokenizer.ggml.token_type: {e}")))?
+                .iter()
+                .map(|x| x.to_i32().unwrap_or(1))
+                .collect(),
+        ),
+        None => None,
+    };
+    let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    GgufTokenizer::new(GgufVocab {
+        model: text("tokenizer.ggml.model").unwrap_or_default(),
+        pre: text("tokenizer.ggml.pre"),
+        tokens: strings("tokenizer.ggml.tokens")?,
+        merges: strings("tokenizer.ggml.merges")?,
+        token_types,
+        bos: id("tokenizer.ggml.bos_token_id"),
+        eos: id("tokenizer.ggml.eos_token_id"),
+        add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()),
+        chat_template: text("tokenizer.chat_template"),
+    })
 }
 
 /// What loading a GGUF file tells the rest of the server.
@@ -136,8 +177,7 @@ impl LlamaGenerator {
         let started = std::time::Instant::now();
         let mut file = std::fs::File::open(path).map_err(|e| EngineError::load(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::load(path, e))?;
-        let tokenizer =
-            Arc::new(GgufTokenizer::from_metadata(&content.metadata).map_err(|e| EngineError::load(path, e))?);
+        let tokenizer = Arc::new(gguf_tokenizer(&content.metadata).map_err(|e| EngineError::load(path, e))?);
         let model = Llama::load(&content, &mut file, device).map_err(|e| EngineError::load(path, e))?;
         if tokenizer.vocab_size() != model.config.vocab_size {
             return Err(EngineError::load(

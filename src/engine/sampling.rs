@@ -1,25 +1,6 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k, top-p and a repetition
 //! penalty, from a seeded generator so that the same seed gives the same tokens.
-
-/// Sampling settings of one sequence, already validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingConfig {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// 0 means no limit.
-    pub top_k: usize,
-    /// In (0, 1].
-    pub top_p: f32,
-    /// 1 means off.
-    pub repetition_penalty: f32,
-    pub seed: u64,
-}
-
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
-    }
-}
+use crate::validate::Sampling;
 
 /// SplitMix64: tiny, fast, and with a fixed output for a fixed seed on every platform.
 #[derive(Debug, Clone)]
@@ -63,7 +44,7 @@ pub fn logprob(logits: &[f32], id: u32) -> f32 {
 }
 
 /// Picks the next token. `history` is the prompt and output so far (for the repetition penalty).
-pub fn sample(logits: &mut [f32], history: &[u32], cfg: &SamplingConfig, rng: &mut Rng) -> u32 {
+pub fn sample(logits: &mut [f32], history: &[u32], cfg: &Sampling, rng: &mut Rng) -> u32 {
     if cfg.repetition_penalty != 1.0 {
         let mut seen = std::collections::HashSet::new();
         for &t in history {
@@ -120,12 +101,12 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest_and_ties_go_low() {
         let mut l = vec![0.1, 3.0, 3.0, -1.0];
-        assert_eq!(sample(&mut l, &[], &SamplingConfig::default(), &mut Rng::new(1)), 1);
+        assert_eq!(sample(&mut l, &[], &Sampling::default(), &mut Rng::new(1)), 1);
     }
 
     #[test]
     fn the_same_seed_draws_the_same_tokens() {
-        let cfg = SamplingConfig { temperature: 1.0, seed: 7, ..Default::default() };
+        let cfg = Sampling { temperature: 1.0, seed: 7, ..Default::default() };
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |seed| {
             let mut rng = Rng::new(seed);
@@ -138,8 +119,8 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits: Vec<f32> = vec![0.5, 2.0, 1.0];
-        let k1 = SamplingConfig { temperature: 5.0, top_k: 1, ..Default::default() };
-        let p = SamplingConfig { temperature: 5.0, top_p: 1e-6, ..Default::default() };
+        let k1 = Sampling { temperature: 5.0, top_k: 1, ..Default::default() };
+        let p = Sampling { temperature: 5.0, top_p: 1e-6, ..Default::default() };
         for seed in 0..20 {
             assert_eq!(sample(&mut logits.clone(), &[], &k1, &mut Rng::new(seed)), 1);
             assert_eq!(sample(&mut logits.clone(), &[], &p, &mut Rng::new(seed)), 1);
@@ -148,7 +129,7 @@ mod tests {
 
     #[test]
     fn the_repetition_penalty_demotes_seen_tokens() {
-        let cfg = SamplingConfig { repetition_penalty: 2.0, ..Default::default() };
+        let cfg = Sampling { repetition_penalty: 2.0, ..Default::default() };
         let mut l = vec![1.0, 1.5, 0.2];
         assert_eq!(sample(&mut l, &[1], &cfg, &mut Rng::new(0)), 0);
         assert_eq!(l[1], 0.75);

@@ -13,6 +13,7 @@ mod generate;
 mod metrics_http;
 mod models;
 pub mod oip;
+pub mod pb;
 mod predict;
 mod repository;
 mod status;
@@ -36,12 +37,6 @@ pub use status::{RETRY_INFO_TYPE, ServeError, retry_delay};
 use self::calls::Calls;
 use crate::config::{ServeConfig, TlsFiles};
 use crate::registry::{Registry, RegistryError};
-
-/// The generated code and the descriptor set that reflection serves.
-pub mod pb {
-    tonic::include_proto!("omnibus.v1");
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omnibus_descriptor.bin"));
-}
 
 use pb::inference_server::{Inference, InferenceServer};
 

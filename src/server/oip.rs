@@ -27,9 +27,7 @@ use crate::registry::{AnyModel, EmbeddingModel, GenerationModel, Registry};
 use crate::tokenizer::Truncation;
 use crate::validate::{GenerateParams, PredictParams, ValidationError};
 
-pub mod pb {
-    tonic::include_proto!("inference");
-}
+pub use super::pb::oip as pb;
 
 use pb::grpc_inference_service_server::GrpcInferenceService;
 use pb::infer_parameter::ParameterChoice;

@@ -3,7 +3,6 @@
 //! emits text only in whole UTF-8 characters.
 use std::collections::HashMap;
 
-use candle_core::quantized::gguf_file::Value;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -42,9 +41,22 @@ fn err(reason: impl ToString) -> TokenizerError {
     TokenizerError::Load { path: "GGUF metadata".into(), reason: reason.to_string() }
 }
 
-fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, TokenizerError> {
-    let v = md.get(key).ok_or_else(|| err(format!("no {key}")))?.to_vec().map_err(err)?;
-    v.iter().map(|x| x.to_string().cloned().map_err(err)).collect()
+/// The tokenizer keys of a GGUF file's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`), as
+/// plain values: the engine reads the file, this module only builds the tokenizer from them.
+#[derive(Debug, Clone, Default)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`.
+    pub model: String,
+    /// `tokenizer.ggml.pre`.
+    pub pre: Option<String>,
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.token_type`; every token normal when absent.
+    pub token_types: Option<Vec<i32>>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: Option<bool>,
+    pub chat_template: Option<String>,
 }
 
 /// GPT-2's byte-to-unicode table, reversed: the printable stand-in of each byte back to the byte.
@@ -63,19 +75,17 @@ fn byte_decoder() -> HashMap<char, u8> {
 }
 
 impl GgufTokenizer {
-    pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self, TokenizerError> {
-        let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    pub fn new(vocab: GgufVocab) -> Result<Self, TokenizerError> {
+        let GgufVocab { model, pre, tokens, merges, token_types, bos, eos, add_bos, chat_template } = vocab;
         if model != "gpt2" {
             return Err(err(format!(
                 "tokenizer.ggml.model {model:?} is not supported yet (only byte-level BPE, \"gpt2\")"
             )));
         }
-        let tokens = strings(md, "tokenizer.ggml.tokens")?;
-        let merges = strings(md, "tokenizer.ggml.merges")?;
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec().map_err(err)?.iter().map(|x| x.to_i32().unwrap_or(1)).collect(),
-            None => vec![1; tokens.len()],
-        };
+        if tokens.is_empty() {
+            return Err(err("no tokenizer.ggml.tokens"));
+        }
+        let types = token_types.unwrap_or_else(|| vec![1; tokens.len()]);
         let vocab: tokenizers::models::bpe::Vocab =
             tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges = merges
@@ -88,8 +98,7 @@ impl GgufTokenizer {
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(err)?;
         let mut tokenizer = Tokenizer::new(bpe);
-        let pre =
-            md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "default".into());
+        let pre = pre.unwrap_or_else(|| "default".into());
         let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
             let pattern = SplitPattern::Regex(re.into());
             Ok(PreTokenizerWrapper::Split(Split::new(pattern, SplitDelimiterBehavior::Isolated, false).map_err(err)?))
@@ -123,8 +132,6 @@ impl GgufTokenizer {
                 _ => s.chars().map(|c| decoder.get(&c).copied().unwrap_or(b'?')).collect(),
             })
             .collect();
-        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let eos = id("tokenizer.ggml.eos_token_id");
         let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
         for (i, (s, &t)) in tokens.iter().zip(&types).enumerate() {
             if t == TOKEN_CONTROL && END_OF_GENERATION.contains(&s.as_str()) && !end_of_generation.contains(&(i as u32))
@@ -135,11 +142,11 @@ impl GgufTokenizer {
         Ok(Self {
             tokenizer,
             bytes,
-            bos: id("tokenizer.ggml.bos_token_id"),
+            bos,
             eos,
-            add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            add_bos: add_bos.unwrap_or(false),
             end_of_generation,
-            chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+            chat_template,
             tokens,
         })
     }

@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::parse_duration;
 use crate::server::pb::{GenerateRequest, PredictRequest, SamplingParams, inference_client::InferenceClient};
+use crate::units::parse_duration;
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum BenchTarget {
@@ -182,35 +182,6 @@ impl Tally {
             Err(code) => *self.errors.entry(format!("{code:?}")).or_default() += 1,
         }
     }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct HealthArgs {
-    /// Server address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
-    /// The service to ask about; empty means the whole server.
-    #[arg(long, default_value = "")]
-    pub service: String,
-    /// Give up after this long.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub timeout: Duration,
-}
-
-/// Ok(true) when the server reports SERVING for the service.
-pub async fn health(args: HealthArgs) -> anyhow::Result<bool> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let check = async {
-        let channel = Endpoint::from_shared(args.addr.clone())?.connect().await?;
-        let status = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: args.service.clone() })
-            .await?
-            .into_inner()
-            .status;
-        anyhow::Ok(status == ServingStatus::Serving as i32)
-    };
-    tokio::time::timeout(args.timeout, check).await.context("health check timed out")?
 }
 
 pub async fn run(target: BenchTarget) -> anyhow::Result<()> {
