@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //! Layers call only downward:
-//! - [`config`]: clap flags and their cross-field check, turned into one typed config per layer.
-//! - [`server`]: the only module that imports tonic and the generated code: services, health,
-//!   reflection, the one table from errors to gRPC codes.
+//! - [`config`]: `omnibus serve`'s flags and their cross-field check, turned into one typed config per
+//!   layer (the binary's subcommands live in `main.rs`, outside the layers).
+//! - [`server`]: the only module that imports tonic and the generated code (`server::pb`): services,
+//!   health, reflection, the call path both APIs share (`infer`), the one table from errors to gRPC
+//!   codes (`status`), the shutdown sequence (`drain`).
 //! - [`validate`]: untrusted requests become `Valid*` types here, or a [`validate::ValidationError`]
 //!   naming the field, the bound and the value.
 //! - [`batcher`]: queues, time windows, token budgets, deadlines and cancellation; no tonic, no candle.
@@ -13,7 +15,8 @@
 //! - [`models`]: plain model structs with `forward` (BERT, llama), weights separate from per-request
 //!   state, and the CPU kernels (quantized matrix products on a compute team).
 //! - [`tokenizer`]: tokenization and truncation, run off the async runtime's workers.
-//! - [`registry`]: finds the models in the model directory and loads them.
+//! - [`registry`]: finds the models in the model directory, loads (each kind's details in its `load`),
+//!   swaps and unloads their versions.
 //! - [`resources`]: the CPUs and memory the cgroup allows, and the memory plan that sizes the budgets.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`metrics`]: Prometheus families every layer records into (plain atomics, no tonic).

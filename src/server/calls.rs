@@ -167,11 +167,20 @@ impl Outcome {
         self.version = version.to_string();
     }
 
-    pub(super) fn record(&mut self, code: Code, reason: Option<&str>) {
+    /// Records the call as OK (`None`) or failed with `err`: its code and reason come from the one
+    /// table, `ServeError::code_and_reason`.
+    fn record(&mut self, err: Option<&ServeError>) {
         if self.done {
             return;
         }
         self.done = true;
+        let (code, reason) = match err {
+            None => (Code::Ok, None),
+            Some(e) => {
+                let (code, reason) = e.code_and_reason();
+                (code, Some(reason))
+            }
+        };
         let code_name = code_name(code);
         let (model, version, method) = (&*self.model, self.version.as_str(), self.method);
         metrics::REQUESTS.with(&[model, version, method, code_name]).inc();
@@ -182,14 +191,24 @@ impl Outcome {
     }
 
     pub fn ok(mut self) {
-        self.record(Code::Ok, None);
+        self.record(None);
     }
 
     /// Records a failed call and turns its error into the status the caller gets.
     pub fn fail(mut self, err: ServeError) -> Status {
-        let (code, reason) = err.code_and_reason();
-        self.record(code, Some(reason));
+        self.record(Some(&err));
         err.into()
+    }
+
+    /// Why a call that never finished ended: the grace period, its deadline, or the client leaving.
+    fn cut_short(&self) -> ServeError {
+        if self.calls.grace_is_over() {
+            ServeError::GraceOver(self.calls.grace)
+        } else if self.deadline.is_some_and(|d| d <= Instant::now()) {
+            ServeError::DeadlinePassed("before it was answered")
+        } else {
+            ServeError::ClientCancelled
+        }
     }
 }
 
@@ -200,22 +219,27 @@ impl Drop for Outcome {
         if self.done {
             return;
         }
-        if self.calls.grace_is_over() {
-            self.record(Code::Unavailable, Some("grace_over"));
-        } else if self.deadline.is_some_and(|d| d <= Instant::now()) {
-            self.record(Code::DeadlineExceeded, Some("deadline"));
-        } else {
-            self.record(Code::Cancelled, Some("client_cancelled"));
-        }
+        let why = self.cut_short();
+        self.record(Some(&why));
     }
 }
 
 /// Counts a call refused before any handler saw it (too much metadata, a malformed message): no model
 /// was chosen, so its model label is "none".
-pub fn record_refused(method: &str, code: Code, reason: &str) {
+pub fn record_refused(method: &str, err: &ServeError) {
+    let (code, reason) = err.code_and_reason();
     let code_name = code_name(code);
     metrics::REQUESTS.with(&["none", "", method, code_name]).inc();
     metrics::FAILURES.with(&["none", "", method, code_name, reason]).inc();
+}
+
+/// Counts a failure a stream answered in band (an Open Inference Protocol stream's `error_message`):
+/// among the failures, by its reason; the stream itself is one call, counted once when it ends.
+pub fn record_in_band(method: &str, served: Option<(&str, u64)>, err: &ServeError) {
+    let (code, reason) = err.code_and_reason();
+    let version = served.map(|(_, v)| v.to_string()).unwrap_or_default();
+    let model = served.map(|(m, _)| m).unwrap_or("unknown");
+    metrics::FAILURES.with(&[model, &version, method, code_name(code), reason]).inc();
 }
 
 /// gRPC's canonical code names, as Prometheus label values.
@@ -241,7 +265,9 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-type Inner<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// A stream's messages, or the error that ends it (turned into its status, and its recorded outcome,
+/// here).
+pub type Inner<T> = Pin<Box<dyn Stream<Item = Result<T, ServeError>> + Send>>;
 
 /// A stalled reader (an HTTP/2 window at zero) stops hyper from polling the response body, so a stream
 /// cannot notice its own deadline; a watchdog this long after it ends the call on the server's side.
@@ -265,21 +291,13 @@ pub struct CallStream<T> {
     grace_over: Pin<Box<dyn Future<Output = ()> + Send>>,
     grace: Duration,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The failure the stream ended with, for the metric's reason label.
-    reason_of: fn(&Status) -> &'static str,
     ending: Arc<std::sync::Mutex<Option<Ending>>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
     finished: bool,
 }
 
 impl<T: Send + 'static> CallStream<T> {
-    pub fn new(
-        calls: &Arc<Calls>,
-        guard: CallGuard,
-        outcome: Outcome,
-        inner: Inner<T>,
-        reason_of: fn(&Status) -> &'static str,
-    ) -> Self {
+    pub fn new(calls: &Arc<Calls>, guard: CallGuard, outcome: Outcome, inner: Inner<T>) -> Self {
         let deadline = outcome.deadline;
         let ending = Arc::new(std::sync::Mutex::new(Some(Ending { outcome, _guard: guard })));
         let watchdog = deadline.map(|d| {
@@ -287,7 +305,7 @@ impl<T: Send + 'static> CallStream<T> {
             tokio::spawn(async move {
                 tokio::time::sleep_until(d + STALL_GRACE).await;
                 if let Some(mut e) = ending.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    e.outcome.record(Code::DeadlineExceeded, Some("deadline"));
+                    e.outcome.record(Some(&ServeError::DeadlinePassed("while its reader stalled")));
                 }
             })
         });
@@ -296,22 +314,44 @@ impl<T: Send + 'static> CallStream<T> {
             grace_over: Box::pin(calls.grace_over()),
             grace: calls.grace(),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            reason_of,
             ending,
             watchdog,
             finished: false,
         }
     }
 
-    /// Ends the call: records `code` (and `reason`), releases the in-flight place, drops the source.
-    fn finish(&mut self, code: Code, reason: Option<&str>) {
+    /// A handle that names the model serving the stream once it is known (a stream of several requests
+    /// learns it from the first).
+    pub fn label(&self) -> Label {
+        Label(self.ending.clone())
+    }
+
+    /// Ends the call: records it (OK, or `err`), releases the in-flight place, drops the source.
+    fn finish(&mut self, err: Option<&ServeError>) {
         self.finished = true;
         self.inner = Box::pin(tokio_stream::empty());
         if let Some(w) = self.watchdog.take() {
             w.abort();
         }
         if let Some(mut e) = self.ending.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            e.outcome.record(code, reason);
+            e.outcome.record(err);
+        }
+    }
+
+    /// Ends the call with `err`, which becomes the stream's last item.
+    fn fail(&mut self, err: ServeError) -> Poll<Option<Result<T, Status>>> {
+        self.finish(Some(&err));
+        Poll::Ready(Some(Err(err.into())))
+    }
+}
+
+/// See [`CallStream::label`].
+pub struct Label(Arc<std::sync::Mutex<Option<Ending>>>);
+
+impl Label {
+    pub fn set_served(&self, model: Arc<str>, version: u64) {
+        if let Some(e) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            e.outcome.set_served(model, version);
         }
     }
 }
@@ -334,28 +374,22 @@ impl<T: Send + 'static> Stream for CallStream<T> {
             return Poll::Ready(None);
         }
         if self.grace_over.as_mut().poll(cx).is_ready() {
-            let status: Status = ServeError::GraceOver(self.grace).into();
-            self.finish(status.code(), Some("grace_over"));
-            return Poll::Ready(Some(Err(status)));
+            let grace = self.grace;
+            return self.fail(ServeError::GraceOver(grace));
         }
         if let Some(d) = self.deadline.as_mut()
             && d.as_mut().poll(cx).is_ready()
         {
-            let status = Status::deadline_exceeded("deadline exceeded: the call's deadline passed while streaming");
-            self.finish(status.code(), Some("deadline"));
-            return Poll::Ready(Some(Err(status)));
+            return self.fail(ServeError::DeadlinePassed("while streaming"));
         }
         match self.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Err(status))) => {
-                let reason = (self.reason_of)(&status);
-                self.finish(status.code(), Some(reason));
-                Poll::Ready(Some(Err(status)))
-            }
+            Poll::Ready(Some(Err(err))) => self.fail(err),
+            Poll::Ready(Some(Ok(item))) => Poll::Ready(Some(Ok(item))),
             Poll::Ready(None) => {
-                self.finish(Code::Ok, None);
+                self.finish(None);
                 Poll::Ready(None)
             }
-            other => other,
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -415,7 +449,7 @@ mod tests {
         let guard = calls.enter().unwrap();
         let inner: Inner<u32> = Box::pin(tokio_stream::pending());
         let outcome = Outcome::new(&calls, "Generate", None);
-        let mut stream = CallStream::new(&calls, guard, outcome, inner, |_| "x");
+        let mut stream = CallStream::new(&calls, guard, outcome, inner);
         tokio::task::yield_now().await;
         calls.end_grace();
         let err = unary.await.unwrap().unwrap_err();

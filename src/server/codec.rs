@@ -2,7 +2,9 @@
 //! are not a valid message (a bad varint, a truncated buffer, invalid UTF-8 in a string field) is the
 //! caller's error, INVALID_ARGUMENT, not INTERNAL (prost's choice, following gRPC's status-code table):
 //! INTERNAL is a server fault that clients and meshes treat as our bug, and retry. The edge layer counts
-//! these calls in the metrics by the message's prefix, [`MALFORMED`].
+//! these calls. The generated code (clients too) uses this codec, so it depends on nothing else of the
+//! server: it can hand tonic only a `Status`, which `ServeError::from_tonic` maps back into the table
+//! by its prefix, [`MALFORMED`].
 use std::marker::PhantomData;
 
 use tonic::Status;
@@ -11,19 +13,6 @@ use tonic_prost::ProstCodec;
 
 /// How every malformed-message status starts.
 pub const MALFORMED: &str = "malformed message";
-
-/// tonic's own request-side errors (a body that ends inside a frame or before any message, bad gzip),
-/// which it answers INTERNAL: the same INVALID_ARGUMENT as a message prost cannot decode. Other
-/// statuses come back unchanged. (A compressed-flag without grpc-encoding stays INTERNAL, as gRPC's
-/// compression spec requires.)
-pub fn request_error(status: Status) -> Status {
-    let m = status.message();
-    let malformed = status.code() == tonic::Code::Internal
-        && (m == "Missing request message."
-            || m == "Unexpected EOF decoding stream."
-            || m.starts_with("Error decompressing:"));
-    if malformed { Status::invalid_argument(format!("{MALFORMED}: {m}")) } else { status }
-}
 
 #[derive(Debug, Clone)]
 pub struct Codec<T, U>(ProstCodec<T, U>);

@@ -15,6 +15,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::status::ServeError;
+use crate::validate::ValidationError;
+
 /// When the caller stops waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
@@ -75,11 +78,14 @@ where
             None => None,
             Some(Some(t)) => Some(t),
             Some(None) => {
-                let raw = req.headers().get("grpc-timeout").map(|v| format!("{v:?}")).unwrap_or_default();
-                let status = Status::invalid_argument(format!(
-                    "grpc-timeout: header {raw} is malformed (expected up to 8 digits and a unit H, M, S, m, u or n)"
-                ));
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+                let got = req.headers().get("grpc-timeout").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                let got = got.unwrap_or_default();
+                let err = ServeError::Invalid(ValidationError::BadHeader {
+                    header: "grpc-timeout",
+                    expected: "up to 8 digits and a unit H, M, S, m, u or n",
+                    got,
+                });
+                return Box::pin(std::future::ready(Ok(Status::from(err).into_http())));
             }
         };
         let stream = is_stream(req.uri().path());
@@ -96,11 +102,7 @@ where
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(result) => result,
-                Err(_) => Ok(Status::deadline_exceeded(format!(
-                    "deadline exceeded: {whose} of {} ms ran out",
-                    timeout.as_millis()
-                ))
-                .into_http()),
+                Err(_) => Ok(Status::from(ServeError::Deadline { whose, timeout }).into_http()),
             }
         })
     }

@@ -12,12 +12,12 @@ use std::task::{Context, Poll};
 
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
-use tonic::{Code, Status};
+use tonic::Status;
 use tracing::Instrument;
 
 use super::calls;
-use super::codec::{self, MALFORMED};
 use super::conn::{self, OpenCall};
+use super::status::ServeError;
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -126,14 +126,9 @@ where
             // Refused here, for this call alone: hyper would otherwise reset the stream with HTTP 431 (which
             // gRPC clients see as UNKNOWN) or, a little larger, close the whole connection with its other
             // calls (see `serve`, which gives HTTP/2 a far larger limit than this one).
-            calls::record_refused(&method, Code::ResourceExhausted, "header_too_large");
-            let status = Status::resource_exhausted(format!(
-                "request metadata too large: {size} bytes (names and values plus 32 bytes per entry, as HTTP/2 \
-                 counts them), above this server's --max-header-bytes of {}; this is not overload: retrying the \
-                 same call will fail again",
-                limits.max_header_bytes
-            ));
-            let mut res = status.into_http::<ResBody>();
+            let err = ServeError::HeaderTooLarge { bytes: size, limit: limits.max_header_bytes };
+            calls::record_refused(&method, &err);
+            let mut res = Status::from(err).into_http::<ResBody>();
             if let Ok(v) = HeaderValue::from_str(&id) {
                 res.headers_mut().insert(REQUEST_ID, v);
             }
@@ -146,8 +141,7 @@ where
                 if let Ok(v) = HeaderValue::from_str(&id) {
                     res.headers_mut().insert(REQUEST_ID, v);
                 }
-                rewrite_oversized(res.headers_mut(), limits.max_message_size);
-                count_malformed(res.headers_mut(), &method);
+                refused_by_tonic(res.headers_mut(), &method, limits.max_message_size);
                 Ok(tracked(res))
             }
             .instrument(span),
@@ -155,37 +149,16 @@ where
     }
 }
 
-/// A request whose message did not decode never reached a handler, which would have counted it: its
-/// status made INVALID_ARGUMENT if tonic said INTERNAL (see `codec::request_error`), and counted here
-/// (a status before any message is trailers-only, so in the headers).
-fn count_malformed(headers: &mut http::HeaderMap, method: &str) {
+/// A request tonic could not read (a malformed message or frame, a message over the size limit) never
+/// reached a handler, which would have counted it: its status is mapped into the one table
+/// (`ServeError::from_tonic`: INTERNAL framing errors become INVALID_ARGUMENT, an oversized message's
+/// OUT_OF_RANGE becomes RESOURCE_EXHAUSTED naming the size and the limit, as gRPC specifies) and
+/// counted here. A status before any message is trailers-only, so it is in the headers.
+fn refused_by_tonic(headers: &mut http::HeaderMap, method: &str, max_message_size: usize) {
     let Some(status) = Status::from_header_map(headers) else { return };
-    let status = codec::request_error(status);
-    if status.code() == Code::InvalidArgument && status.message().starts_with(MALFORMED) {
-        let _ = status.add_header(headers);
-        calls::record_refused(method, Code::InvalidArgument, "malformed");
-    }
-}
-
-/// tonic answers a request above the decoding limit with OUT_OF_RANGE "Error, decoded message length
-/// too large: found N bytes, the limit is: M bytes" (trailers-only, so in the headers).
-fn rewrite_oversized(headers: &mut http::HeaderMap, limit: usize) {
-    let Some(status) = Status::from_header_map(headers) else { return };
-    if status.code() != Code::OutOfRange || !status.message().contains("message length too large") {
-        return;
-    }
-    let found = status
-        .message()
-        .split("found ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .map(|n| format!("{n} bytes"))
-        .unwrap_or_else(|| "more bytes".into());
-    let replacement = Status::resource_exhausted(format!(
-        "request message too large: {found}, above this server's --max-message-size of {limit} bytes; \
-         split the request (this is not overload: retrying the same message will fail again)"
-    ));
-    let _ = replacement.add_header(headers);
+    let Some(err) = ServeError::from_tonic(&status, max_message_size) else { return };
+    calls::record_refused(method, &err);
+    let _ = Status::from(err).add_header(headers);
 }
 
 #[cfg(test)]
@@ -198,15 +171,15 @@ mod tests {
         Status::out_of_range("Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes")
             .add_header(&mut h)
             .unwrap();
-        rewrite_oversized(&mut h, 4096);
+        refused_by_tonic(&mut h, "Predict", 4096);
         let s = Status::from_header_map(&h).unwrap();
-        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
         assert!(s.message().contains("5000 bytes") && s.message().contains("--max-message-size of 4096"), "{s:?}");
         // Any other status is left alone.
         let mut h = http::HeaderMap::new();
         Status::out_of_range("index 3").add_header(&mut h).unwrap();
-        rewrite_oversized(&mut h, 4096);
-        assert_eq!(Status::from_header_map(&h).unwrap().code(), Code::OutOfRange);
+        refused_by_tonic(&mut h, "Predict", 4096);
+        assert_eq!(Status::from_header_map(&h).unwrap().code(), tonic::Code::OutOfRange);
     }
 
     #[test]

@@ -1,21 +1,19 @@
-//! The Generate RPC: resolve the model, validate, render and tokenize off the runtime, queue, and stream
-//! the scheduler's events as messages. The stream is the receiver: a client that hangs up drops it, and
-//! the scheduler frees the sequence before its next step.
+//! The Generate RPC: resolve the model, start it through [`infer::generate`], and stream the scheduler's
+//! events as messages, through [`infer::stream`]'s lifecycle. The stream is the receiver: a client that
+//! hangs up drops it, and the scheduler frees the sequence before its next step.
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use super::calls::{CallStream, Calls, Outcome};
-use super::predict::UNKNOWN_MODEL;
+use super::calls::{Calls, Outcome};
+use super::infer::{self, UNKNOWN_MODEL};
 use super::status::ServeError;
 use super::{convert, deadline, pb};
-use crate::batcher::Priority;
-use crate::batcher::generate::{GenEvent, GenStream};
+use crate::batcher::generate::GenEvent;
 use crate::engine::Finish;
 use crate::registry::{GenerationModel, Registry};
-use crate::validate::{self, GenerateParams};
 
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
@@ -42,7 +40,7 @@ pub(super) async fn generate(
         }
     };
     outcome.set_served(model.name.clone(), model.version);
-    let queued = async { start(&model, convert::generate_params(req), deadline, priority?).await };
+    let queued = async { infer::generate(&model, convert::generate_params(req), deadline, priority?).await };
     let events = match queued.await {
         Ok(events) => events,
         Err(e) => return Err(outcome.fail(e)),
@@ -51,35 +49,10 @@ pub(super) async fn generate(
     // this stream's last token.
     let stream = tokio_stream::wrappers::ReceiverStream::new(events).map(move |event| match event {
         Ok(event) => Ok(to_message(event, &model)),
-        Err(err) => Err(Status::from(ServeError::from(err))),
+        Err(err) => Err(ServeError::from(err)),
     });
-    let stream = CallStream::new(calls, guard, outcome, Box::pin(stream), reason_of);
+    let stream = infer::stream(calls, guard, outcome, Box::pin(stream));
     Ok(Response::new(Box::pin(stream)))
-}
-
-/// What every generation call does once its model and parameters are known, whichever API it came in
-/// by: validate, render and tokenize off the runtime's workers, then queue. Tokens arrive on the stream.
-pub(super) async fn start(
-    model: &Arc<GenerationModel>,
-    params: GenerateParams,
-    deadline: Option<tokio::time::Instant>,
-    priority: Priority,
-) -> Result<GenStream, ServeError> {
-    let m = model.clone();
-    let valid =
-        tokio::task::spawn_blocking(move || validate::generate(params, &m.limits, &m.tokenizer, m.template.as_deref()))
-            .await
-            .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-    Ok(model.batcher.generate(valid, deadline, priority).await?)
-}
-
-/// The metric reason of a stream that ended in an error (what `status::code_and_reason` would say).
-fn reason_of(status: &Status) -> &'static str {
-    match status.code() {
-        Code::DeadlineExceeded => "deadline",
-        Code::Unavailable => "model_stopped",
-        _ => "engine",
-    }
 }
 
 fn to_message(event: GenEvent, model: &GenerationModel) -> pb::GenerateResponse {

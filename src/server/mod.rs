@@ -8,8 +8,10 @@ pub(crate) mod codec;
 mod conn;
 mod convert;
 mod deadline;
+mod drain;
 mod edge;
 mod generate;
+mod infer;
 mod metrics_http;
 mod models;
 pub mod oip;
@@ -176,6 +178,7 @@ pub async fn serve(
         registry: cell.clone(),
         calls: calls.clone(),
         model_control: sc.model_control,
+        max_message_size: sc.max_message_size,
     })
     .accept_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Gzip)
@@ -210,35 +213,8 @@ pub async fn serve(
         }
     });
 
-    // The drain: on the signal, stop looking ready, refuse new calls, give running ones the grace period,
-    // then cut what is left and let tonic close the connections.
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let drain_calls = calls.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        // Cancelled and awaited, so a load finishing just now cannot report SERVING after the drain began.
-        loading.abort();
-        let _ = loading.await;
-        reporter.set_service_status("", ServingStatus::NotServing).await;
-        reporter.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
-        drain_calls.start_draining();
-        let grace = drain_calls.grace();
-        info!(
-            inflight = drain_calls.inflight(),
-            grace_s = grace.as_secs_f64(),
-            "draining: NOT_SERVING, new calls refused"
-        );
-        if tokio::time::timeout(grace, drain_calls.idle()).await.is_err() {
-            warn!(
-                inflight = drain_calls.inflight(),
-                "shutdown grace period over; ending the remaining calls with UNAVAILABLE"
-            );
-            drain_calls.end_grace();
-            let _ = tokio::time::timeout(Duration::from_secs(1), drain_calls.idle()).await;
-        }
-        info!("drained");
-        let _ = stop_tx.send(());
-    });
+    tokio::spawn(drain::on(shutdown, loading, reporter, calls.clone(), stop_tx));
 
     let incoming = conn::incoming(
         listener,

@@ -1,40 +1,14 @@
-//! The Predict RPC: resolve the model, validate and tokenize off the runtime, queue, answer. The batch's
+//! The Predict RPC: resolve the model, parse the message, run it through [`infer::embed`], answer. The batch's
 //! figures are in the response body and, for proxies and logs, in response headers.
 use std::sync::Arc;
 
-use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::calls::{Calls, Outcome};
+use super::infer::{self, UNKNOWN_MODEL};
 use super::status::ServeError;
 use super::{convert, deadline, pb};
-use crate::batcher::{Embedded, Priority};
-use crate::registry::{EmbeddingModel, Registry};
-use crate::validate::{self, PredictParams};
-
-/// What every embedding call does once its model and parameters are known, whichever API it came in
-/// by: validate and tokenize off the runtime's workers (CPU work), count the tokens, queue, wait.
-/// Returns the batch's answer and the request's token count.
-pub(super) async fn embed(
-    model: &EmbeddingModel,
-    params: PredictParams,
-    deadline: Option<Instant>,
-    priority: Priority,
-) -> Result<(Embedded, u32), ServeError> {
-    let (tokenizer, limits) = (model.tokenizer.clone(), model.limits.clone());
-    // Announced before tokenizing, so that a batch about to start waits for it.
-    let replica = model.batcher.pick().clone();
-    let announced = replica.announce();
-    let valid = tokio::task::spawn_blocking(move || validate::predict(params, &limits, &tokenizer))
-        .await
-        .map_err(|e| ServeError::Internal(format!("tokenization task: {e}")))??;
-    let prompt_tokens = valid.tokens() as u32;
-    crate::metrics::PROMPT_TOKENS.with(&[&model.name]).add(prompt_tokens as i64);
-    Ok((replica.embed(valid, deadline, priority, Some(announced)).await?, prompt_tokens))
-}
-
-/// The model name used in metrics for calls whose model could not be resolved.
-pub(super) const UNKNOWN_MODEL: &str = "unknown";
+use crate::registry::Registry;
 
 pub(super) async fn predict(
     registry: Arc<Registry>,
@@ -56,7 +30,7 @@ pub(super) async fn predict(
     let result = async move {
         let priority = priority?;
         let params = convert::predict_params(req)?;
-        let (out, prompt_tokens) = embed(&model, params, deadline, priority).await?;
+        let (out, prompt_tokens) = infer::embed(&model, params, deadline, priority).await?;
         let mut response = Response::new(pb::PredictResponse {
             outputs: out.vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
             metadata: Some(pb::PredictMetadata {

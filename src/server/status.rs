@@ -1,10 +1,13 @@
-//! The one table from errors to gRPC status codes (and to the `reason` label of the failure metric).
-//! Overload answers carry a `google.rpc.RetryInfo` in the standard `grpc-status-details-bin` trailer.
+//! The one table from errors to gRPC status codes (and to the `reason` label of the failure metric):
+//! every status the server sends, and every outcome it records, starts as a [`ServeError`], so the
+//! reason travels with the error and is never guessed back from a code. Overload answers carry a
+//! `google.rpc.RetryInfo` in the standard `grpc-status-details-bin` trailer.
 use std::time::Duration;
 
 use prost::Message;
 use tonic::{Code, Status};
 
+use super::codec::MALFORMED;
 use crate::batcher::BatchError;
 use crate::registry::RegistryError;
 use crate::validate::ValidationError;
@@ -28,6 +31,29 @@ pub enum ServeError {
     ModelControlDisabled,
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request's bytes are not a valid message (from our codec, or tonic's framing).
+    #[error("{MALFORMED}: {0}")]
+    Malformed(String),
+    #[error(
+        "request metadata too large: {bytes} bytes (names and values plus 32 bytes per entry, as HTTP/2 counts \
+         them), above this server's --max-header-bytes of {limit}; this is not overload: retrying the same call \
+         will fail again"
+    )]
+    HeaderTooLarge { bytes: usize, limit: usize },
+    #[error(
+        "request message too large: {found}, above this server's --max-message-size of {limit} bytes; split the \
+         request (this is not overload: retrying the same message will fail again)"
+    )]
+    MessageTooLarge { found: String, limit: usize },
+    /// The deadline layer's timer ran out before the handler answered.
+    #[error("deadline exceeded: {whose} of {} ms ran out", .timeout.as_millis())]
+    Deadline { whose: &'static str, timeout: Duration },
+    /// A call already running (a stream, or a handler whose future was dropped) passed its deadline.
+    #[error("deadline exceeded: the call's deadline passed {0}")]
+    DeadlinePassed(&'static str),
+    /// The caller hung up before the answer: recorded, never sent.
+    #[error("the client cancelled the call")]
+    ClientCancelled,
 }
 
 impl ServeError {
@@ -60,6 +86,44 @@ impl ServeError {
             // repository has to change before a retry can succeed.
             ServeError::Registry(_) => (Code::FailedPrecondition, "load_failed"),
             ServeError::Internal(_) => (Code::Internal, "internal"),
+            ServeError::Malformed(_) => (Code::InvalidArgument, "malformed"),
+            ServeError::HeaderTooLarge { .. } => (Code::ResourceExhausted, "header_too_large"),
+            ServeError::MessageTooLarge { .. } => (Code::ResourceExhausted, "message_too_large"),
+            ServeError::Deadline { .. } | ServeError::DeadlinePassed(_) => (Code::DeadlineExceeded, "deadline"),
+            ServeError::ClientCancelled => (Code::Cancelled, "client_cancelled"),
+        }
+    }
+
+    /// tonic's own answers to a request it could not read, which no handler saw, as our errors (`None`
+    /// for any other status): its framing errors (a body that ends inside a frame or before any
+    /// message, bad gzip), which it answers INTERNAL, a server-fault code that clients and meshes treat
+    /// as our bug and retry; a message above the decoding limit, OUT_OF_RANGE "decoded message length
+    /// too large: found N bytes"; and our codec's own malformed-message answer (it can hand tonic only a
+    /// `Status`, so the edge recovers the error from it here to count it). A compressed flag without
+    /// grpc-encoding stays INTERNAL, as gRPC's compression spec requires.
+    pub fn from_tonic(status: &Status, max_message_size: usize) -> Option<ServeError> {
+        let m = status.message();
+        match status.code() {
+            Code::Internal
+                if m == "Missing request message."
+                    || m == "Unexpected EOF decoding stream."
+                    || m.starts_with("Error decompressing:") =>
+            {
+                Some(ServeError::Malformed(m.to_string()))
+            }
+            Code::InvalidArgument => {
+                m.strip_prefix(MALFORMED).map(|rest| ServeError::Malformed(rest.trim_start_matches(": ").to_string()))
+            }
+            Code::OutOfRange if m.contains("message length too large") => {
+                let found = m
+                    .split("found ")
+                    .nth(1)
+                    .and_then(|s| s.split(' ').next())
+                    .map(|n| format!("{n} bytes"))
+                    .unwrap_or_else(|| "more bytes".into());
+                Some(ServeError::MessageTooLarge { found, limit: max_message_size })
+            }
+            _ => None,
         }
     }
 }
@@ -166,5 +230,34 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::NotFound);
         assert!(s.message().contains("version 7") && s.message().contains("1, 2"), "{}", s.message());
+        let s: Status = ServeError::HeaderTooLarge { bytes: 100_000, limit: 98_304 }.into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("100000 bytes") && s.message().contains("98304"), "{}", s.message());
+        assert_eq!(retry_delay(&s), None, "not overload: no RetryInfo");
+        let s: Status =
+            ServeError::Deadline { whose: "the call's grpc-timeout", timeout: Duration::from_millis(250) }.into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::DeadlineExceeded, "deadline exceeded: the call's grpc-timeout of 250 ms ran out")
+        );
+    }
+
+    #[test]
+    fn tonic_s_own_errors_map_into_the_table() {
+        let eof = Status::internal("Unexpected EOF decoding stream.");
+        let e = ServeError::from_tonic(&eof, 4096).unwrap();
+        assert_eq!(e.code_and_reason(), (Code::InvalidArgument, "malformed"));
+        assert!(Status::from(e).message().starts_with(MALFORMED));
+        let ours: Status = ServeError::Malformed("the bytes are not a valid PredictRequest".into()).into();
+        let back = ServeError::from_tonic(&ours, 4096).unwrap();
+        assert_eq!(back.to_string(), ours.message(), "our own status maps back to itself");
+        let big =
+            Status::out_of_range("Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes");
+        let e = ServeError::from_tonic(&big, 4096).unwrap();
+        assert_eq!(e.code_and_reason(), (Code::ResourceExhausted, "message_too_large"));
+        assert!(e.to_string().contains("5000 bytes") && e.to_string().contains("4096"), "{e}");
+        assert!(ServeError::from_tonic(&Status::out_of_range("index 3"), 4096).is_none());
+        assert!(ServeError::from_tonic(&Status::internal("Protocol error: compressed flag set"), 4096).is_none());
+        assert!(ServeError::from_tonic(&Status::invalid_argument("inputs: at least 1"), 4096).is_none());
     }
 }
