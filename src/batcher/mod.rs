@@ -1,6 +1,7 @@
 //! Dynamic batching in front of each model: bounded admission, time windows, token budgets, deadlines and
 //! cancellation. No tonic and no candle here: requests arrive as `validate::Valid*` types and leave as
 //! plain vectors; the model is reached only through the `engine` traits.
+mod admission;
 pub mod generate;
 pub mod replicas;
 mod state;
@@ -10,11 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use state::{Queued, State};
 
+use self::admission::Admission;
 use crate::engine::{EmbedEngine, EngineError};
 use crate::validate::ValidPredict;
 
@@ -168,11 +170,7 @@ pub(crate) fn retry_after(rounds_ahead: usize, round: Duration) -> Duration {
 pub struct EmbedBatcher {
     model: Arc<str>,
     tx: mpsc::Sender<Entry>,
-    /// Admission control: one permit per waiting request. Checked before anything else, so a full queue
-    /// is answered at once and no channel ever needs to block.
-    permits: Arc<Semaphore>,
-    max_queue: usize,
-    max_batch_size: usize,
+    admission: Admission,
     pub stats: Arc<EmbedStats>,
     heartbeat: crate::engine::Heartbeat,
 }
@@ -184,12 +182,11 @@ impl EmbedBatcher {
         // The channel can never be full: a sender needs a permit first, and an entry in the channel
         // still holds its permit, so at most max_queue entries are ever in it.
         let (tx, rx) = mpsc::channel(config.max_queue);
-        let permits = Arc::new(Semaphore::new(config.max_queue));
-        let (max_queue, max_batch_size) = (config.max_queue, config.max_batch_size);
+        let admission = Admission::new(model.clone(), config.max_queue, config.max_batch_size);
         let stats = Arc::new(EmbedStats::default());
         let heartbeat = engine.heartbeat().clone();
         tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
-        Self { model, tx, permits, max_queue, max_batch_size, stats, heartbeat }
+        Self { model, tx, admission, stats, heartbeat }
     }
 
     pub fn model(&self) -> &str {
@@ -198,7 +195,7 @@ impl EmbedBatcher {
 
     /// Requests waiting for a batch (not those already computing).
     pub fn queue_len(&self) -> usize {
-        self.max_queue - self.permits.available_permits()
+        self.admission.waiting()
     }
 
     /// Requests in the batch computing now.
@@ -213,8 +210,7 @@ impl EmbedBatcher {
 
     /// The delay a refused caller is told to wait: the batches ahead of it at the recent batch time.
     pub fn retry_after(&self) -> Duration {
-        let batches = self.queue_len().div_ceil(self.max_batch_size.max(1)) + 1;
-        retry_after(batches, Duration::from_micros(self.stats.batch_us.load(Ordering::Relaxed)))
+        self.admission.retry_after(Duration::from_micros(self.stats.batch_us.load(Ordering::Relaxed)))
     }
 
     /// Tells the batcher a request is on its way (call it before validating and tokenizing one), so a
@@ -233,16 +229,8 @@ impl EmbedBatcher {
         priority: Priority,
         announced: Option<Announced>,
     ) -> Result<Embedded, BatchError> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| BatchError::QueueFull {
-            model: self.model.clone(),
-            max_queue: self.max_queue,
-            retry_after: self.retry_after(),
-        })?;
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            // Already expired on arrival: not worth a place in the queue.
-            crate::metrics::EXPIRED_BEFORE_MODEL.with(&[&self.model]).inc();
-            return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
-        }
+        let permit =
+            self.admission.admit(deadline, Duration::from_micros(self.stats.batch_us.load(Ordering::Relaxed)))?;
         let (reply, rx) = oneshot::channel();
         let entry =
             Entry { request, enqueued_at: Instant::now(), deadline, reply, priority, permit: Some(permit), announced };

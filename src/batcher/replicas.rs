@@ -12,13 +12,51 @@ pub fn least_loaded(loads: impl IntoIterator<Item = usize>) -> usize {
     loads.into_iter().enumerate().min_by_key(|&(i, load)| (load, i)).map(|(i, _)| i).unwrap_or(0)
 }
 
-#[derive(Clone)]
-pub struct EmbedPool {
-    replicas: Vec<EmbedBatcher>,
+/// What the pool asks of one replica's batcher, whichever model kind.
+pub trait Replica {
+    /// Requests queued, not yet running.
+    fn waiting(&self) -> usize;
+    /// Requests (or sequences) on the model now.
+    fn running(&self) -> usize;
+    /// How long its model thread has shown no life.
+    fn silence(&self) -> std::time::Duration;
 }
 
-impl EmbedPool {
-    pub fn new(replicas: Vec<EmbedBatcher>) -> Self {
+impl Replica for EmbedBatcher {
+    fn waiting(&self) -> usize {
+        self.queue_len()
+    }
+    fn running(&self) -> usize {
+        EmbedBatcher::running(self)
+    }
+    fn silence(&self) -> std::time::Duration {
+        EmbedBatcher::silence(self)
+    }
+}
+
+impl Replica for GenBatcher {
+    fn waiting(&self) -> usize {
+        GenBatcher::waiting(self)
+    }
+    fn running(&self) -> usize {
+        GenBatcher::running(self)
+    }
+    fn silence(&self) -> std::time::Duration {
+        GenBatcher::silence(self)
+    }
+}
+
+/// One model's replicas, for both model kinds: the routing and the totals live here once.
+#[derive(Clone)]
+pub struct Pool<B> {
+    replicas: Vec<B>,
+}
+
+pub type EmbedPool = Pool<EmbedBatcher>;
+pub type GenPool = Pool<GenBatcher>;
+
+impl<B: Replica> Pool<B> {
+    pub fn new(replicas: Vec<B>) -> Self {
         assert!(!replicas.is_empty(), "a model needs at least one replica");
         Self { replicas }
     }
@@ -27,63 +65,34 @@ impl EmbedPool {
         self.replicas.len()
     }
 
-    /// The replica a new request goes to: the least loaded now. Pick it before validating the request
-    /// and [`EmbedBatcher::announce`] it there.
-    pub fn pick(&self) -> &EmbedBatcher {
-        &self.replicas[least_loaded(self.replicas.iter().map(|b| b.queue_len() + b.running()))]
+    /// The replica a new request goes to: the least loaded now (waiting plus running).
+    pub fn pick(&self) -> &B {
+        &self.replicas[least_loaded(self.replicas.iter().map(|b| b.waiting() + b.running()))]
     }
 
     /// Requests waiting, over every replica.
-    pub fn queue_len(&self) -> usize {
-        self.replicas.iter().map(EmbedBatcher::queue_len).sum()
+    pub fn waiting(&self) -> usize {
+        self.replicas.iter().map(B::waiting).sum()
     }
 
     pub fn running(&self) -> usize {
-        self.replicas.iter().map(EmbedBatcher::running).sum()
+        self.replicas.iter().map(B::running).sum()
     }
 
     /// The longest silence of any replica's model thread.
     pub fn silence(&self) -> std::time::Duration {
-        self.replicas.iter().map(EmbedBatcher::silence).max().unwrap_or_default()
+        self.replicas.iter().map(B::silence).max().unwrap_or_default()
     }
 }
 
-#[derive(Clone)]
-pub struct GenPool {
-    replicas: Vec<GenBatcher>,
-}
-
-impl GenPool {
-    pub fn new(replicas: Vec<GenBatcher>) -> Self {
-        assert!(!replicas.is_empty(), "a model needs at least one replica");
-        Self { replicas }
-    }
-
-    pub fn replicas(&self) -> usize {
-        self.replicas.len()
-    }
-
+impl Pool<GenBatcher> {
     pub async fn generate(
         &self,
         request: ValidGenerate,
         deadline: Option<Instant>,
         priority: Priority,
     ) -> Result<GenStream, BatchError> {
-        let i = least_loaded(self.replicas.iter().map(|b| b.waiting() + b.running()));
-        self.replicas[i].generate(request, deadline, priority).await
-    }
-
-    pub fn waiting(&self) -> usize {
-        self.replicas.iter().map(GenBatcher::waiting).sum()
-    }
-
-    pub fn running(&self) -> usize {
-        self.replicas.iter().map(GenBatcher::running).sum()
-    }
-
-    /// The longest silence of any replica's model thread.
-    pub fn silence(&self) -> std::time::Duration {
-        self.replicas.iter().map(GenBatcher::silence).max().unwrap_or_default()
+        self.pick().generate(request, deadline, priority).await
     }
 
     /// KV-cache positions reserved, over every replica.

@@ -1,28 +1,26 @@
-//! The loaded models: finds them and their versions in the model directory, loads and warms each one,
-//! starts its engine thread and batcher, and swaps versions while the server runs. Request handlers look
+//! The loaded models: finds them and their versions in the model directory, loads and warms each one
+//! (each kind's details in `load`), starts its batchers with the memory plan's budgets, and swaps versions while the server runs. Request handlers look
 //! models up here by name (and optionally version). The maps sit behind one lock, held only to look up
 //! or install an `Arc` (never across a load), so a swap never makes a request wait.
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod load;
 mod repository;
 mod versions;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::info;
 
+use self::load::Loading;
 use self::repository::{Entry, Kind};
 use self::versions::{VersionState, Versioned, Versions};
-
 use crate::batcher::generate::{GenBatcher, GenConfig};
 use crate::batcher::replicas::{EmbedPool, GenPool};
 use crate::batcher::{BatchConfig, EmbedBatcher};
 use crate::config::{GenerateConfig, ModelConfig};
-use crate::engine::{
-    Device, EmbedEngine, Embedder, EngineError, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name,
-    plan_devices,
-};
+use crate::engine::{Device, EngineError, plan_devices};
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
 use crate::tokenizer::{TextTokenizer, TokenizerError};
@@ -131,21 +129,6 @@ struct Models {
     default_generator: Option<String>,
 }
 
-/// One version loaded on a blocking thread, before its batchers start.
-enum Loading {
-    Embedding(Box<Loaded>),
-    Generation(LoadedGen),
-}
-
-impl Loading {
-    fn set_weight_bytes(&mut self, bytes: u64) {
-        match self {
-            Loading::Embedding(l) => l.weight_bytes = bytes,
-            Loading::Generation(l) => l.weight_bytes = bytes,
-        }
-    }
-}
-
 /// One version of a model, loaded and warmed, its batchers running.
 pub enum AnyModel {
     Embedding(Arc<EmbeddingModel>),
@@ -186,19 +169,15 @@ impl<M: Versioned> Served<M> {
     }
 }
 
-impl Served<EmbeddingModel> {
-    /// Requests waiting and computing, over the versions taking requests (not draining ones).
+impl<M: Versioned> Served<M> {
+    /// Requests waiting and running (sequences decoding), over the versions taking requests (not
+    /// draining ones).
     pub fn load(&self) -> (usize, usize) {
-        (self.versions().map(|m| m.batcher.queue_len()).sum(), self.versions().map(|m| m.batcher.running()).sum())
+        (self.versions().map(|m| m.waiting()).sum(), self.versions().map(|m| m.running()).sum())
     }
 }
 
 impl Served<GenerationModel> {
-    /// Requests waiting and sequences decoding, over the versions taking requests.
-    pub fn load(&self) -> (usize, usize) {
-        (self.versions().map(|m| m.batcher.waiting()).sum(), self.versions().map(|m| m.batcher.running()).sum())
-    }
-
     /// KV-cache positions reserved and the budget, over the versions taking requests and their replicas.
     pub fn kv(&self) -> (usize, usize) {
         let used = self.versions().map(|m| m.batcher.kv_reserved()).sum();
@@ -312,18 +291,9 @@ impl Registry {
     async fn load_weights(&self, entry: Entry) -> Result<Loading, RegistryError> {
         let (root, devices) = (self.root.clone(), self.devices.clone());
         let prefill_chunk = self.generate.prefill_chunk;
-        let kind = entry.kind;
-        let work = move || {
-            // One load at a time (at start, and under the admin lock after), so the growth of the
-            // process's resident memory is this model's.
-            let before = crate::resources::resident_bytes().unwrap_or(0);
-            let mut loaded = match kind {
-                Kind::Embedding => load_embedder(&entry, &root, &devices).map(|l| Loading::Embedding(Box::new(l)))?,
-                Kind::Generation => load_generator(&entry, &root, &devices, prefill_chunk).map(Loading::Generation)?,
-            };
-            loaded.set_weight_bytes(crate::resources::resident_bytes().unwrap_or(0).saturating_sub(before));
-            Ok(loaded)
-        };
+        // One load at a time (at start, and under the admin lock after), so the growth of the process's
+        // resident memory is this model's.
+        let work = move || load::weights(&entry, &root, &devices, prefill_chunk);
         tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Join(e.to_string()))?
     }
 
@@ -705,142 +675,22 @@ impl Versioned for EmbeddingModel {
     fn version(&self) -> u64 {
         self.version
     }
+    fn waiting(&self) -> usize {
+        self.batcher.waiting()
+    }
+    fn running(&self) -> usize {
+        self.batcher.running()
+    }
 }
 
 impl Versioned for GenerationModel {
     fn version(&self) -> u64 {
         self.version
     }
-}
-
-/// A generation model loaded on a blocking thread, before its scheduler starts.
-struct LoadedGen {
-    name: String,
-    version: u64,
-    source: String,
-    device: String,
-    tokenizer: Arc<GgufTokenizer>,
-    template: Option<Arc<ChatTemplate>>,
-    context_length: usize,
-    kv_bytes_per_token: u64,
-    weight_bytes: u64,
-    engines: Vec<GenEngine>,
-}
-
-/// A model loaded on a blocking thread, before its batcher starts.
-struct Loaded {
-    name: String,
-    version: u64,
-    source: String,
-    device: String,
-    dimension: usize,
-    tokenizer: TextTokenizer,
-    max_input_tokens: usize,
-    default_normalize: bool,
-    activation_bytes_per_token: u64,
-    weight_bytes: u64,
-    engines: Vec<EmbedEngine>,
-}
-
-fn devices_name(devices: &[Device]) -> String {
-    devices.iter().map(device_name).collect::<Vec<_>>().join(",")
-}
-
-fn load_generator(
-    entry: &Entry,
-    root: &Path,
-    devices: &[Device],
-    prefill_chunk: usize,
-) -> Result<LoadedGen, RegistryError> {
-    let (name, path) = (entry.name.clone(), entry.path.as_path());
-    let mut engines = Vec::with_capacity(devices.len());
-    let mut first = None;
-    for device in devices {
-        let LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token } =
-            LlamaGenerator::load(path, device, prefill_chunk)?;
-        engines.push(
-            GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?,
-        );
-        first.get_or_insert((tokenizer, context_length, kv_bytes_per_token));
+    fn waiting(&self) -> usize {
+        self.batcher.waiting()
     }
-    let (tokenizer, context_length, kv_bytes_per_token) = first.expect("at least one device");
-    let template = match tokenizer.chat_template.as_deref() {
-        None => None,
-        Some(source) => {
-            let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
-            match ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.eos)) {
-                Ok(t) => Some(Arc::new(t)),
-                Err(e) => {
-                    warn!(model = %name, error = %e, "chat template unusable; only raw prompts are served");
-                    None
-                }
-            }
-        }
-    };
-    info!(
-        model = %name,
-        version = entry.version,
-        chat_template = template.is_some(),
-        replicas = engines.len(),
-        "generation model ready"
-    );
-    Ok(LoadedGen {
-        version: entry.version,
-        source: path.strip_prefix(root).unwrap_or(path).display().to_string(),
-        device: devices_name(devices),
-        context_length,
-        kv_bytes_per_token,
-        weight_bytes: 0,
-        tokenizer,
-        template,
-        engines,
-        name,
-    })
-}
-
-fn load_embedder(entry: &Entry, root: &Path, devices: &[Device]) -> Result<Loaded, RegistryError> {
-    let mut replicas = devices.iter().map(|d| load_embedder_on(entry, root, d));
-    let mut loaded = replicas.next().expect("at least one device")?;
-    for other in replicas {
-        loaded.engines.extend(other?.engines);
+    fn running(&self) -> usize {
+        self.batcher.running()
     }
-    loaded.device = devices_name(devices);
-    Ok(loaded)
-}
-
-fn load_embedder_on(entry: &Entry, root: &Path, device: &Device) -> Result<Loaded, RegistryError> {
-    let (name, dir) = (entry.name.clone(), entry.path.as_path());
-    let started = std::time::Instant::now();
-    let (mut model, info) = SentenceEmbedder::load(dir, device)?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), info.max_input_tokens)?;
-    // Warm-up: one real forward pass before health says SERVING, so the first caller does not pay for
-    // lazy allocations and page faults of the weights.
-    let warm = model.embed(&[tokenizer.minimal()?])?;
-    if warm.first().map(Vec::len) != Some(info.dimension) {
-        warn!(model = %name, "warm-up returned an unexpected width");
-    }
-    info!(
-        model = %name,
-        version = entry.version,
-        dimension = info.dimension,
-        max_input_tokens = info.max_input_tokens,
-        normalize = info.normalize,
-        pooling = ?info.pooling,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "embedding model loaded and warmed"
-    );
-    let engine = EmbedEngine::spawn(&name, model).map_err(|source| RegistryError::Io { path: dir.into(), source })?;
-    Ok(Loaded {
-        version: entry.version,
-        source: dir.strip_prefix(root).unwrap_or(dir).display().to_string(),
-        device: device_name(device),
-        dimension: info.dimension,
-        max_input_tokens: info.max_input_tokens,
-        default_normalize: info.normalize,
-        activation_bytes_per_token: info.activation_bytes_per_token,
-        weight_bytes: 0,
-        tokenizer,
-        engines: vec![engine],
-        name,
-    })
 }

@@ -6,9 +6,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-/// A loaded model that knows which version it is.
+/// A loaded model, either kind: which version it is, and the work on its replicas.
 pub trait Versioned {
     fn version(&self) -> u64;
+    /// Requests queued over its replicas.
+    fn waiting(&self) -> usize {
+        0
+    }
+    /// Requests (or sequences) on its model threads now.
+    fn running(&self) -> usize {
+        0
+    }
 }
 
 pub struct Canary<M> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
 pub use state::{GenConfig, GenState, Leave, Pending};
@@ -89,9 +89,7 @@ pub struct GenStats {
 pub struct GenBatcher {
     model: Arc<str>,
     tx: mpsc::Sender<Entry>,
-    permits: Arc<Semaphore>,
-    max_waiting: usize,
-    max_running: usize,
+    admission: super::admission::Admission,
     pub stats: Arc<GenStats>,
     heartbeat: crate::engine::Heartbeat,
 }
@@ -101,12 +99,11 @@ impl GenBatcher {
         let model: Arc<str> = model.into();
         // Never full: a sender needs a permit first and an entry in the channel still holds it.
         let (tx, rx) = mpsc::channel(config.max_waiting);
-        let permits = Arc::new(Semaphore::new(config.max_waiting));
+        let admission = super::admission::Admission::new(model.clone(), config.max_waiting, config.max_running);
         let stats = Arc::new(GenStats::default());
-        let (max_waiting, max_running) = (config.max_waiting, config.max_running);
         let heartbeat = engine.heartbeat().clone();
         tokio::spawn(task::run(model.clone(), rx, engine, config, stats.clone()));
-        Self { model, tx, permits, max_waiting, max_running, stats, heartbeat }
+        Self { model, tx, admission, stats, heartbeat }
     }
 
     /// How long the model thread has shown no life (see `engine::Heartbeat`).
@@ -124,14 +121,13 @@ impl GenBatcher {
     }
 
     pub fn waiting(&self) -> usize {
-        self.max_waiting - self.permits.available_permits()
+        self.admission.waiting()
     }
 
     /// The delay a refused caller is told to wait: the waiting sequences, admitted `max_running` at a
     /// time, at the recent sequence duration.
     pub fn retry_after(&self) -> Duration {
-        let rounds = self.waiting().div_ceil(self.max_running.max(1)) + 1;
-        super::retry_after(rounds, Duration::from_micros(self.stats.sequence_us.load(Ordering::Relaxed)))
+        self.admission.retry_after(Duration::from_micros(self.stats.sequence_us.load(Ordering::Relaxed)))
     }
 
     /// Queues a request; its tokens arrive on the returned stream. Dropping the stream cancels it.
@@ -141,15 +137,8 @@ impl GenBatcher {
         deadline: Option<Instant>,
         priority: Priority,
     ) -> Result<GenStream, BatchError> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| BatchError::QueueFull {
-            model: self.model.clone(),
-            max_queue: self.max_waiting,
-            retry_after: self.retry_after(),
-        })?;
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            crate::metrics::EXPIRED_BEFORE_MODEL.with(&[&self.model]).inc();
-            return Err(BatchError::DeadlineExceeded { model: self.model.clone(), waited_ms: 0 });
-        }
+        let round = Duration::from_micros(self.stats.sequence_us.load(Ordering::Relaxed));
+        let permit = self.admission.admit(deadline, round)?;
         // Room for every token and the end: the scheduler's try_send can then never find it full.
         let (tx, rx) = mpsc::channel(request.max_new_tokens + 2);
         let entry = Entry {
