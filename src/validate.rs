@@ -342,3 +342,170 @@ fn random_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
+
+#[cfg(test)]
+mod tests {
+    //! One test per rule, against the default models' real tokenizers (fetched by `models/fetch.py`,
+    //! which the test command runs first).
+    use std::path::Path;
+
+    use super::*;
+
+    fn minilm() -> TextTokenizer {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2/tokenizer.json");
+        TextTokenizer::from_file(&p, 256).expect("MiniLM's tokenizer: run python3 models/fetch.py")
+    }
+
+    fn smollm() -> (GgufTokenizer, ChatTemplate) {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mut f = std::fs::File::open(&p).expect("SmolLM2: run python3 models/fetch.py");
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let tok = crate::engine::gguf_tokenizer(&content.metadata).unwrap();
+        let source = tok.chat_template.clone().expect("SmolLM2 carries a chat template");
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default().to_string();
+        let template = ChatTemplate::new(&source, &text(tok.bos), &text(tok.eos)).unwrap();
+        (tok, template)
+    }
+
+    fn plimits() -> PredictLimits {
+        PredictLimits { max_inputs: 4, max_input_tokens: 256, max_batch_tokens: 300, default_normalize: true }
+    }
+
+    fn pparams(inputs: &[&str]) -> PredictParams {
+        PredictParams {
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            truncate: false,
+            direction: Truncation::Right,
+            normalize: None,
+        }
+    }
+
+    #[test]
+    fn predict_rules_name_the_field_the_bound_and_the_value() {
+        let tok = minilm();
+        let check = |p: PredictParams| predict(p, &plimits(), &tok);
+        assert_eq!(check(pparams(&[])).unwrap_err(), ValidationError::NoInputs);
+        assert_eq!(check(pparams(&["a"; 5])).unwrap_err(), ValidationError::TooManyInputs { max: 4, got: 5 });
+        assert_eq!(check(pparams(&["a", ""])).unwrap_err(), ValidationError::EmptyInput { index: 1 });
+        // Far more bytes than the window can hold: refused before any tokenizing.
+        let huge = "word ".repeat(tok.max_bytes() / 5 + 1);
+        match check(pparams(&["ok", &huge])).unwrap_err() {
+            ValidationError::TooManyBytes { field, bytes, max_bytes, .. } => {
+                assert_eq!((field.as_str(), bytes, max_bytes), ("inputs[1]", huge.len(), tok.max_bytes()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Within the bytes, over the tokens: named with its count; with truncation it is cut to fit.
+        let long = "word ".repeat(300);
+        match check(pparams(&[&long])).unwrap_err() {
+            ValidationError::TooManyTokens { index: 0, tokens, max: 256 } => assert!(tokens > 256),
+            other => panic!("{other:?}"),
+        }
+        let cut = check(PredictParams { truncate: true, ..pparams(&[&long]) }).unwrap();
+        assert_eq!(cut.inputs[0].ids.len(), 256);
+        // Two inputs that fit alone but not together in the request's token budget.
+        let mid = "word ".repeat(200);
+        match check(PredictParams { truncate: true, ..pparams(&[&mid, &mid]) }).unwrap_err() {
+            ValidationError::TooManyBatchTokens { inputs: 2, total, max: 300 } => assert!(total > 300),
+            other => panic!("{other:?}"),
+        }
+        // What an unset normalize means comes from the model.
+        assert!(check(pparams(&["a sentence"])).unwrap().normalize);
+        assert!(!check(PredictParams { normalize: Some(false), ..pparams(&["a sentence"]) }).unwrap().normalize);
+    }
+
+    fn glimits() -> GenerateLimits {
+        GenerateLimits { context_length: 64, max_new_tokens: 32 }
+    }
+
+    fn gparams(prompt: &str) -> GenerateParams {
+        GenerateParams { prompt: prompt.into(), max_new_tokens: 8, ..Default::default() }
+    }
+
+    #[test]
+    fn generate_rules_name_the_field_the_bound_and_the_value() {
+        let (tok, template) = smollm();
+        let check = |p: GenerateParams| generate(p, &glimits(), &tok, Some(&template));
+        let err = |p: GenerateParams| check(p).unwrap_err();
+        let msgs = |role: &str| vec![(role.to_string(), "hi".to_string())];
+        assert_eq!(
+            err(GenerateParams { messages: msgs("user"), ..gparams("x") }),
+            ValidationError::PromptOrMessages("both")
+        );
+        assert!(matches!(err(gparams("")), ValidationError::PromptOrMessages(_)));
+        assert_eq!(
+            err(GenerateParams { messages: msgs("robot"), ..gparams("") }),
+            ValidationError::UnknownRole { index: 0, role: "robot".into() }
+        );
+        let no_template = generate(GenerateParams { messages: msgs("user"), ..gparams("") }, &glimits(), &tok, None);
+        assert!(matches!(no_template, Err(ValidationError::ChatTemplate(_))));
+        assert_eq!(
+            err(GenerateParams { max_new_tokens: 0, ..gparams("x") }),
+            ValidationError::MaxNewTokens { max: 32, got: 0 }
+        );
+        assert_eq!(
+            err(GenerateParams { max_new_tokens: 1 << 40, ..gparams("x") }),
+            ValidationError::MaxNewTokens { max: 32, got: 1 << 40 }
+        );
+        assert!(matches!(
+            err(GenerateParams { temperature: f32::NAN, ..gparams("x") }),
+            ValidationError::Temperature(_)
+        ));
+        assert_eq!(err(GenerateParams { temperature: -1.0, ..gparams("x") }), ValidationError::Temperature(-1.0));
+        assert_eq!(err(GenerateParams { top_p: Some(0.0), ..gparams("x") }), ValidationError::TopP(0.0));
+        assert_eq!(err(GenerateParams { top_p: Some(1.5), ..gparams("x") }), ValidationError::TopP(1.5));
+        assert_eq!(
+            err(GenerateParams { repetition_penalty: Some(0.0), ..gparams("x") }),
+            ValidationError::RepetitionPenalty(0.0)
+        );
+        let stops = vec!["s".to_string(); MAX_STOPS + 1];
+        assert_eq!(
+            err(GenerateParams { stop: stops, ..gparams("x") }),
+            ValidationError::TooManyStops { max: MAX_STOPS, got: MAX_STOPS + 1 }
+        );
+        assert_eq!(
+            err(GenerateParams { stop: vec!["ok".into(), String::new()], ..gparams("x") }),
+            ValidationError::StopLength { index: 1, max: MAX_STOP_BYTES, got: 0 }
+        );
+        let long_stop = "x".repeat(MAX_STOP_BYTES + 1);
+        assert_eq!(
+            err(GenerateParams { stop: vec![long_stop], ..gparams("x") }),
+            ValidationError::StopLength { index: 0, max: MAX_STOP_BYTES, got: MAX_STOP_BYTES + 1 }
+        );
+        // More bytes than 64 per token of the context: refused before tokenizing.
+        let huge = "a".repeat(64 * MAX_BYTES_PER_TOKEN + 1);
+        assert!(matches!(err(gparams(&huge)), ValidationError::TooManyBytes { ref field, .. } if field == "prompt"));
+        // The prompt's tokens plus max_new_tokens past the context.
+        match err(GenerateParams { max_new_tokens: 32, ..gparams(&"word ".repeat(40)) }) {
+            ValidationError::ContextOverflow { new: 32, max: 64, prompt, total } => {
+                assert_eq!(total, prompt + 32);
+                assert!(total > 64);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_generate_request_keeps_its_settings_and_fills_defaults() {
+        let (tok, template) = smollm();
+        let v = generate(
+            GenerateParams { seed: Some(7), top_k: 5, stop: vec!["\n".into()], ..gparams("Hello") },
+            &glimits(),
+            &tok,
+            Some(&template),
+        )
+        .unwrap();
+        assert_eq!(v.sampling, Sampling { temperature: 0.0, top_k: 5, top_p: 1.0, repetition_penalty: 1.0, seed: 7 });
+        assert_eq!((v.max_new_tokens, v.stop.as_slice()), (8, ["\n".to_string()].as_slice()));
+        assert_eq!(v.kv_tokens(), v.prompt_ids.len() + 8);
+        assert!(!v.prompt_ids.is_empty());
+        // An unseeded request still gets a seed, so its stream can be reproduced from the logs.
+        let a = generate(gparams("Hello"), &glimits(), &tok, None).unwrap();
+        let b = generate(gparams("Hello"), &glimits(), &tok, None).unwrap();
+        assert_eq!(a.prompt_ids, b.prompt_ids);
+        // Chat messages are rendered through the model's template.
+        let chat = GenerateParams { messages: vec![("user".into(), "Hi".into())], ..gparams("") };
+        let v = generate(chat, &glimits(), &tok, Some(&template)).unwrap();
+        assert!(v.prompt_ids.len() > 3, "the template adds its role markers");
+    }
+}
