@@ -10,7 +10,7 @@ use candle_core::{Device, Module, Tensor};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use omnibus::batcher::{BatchConfig, Queued, State};
 use omnibus::engine::{Embedder, SentenceEmbedder};
-use omnibus::models::llama::{KvCache, Llama, Step};
+use omnibus::models::llama::{KvCache, Llama, Logits, Step};
 use omnibus::models::qmatmul::QMatrix;
 use omnibus::tokenizer::{TextTokenizer, Truncation};
 use tokio::time::Instant;
@@ -121,7 +121,7 @@ fn forward(c: &mut Criterion) {
         let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&llama.config)).collect();
         let prompt: Vec<u32> = (100..132).collect();
         for cache in caches.iter_mut() {
-            llama.forward(&mut [Step { tokens: &prompt, cache, logits: false }]).unwrap();
+            llama.forward(&mut [Step { tokens: &prompt, cache, logits: Logits::None }]).unwrap();
         }
         g.bench_function(format!("smollm2 decode step x {batch}"), |b| {
             b.iter_batched(
@@ -129,7 +129,7 @@ fn forward(c: &mut Criterion) {
                 |mut caches| {
                     let tokens = [42u32];
                     let mut steps: Vec<Step<'_>> =
-                        caches.iter_mut().map(|cache| Step { tokens: &tokens, cache, logits: true }).collect();
+                        caches.iter_mut().map(|cache| Step { tokens: &tokens, cache, logits: Logits::Last }).collect();
                     black_box(llama.forward(&mut steps).unwrap())
                 },
                 BatchSize::LargeInput,
@@ -140,7 +140,7 @@ fn forward(c: &mut Criterion) {
     g.bench_function("smollm2 prefill 256 tokens", |b| {
         b.iter(|| {
             let mut cache = KvCache::new(&llama.config);
-            black_box(llama.forward(&mut [Step { tokens: &prompt, cache: &mut cache, logits: true }]).unwrap())
+            black_box(llama.forward(&mut [Step { tokens: &prompt, cache: &mut cache, logits: Logits::Last }]).unwrap())
         })
     });
     g.finish();

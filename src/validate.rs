@@ -61,6 +61,8 @@ pub enum ValidationError {
     TooManyStops { max: usize, got: usize },
     #[error("stop[{index}]: must be 1 to {max} bytes long, got {got}")]
     StopLength { index: usize, max: usize, got: usize },
+    #[error("{field}: at most {max} alternatives per position, got {got}")]
+    TooManyLogprobs { field: &'static str, max: usize, got: u32 },
     #[error("messages: {0}")]
     ChatTemplate(String),
     #[error("prompt: {source}")]
@@ -179,10 +181,28 @@ pub fn predict(
     Ok(valid)
 }
 
+/// A Tokenize request's text: at most what the model can read (64 bytes per token of its window), so
+/// the CPU a call can buy stays bounded.
+pub fn tokenize_text(text: &str, max_tokens: usize) -> Result<(), ValidationError> {
+    let max_bytes = max_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
+    if text.len() > max_bytes {
+        return Err(ValidationError::TooManyBytes {
+            field: "text".into(),
+            bytes: text.len(),
+            max_bytes,
+            max_tokens,
+            hint: "send it in parts",
+        });
+    }
+    Ok(())
+}
+
 /// The most stop sequences a request may carry, and their longest length in bytes: both bound the
 /// work of matching them against every generated token.
 pub const MAX_STOPS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
+/// The most alternatives a position's log-probabilities may list (OpenAI's and vLLM's bound).
+pub const MAX_LOGPROBS: usize = 20;
 const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
 /// A Generate request's fields, as the wire gave them.
@@ -201,6 +221,10 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// Alternatives per prompt position (0: no prompt log-probabilities).
+    pub prompt_logprobs: u32,
+    /// Alternatives per generated token (0: none).
+    pub top_logprobs: u32,
 }
 
 /// What a Generate request is checked against.
@@ -219,6 +243,10 @@ pub struct ValidGenerate {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// Score the prompt: every position's log-probability and this many alternatives (0: off).
+    pub prompt_logprobs: usize,
+    /// This many alternatives with each generated token (0: none).
+    pub top_logprobs: usize,
 }
 
 impl ValidGenerate {
@@ -286,6 +314,11 @@ pub fn generate(
     if let Some((index, s)) = params.stop.iter().enumerate().find(|(_, s)| s.is_empty() || s.len() > MAX_STOP_BYTES) {
         return Err(ValidationError::StopLength { index, max: MAX_STOP_BYTES, got: s.len() });
     }
+    for (field, got) in [("prompt_logprobs", params.prompt_logprobs), ("top_logprobs", params.top_logprobs)] {
+        if got as usize > MAX_LOGPROBS {
+            return Err(ValidationError::TooManyLogprobs { field, max: MAX_LOGPROBS, got });
+        }
+    }
     if text.len() > max_bytes {
         return Err(too_long("messages", text.len()));
     }
@@ -315,6 +348,8 @@ pub fn generate(
         },
         stop: params.stop,
         logprobs: params.logprobs,
+        prompt_logprobs: params.prompt_logprobs as usize,
+        top_logprobs: params.top_logprobs as usize,
     })
 }
 
@@ -471,6 +506,14 @@ mod tests {
         assert_eq!(
             err(GenerateParams { stop: vec![long_stop], ..gparams("x") }),
             ValidationError::StopLength { index: 0, max: MAX_STOP_BYTES, got: MAX_STOP_BYTES + 1 }
+        );
+        assert_eq!(
+            err(GenerateParams { prompt_logprobs: 21, ..gparams("x") }),
+            ValidationError::TooManyLogprobs { field: "prompt_logprobs", max: MAX_LOGPROBS, got: 21 }
+        );
+        assert_eq!(
+            err(GenerateParams { top_logprobs: 99, ..gparams("x") }),
+            ValidationError::TooManyLogprobs { field: "top_logprobs", max: MAX_LOGPROBS, got: 99 }
         );
         // More bytes than 64 per token of the context: refused before tokenizing.
         let huge = "a".repeat(64 * MAX_BYTES_PER_TOKEN + 1);

@@ -37,6 +37,8 @@ struct Collected {
     text: String,
     indexes: Vec<u32>,
     logprobs: Vec<f32>,
+    top: Vec<Vec<pb::TokenLogprob>>,
+    prompt: Option<pb::PromptLogprobs>,
     end: Option<pb::GenerateEnd>,
 }
 
@@ -45,11 +47,16 @@ async fn collect(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Result<C
     while let Some(msg) = stream.message().await? {
         assert!(c.end.is_none(), "a message after the end");
         match msg.kind.expect("every message has a kind") {
+            Kind::PromptLogprobs(p) => {
+                assert!(c.ids.is_empty() && c.prompt.is_none(), "prompt log-probabilities come first, once");
+                c.prompt = Some(p);
+            }
             Kind::Token(t) => {
                 c.ids.push(t.id);
                 c.text.push_str(&t.text);
                 c.indexes.push(t.index);
                 c.logprobs.push(t.logprob);
+                c.top.push(t.top_logprobs);
             }
             Kind::End(e) => c.end = Some(e),
         }
@@ -307,4 +314,80 @@ async fn bad_generate_requests_get_precise_statuses() {
     // And the server still generates.
     let c = collect(client.generate(ok.clone()).await.unwrap().into_inner()).await.unwrap();
     assert_eq!(c.ids.len(), 4);
+}
+
+#[tokio::test]
+async fn prompt_logprobs_score_the_prompt_exactly_as_generation_saw_it() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let prompt = "The quick brown fox jumps over the lazy";
+    // Greedy, one token, with its log-probability and the 5 best alternatives.
+    let req = GenerateRequest { logprobs: true, top_logprobs: 5, ..greedy(prompt, 1) };
+    let first = collect(client.generate(req).await.unwrap().into_inner()).await.unwrap();
+    assert!(first.prompt.is_none(), "no prompt log-probabilities unless asked");
+    let (token, lp, top) = (first.ids[0], first.logprobs[0], &first.top[0]);
+    assert_eq!(top.len(), 5);
+    assert_eq!((top[0].id, top[0].logprob), (token, lp), "greedy takes the best, with the same log-probability");
+    assert!(top.windows(2).all(|w| w[0].logprob >= w[1].logprob), "best first: {top:?}");
+    // Now score the prompt followed by that token: the last position is the token generation picked,
+    // and its log-probability is the same bits (one order of sums, whatever the rows beside it).
+    let ids = client
+        .tokenize(pb::TokenizeRequest { text: format!("{prompt}{}", first.text), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    let req = GenerateRequest { prompt_logprobs: 3, ..greedy(&format!("{prompt}{}", first.text), 1) };
+    let scored = collect(client.generate(req).await.unwrap().into_inner()).await.unwrap();
+    let positions = scored.prompt.expect("the stream begins with the prompt's log-probabilities").positions;
+    assert_eq!(positions.len(), ids.len() - 1, "every prompt token after the first");
+    assert_eq!(positions.iter().map(|p| p.id).collect::<Vec<_>>(), ids[1..].to_vec());
+    for p in &positions {
+        assert_eq!(p.top.len(), 3);
+        assert!(p.logprob <= 0.0 && p.top[0].logprob >= p.logprob, "{p:?}");
+        if let Some(alt) = p.top.iter().find(|t| t.id == p.id) {
+            assert_eq!(alt.logprob, p.logprob, "a token's own log-probability and its place in the top agree");
+        }
+    }
+    let last = positions.last().unwrap();
+    assert_eq!((last.id, last.logprob), (token, lp), "scored == generated, to the bit");
+    assert_eq!(scored.end.unwrap().usage.unwrap().prompt_tokens as usize, ids.len());
+    // Bounds are checked like every other field.
+    let err = client.generate(GenerateRequest { prompt_logprobs: 21, ..greedy(prompt, 1) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("prompt_logprobs") && err.message().contains("21"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn tokenize_counts_and_aligns_tokens_for_both_model_kinds() {
+    let server = Server::start(&[]).await;
+    let mut client = server.client().await;
+    let text = "Tokenizers split text; omnibus counts it.";
+    // The default model: the generation model's byte-level BPE, whose pieces give the text back.
+    let bpe = client.tokenize(pb::TokenizeRequest { text: text.into(), ..Default::default() }).await.unwrap();
+    let bpe = bpe.into_inner();
+    assert_eq!(bpe.ids.len(), bpe.pieces.len());
+    assert_eq!(bpe.pieces.concat(), text);
+    let mut generated = client.generate(GenerateRequest { prompt_logprobs: 1, ..greedy(text, 1) }).await.unwrap();
+    let first = generated.get_mut().message().await.unwrap().unwrap();
+    let Some(Kind::PromptLogprobs(p)) = first.kind else { panic!("prompt log-probabilities first") };
+    assert_eq!(p.positions.len() + 1, bpe.ids.len(), "Tokenize counts what Generate reads");
+    // The embedding model: [CLS] ... [SEP] with add_special_tokens, pieces aligned with the text.
+    let req = pb::TokenizeRequest { model: "all-MiniLM-L6-v2".into(), text: text.into(), add_special_tokens: true };
+    let enc = client.tokenize(req).await.unwrap().into_inner();
+    assert_eq!(
+        (enc.pieces.first().map(String::as_str), enc.pieces.last().map(String::as_str)),
+        (Some("[CLS]"), Some("[SEP]"))
+    );
+    assert!(text.to_lowercase().starts_with(&enc.pieces[1].to_lowercase()), "{:?}", enc.pieces);
+    let bare = pb::TokenizeRequest { model: "all-MiniLM-L6-v2".into(), text: text.into(), add_special_tokens: false };
+    let bare = client.tokenize(bare).await.unwrap().into_inner();
+    assert_eq!(bare.ids[..], enc.ids[1..enc.ids.len() - 1]);
+    // Bounded like every input, and an unknown model is NOT_FOUND.
+    let huge = pb::TokenizeRequest { text: "word ".repeat(200_000), ..Default::default() };
+    let err = client.tokenize(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("text: 1000000 bytes"), "{}", err.message());
+    let err = client.tokenize(pb::TokenizeRequest { model: "nope".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use omnibus::models::llama::{KvCache, Llama, Step};
+use omnibus::models::llama::{KvCache, Llama, Logits, Step};
 use omnibus::tokenizer::gguf::GgufTokenizer;
 use serde::Deserialize;
 
@@ -45,7 +45,7 @@ fn greedy_alone(model: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     let mut next = prompt.to_vec();
     for _ in 0..n {
-        let logits = model.forward(&mut [Step { tokens: &next, cache: &mut cache, logits: true }]).unwrap();
+        let logits = model.forward(&mut [Step { tokens: &next, cache: &mut cache, logits: Logits::Last }]).unwrap();
         let t = argmax(logits[0].as_ref().unwrap());
         out.push(t);
         next = vec![t];
@@ -82,7 +82,7 @@ fn sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
         let mut caches_iter: Vec<(usize, &mut KvCache)> =
             caches.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).collect();
         for (i, cache) in caches_iter.iter_mut() {
-            steps.push(Step { tokens: &next[*i], cache, logits: true });
+            steps.push(Step { tokens: &next[*i], cache, logits: Logits::Last });
         }
         let logits = model.forward(&mut steps).unwrap();
         drop(steps);

@@ -32,6 +32,7 @@ async fn drain(
     loop {
         match stream.message().await {
             Ok(Some(m)) => match m.kind.unwrap() {
+                Kind::PromptLogprobs(_) => {}
                 Kind::Token(_) => tokens += 1,
                 Kind::End(e) => {
                     assert!(stream.message().await.unwrap().is_none(), "nothing after the end");

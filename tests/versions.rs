@@ -105,7 +105,7 @@ async fn generate(server: &Server, max_new_tokens: u32) -> Result<(usize, String
         match msg.kind {
             Some(Kind::Token(_)) => tokens += 1,
             Some(Kind::End(end)) => return Ok((tokens, end.model_version)),
-            None => {}
+            Some(Kind::PromptLogprobs(_)) | None => {}
         }
     }
     panic!("the stream ended without its end message");

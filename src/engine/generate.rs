@@ -12,9 +12,9 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use super::EngineError;
-use super::sampling::{Rng, logprob, sample};
+use super::sampling::{Rng, logprob, sample, top_logprobs};
 use super::text::{Matched, StopMatcher, TextToken};
-use crate::models::llama::{KvCache, Llama, Step};
+use crate::models::llama::{KvCache, Llama, Logits, Step};
 use crate::tokenizer::TokenizerError;
 use crate::tokenizer::gguf::{Detokenizer, GgufTokenizer, GgufVocab};
 use crate::validate::{Sampling, ValidGenerate};
@@ -32,9 +32,28 @@ pub enum Finish {
 /// What happened to one sequence in a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
-    Token { token: TextToken, index: u32 },
-    End { finish: Finish, stop: Option<String>, prompt_tokens: u32, completion_tokens: u32 },
+    /// Before the first token, when asked: every prompt position after the first.
+    PromptLogprobs(Vec<PositionLogprobs>),
+    Token {
+        token: TextToken,
+        index: u32,
+    },
+    End {
+        finish: Finish,
+        stop: Option<String>,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
     Failed(String),
+}
+
+/// A prompt position: the actual token there, its log-probability given the tokens before it, and the
+/// most likely tokens at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionLogprobs {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// One step's instructions: sequences to start and sequences to forget (cancelled or expired).
@@ -104,6 +123,10 @@ struct Sequence {
     sampling: Sampling,
     rng: Rng,
     logprobs: bool,
+    /// Alternatives per prompt position (0: prompt log-probabilities off), and those gathered so far.
+    prompt_logprobs: usize,
+    prompt_lp: Vec<PositionLogprobs>,
+    top_logprobs: usize,
     detok: Detokenizer,
     stops: StopMatcher,
 }
@@ -193,7 +216,7 @@ impl LlamaGenerator {
         let mut cache = KvCache::new(&model.config);
         let first = tokenizer.bos.unwrap_or(0);
         model
-            .forward(&mut [Step { tokens: &[first], cache: &mut cache, logits: true }])
+            .forward(&mut [Step { tokens: &[first], cache: &mut cache, logits: Logits::Last }])
             .map_err(|e| EngineError::load(path, e))?;
         let context_length = model.config.context_length;
         info!(
@@ -234,8 +257,9 @@ impl LlamaGenerator {
             return true;
         }
         let text = seq.detok.push(tokenizer.token_bytes(token));
-        let lp = if seq.logprobs { logprob(logits, token) } else { 0.0 };
-        match seq.stops.push(TextToken { id: token, text, logprob: lp }) {
+        let lp = if seq.logprobs || seq.top_logprobs > 0 { logprob(logits, token) } else { 0.0 };
+        let top = top_logprobs(logits, seq.top_logprobs);
+        match seq.stops.push(TextToken { id: token, text, logprob: lp, top }) {
             Matched::Emit(ts) => ts.into_iter().for_each(|t| push(t, seq, events)),
             Matched::Stop { emit, stop } => {
                 emit.into_iter().for_each(|t| push(t, seq, events));
@@ -272,14 +296,19 @@ impl Generator for LlamaGenerator {
                     max_new_tokens: req.max_new_tokens,
                     sampling: req.sampling,
                     logprobs: req.logprobs,
+                    prompt_logprobs: req.prompt_logprobs,
+                    prompt_lp: Vec::new(),
+                    top_logprobs: req.top_logprobs,
                     detok: Detokenizer::default(),
                     stops: StopMatcher::new(req.stop),
                 },
             );
         }
         // This step's rows: one token per decoding sequence, prompt chunks within the prefill budget.
+        // Each input: the sequence, its tokens, where they start, whether the next token is sampled
+        // after them (the prompt's last chunk, or a decode row), and which rows' logits are wanted.
         let mut budget = self.prefill_chunk;
-        let mut inputs: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
+        let mut inputs: Vec<(SeqId, Vec<u32>, usize, bool, Logits)> = Vec::new();
         for (&id, seq) in &self.seqs {
             if seq.fed < seq.prompt.len() {
                 let n = (seq.prompt.len() - seq.fed).min(budget);
@@ -288,9 +317,14 @@ impl Generator for LlamaGenerator {
                 }
                 budget -= n;
                 let done = seq.fed + n == seq.prompt.len();
-                inputs.push((id, seq.prompt[seq.fed..seq.fed + n].to_vec(), done));
+                let want = match (seq.prompt_logprobs > 0, done) {
+                    (true, _) => Logits::All,
+                    (false, true) => Logits::Last,
+                    (false, false) => Logits::None,
+                };
+                inputs.push((id, seq.prompt[seq.fed..seq.fed + n].to_vec(), seq.fed, done, want));
             } else if let Some(&last) = seq.generated.last() {
-                inputs.push((id, vec![last], true));
+                inputs.push((id, vec![last], seq.cache.len(), true, Logits::Last));
             }
         }
         let mut report = StepReport::default();
@@ -300,7 +334,7 @@ impl Generator for LlamaGenerator {
         let logits = {
             let mut by_id: BTreeMap<SeqId, &mut Sequence> = self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
             let mut steps: Vec<Step<'_>> = Vec::with_capacity(inputs.len());
-            for (id, tokens, want) in &inputs {
+            for (id, tokens, _, _, want) in &inputs {
                 let seq = by_id.remove(id).expect("planned sequences exist");
                 seq.fed += if seq.fed < seq.prompt.len() { tokens.len() } else { 0 };
                 steps.push(Step { tokens, cache: &mut seq.cache, logits: *want });
@@ -315,11 +349,31 @@ impl Generator for LlamaGenerator {
                 }
             }
         };
+        let vocab = self.model.config.vocab_size;
         let mut finished = Vec::new();
-        for ((id, _, _), logits) in inputs.iter().zip(logits) {
-            let Some(mut logits) = logits else { continue };
-            let raw = if self.seqs[id].logprobs { Some(logits.clone()) } else { None };
+        for ((id, tokens, start, sample_next, want), logits) in inputs.iter().zip(logits) {
+            let Some(logits) = logits else { continue };
             let seq = self.seqs.get_mut(id).expect("planned sequences exist");
+            if *want == Logits::All {
+                // Row j predicts prompt token start + j + 1 (none after the prompt's last token).
+                for j in 0..tokens.len() {
+                    let Some(&next) = seq.prompt.get(start + j + 1) else { break };
+                    let row = &logits[j * vocab..(j + 1) * vocab];
+                    seq.prompt_lp.push(PositionLogprobs {
+                        id: next,
+                        logprob: logprob(row, next),
+                        top: top_logprobs(row, seq.prompt_logprobs),
+                    });
+                }
+                if *sample_next {
+                    report.events.push((*id, SeqEvent::PromptLogprobs(std::mem::take(&mut seq.prompt_lp))));
+                }
+            }
+            if !*sample_next {
+                continue;
+            }
+            let mut logits = if *want == Logits::All { logits[(tokens.len() - 1) * vocab..].to_vec() } else { logits };
+            let raw = if seq.logprobs || seq.top_logprobs > 0 { Some(logits.clone()) } else { None };
             let history: Vec<u32> = if seq.sampling.repetition_penalty != 1.0 {
                 seq.prompt.iter().chain(&seq.generated).copied().collect()
             } else {

@@ -19,7 +19,8 @@ pub use candle_core::Device;
 pub use device::{DeviceChoice, Plan, Target, Visible, device_name, parse_visible, plan, plan_devices};
 pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
 pub use generate::{
-    Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, SeqEvent, SeqId, StepPlan, StepReport, gguf_tokenizer,
+    Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, PositionLogprobs, SeqEvent, SeqId, StepPlan, StepReport,
+    gguf_tokenizer,
 };
 pub use thread::Heartbeat;
 

@@ -43,6 +43,26 @@ pub fn logprob(logits: &[f32], id: u32) -> f32 {
     ((logits[id as usize] - max) as f64 - sum.ln()) as f32
 }
 
+/// The `k` most likely tokens and their log-probabilities (log-softmax of the raw logits), best first;
+/// ties go to the lower id.
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64 + logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln();
+    let mut best: Vec<u32> = Vec::with_capacity(k + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        if best.len() == k && x <= logits[best[k - 1] as usize] {
+            continue;
+        }
+        let at = best.partition_point(|&b| logits[b as usize] >= x);
+        best.insert(at, i as u32);
+        best.truncate(k);
+    }
+    best.into_iter().map(|i| (i, (logits[i as usize] as f64 - lse) as f32)).collect()
+}
+
 /// Picks the next token. `history` is the prompt and output so far (for the repetition penalty).
 pub fn sample(logits: &mut [f32], history: &[u32], cfg: &Sampling, rng: &mut Rng) -> u32 {
     if cfg.repetition_penalty != 1.0 {
@@ -97,6 +117,19 @@ pub fn sample(logits: &mut [f32], history: &[u32], cfg: &Sampling, rng: &mut Rng
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_logprobs_are_the_best_in_order_and_agree_with_logprob() {
+        let l = vec![0.5, 3.0, -1.0, 3.0, 2.0];
+        let top = top_logprobs(&l, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 4]);
+        for (id, lp) in &top {
+            assert!((lp - logprob(&l, *id)).abs() < 1e-6);
+        }
+        let all: f64 = top_logprobs(&l, 5).iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((all - 1.0).abs() < 1e-6);
+        assert!(top_logprobs(&l, 0).is_empty());
+    }
 
     #[test]
     fn greedy_takes_the_largest_and_ties_go_low() {

@@ -7,6 +7,8 @@ pub struct TextToken {
     pub id: u32,
     pub text: String,
     pub logprob: f32,
+    /// The most likely tokens at this position, when asked.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Decides which tokens can be sent and whether a stop sequence has appeared.
@@ -90,7 +92,7 @@ mod tests {
     use super::*;
 
     fn t(id: u32, text: &str) -> TextToken {
-        TextToken { id, text: text.into(), logprob: 0.0 }
+        TextToken { id, text: text.into(), logprob: 0.0, top: Vec::new() }
     }
 
     fn ids(v: &[TextToken]) -> Vec<u32> {

@@ -147,13 +147,23 @@ impl KvCache {
     }
 }
 
+/// Which rows of a step go through the output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None: a prompt chunk that is not the last.
+    None,
+    /// The row after the last token: the next token's distribution.
+    Last,
+    /// Every row: row j predicts the token after `tokens[j]` (prompt log-probabilities, scoring).
+    All,
+}
+
 /// One sequence's share of a forward pass.
 pub struct Step<'a> {
     /// Tokens to append (the whole or part of a prompt, or one generated token).
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    /// Whether the logits after the last of `tokens` are wanted.
-    pub logits: bool,
+    pub logits: Logits,
 }
 
 fn load_vec(t: QTensor, device: &Device) -> Result<Vec<f32>> {
@@ -206,8 +216,9 @@ impl Llama {
         Ok(Self { config, embed, layers, norm, output, weight_types: types })
     }
 
-    /// Advances every step's sequence by its tokens and returns, for each step that asked, the logits
-    /// after its last token.
+    /// Advances every step's sequence by its tokens and returns, for each step that asked, its logits:
+    /// the last row's (`vocab` values) or every row's (`tokens × vocab`, row-major). Each row's logits
+    /// are the same bits whichever rows run beside it.
     pub fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         let (h, kv_dim, q_dim) = (c.n_embd, c.kv_dim(), c.n_head * c.head_dim);
@@ -290,27 +301,35 @@ impl Llama {
             let down = layer.w_down.forward(act, total)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
-        // Only the last row of each sequence that wants logits goes through the head.
-        let mut wanted = Vec::new();
-        let mut last_rows = Vec::new();
+        // Only the rows whose logits are wanted go through the head: usually each sequence's last.
+        let mut wanted = Vec::new(); // (step, first head row, rows)
+        let mut head_rows = Vec::new();
         let mut row = 0;
         for (i, s) in steps.iter_mut().enumerate() {
-            row += s.tokens.len();
-            s.cache.len += s.tokens.len();
-            if s.logits && !s.tokens.is_empty() {
-                wanted.push(i);
-                last_rows.extend_from_slice(&x[(row - 1) * h..row * h]);
+            let n = s.tokens.len();
+            row += n;
+            s.cache.len += n;
+            let take = match s.logits {
+                _ if n == 0 => 0,
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => n,
+            };
+            if take > 0 {
+                wanted.push((i, head_rows.len() / h, take));
+                head_rows.extend_from_slice(&x[(row - take) * h..row * h]);
             }
         }
         let mut out: Vec<Option<Vec<f32>>> = steps.iter().map(|_| None).collect();
         if wanted.is_empty() {
             return Ok(out);
         }
-        let xn = rms_norm(&last_rows, &self.norm, h, c.rms_eps);
-        let logits = self.output.forward(xn, wanted.len())?;
+        let n_head_rows = head_rows.len() / h;
+        let xn = rms_norm(&head_rows, &self.norm, h, c.rms_eps);
+        let logits = self.output.forward(xn, n_head_rows)?;
         let vocab = c.vocab_size;
-        for (j, i) in wanted.into_iter().enumerate() {
-            out[i] = Some(logits[j * vocab..(j + 1) * vocab].to_vec());
+        for (i, first, take) in wanted {
+            out[i] = Some(logits[first * vocab..(first + take) * vocab].to_vec());
         }
         Ok(out)
     }

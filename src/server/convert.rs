@@ -53,6 +53,8 @@ pub fn generate_params(req: pb::GenerateRequest) -> GenerateParams {
         seed: sampling.seed,
         stop: req.stop,
         logprobs: req.logprobs,
+        prompt_logprobs: req.prompt_logprobs,
+        top_logprobs: req.top_logprobs,
     }
 }
 

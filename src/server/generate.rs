@@ -55,10 +55,37 @@ pub(super) async fn generate(
     Ok(Response::new(Box::pin(stream)))
 }
 
+/// A token's own text (a control token: its name); part of a UTF-8 character shows as U+FFFD.
+fn token_text(model: &GenerationModel, id: u32) -> String {
+    let bytes = model.tokenizer.token_bytes(id);
+    if bytes.is_empty() {
+        model.tokenizer.token_text(id).unwrap_or_default().to_string()
+    } else {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+}
+
+fn alternatives(model: &GenerationModel, top: Vec<(u32, f32)>) -> Vec<pb::TokenLogprob> {
+    top.into_iter().map(|(id, logprob)| pb::TokenLogprob { id, text: token_text(model, id), logprob }).collect()
+}
+
 fn to_message(event: GenEvent, model: &GenerationModel) -> pb::GenerateResponse {
     use pb::generate_response::Kind;
     let kind = match event {
-        GenEvent::Token { id, text, logprob, index } => Kind::Token(pb::Token { id, text, logprob, index }),
+        GenEvent::PromptLogprobs(positions) => Kind::PromptLogprobs(pb::PromptLogprobs {
+            positions: positions
+                .into_iter()
+                .map(|p| pb::TokenLogprobs {
+                    id: p.id,
+                    text: token_text(model, p.id),
+                    logprob: p.logprob,
+                    top: alternatives(model, p.top),
+                })
+                .collect(),
+        }),
+        GenEvent::Token { id, text, logprob, index, top } => {
+            Kind::Token(pb::Token { id, text, logprob, index, top_logprobs: alternatives(model, top) })
+        }
         GenEvent::End { finish, stop, prompt_tokens, completion_tokens, queue_time, time_to_first_token, total } => {
             let finish_reason = match finish {
                 Finish::Length => pb::FinishReason::Length,

@@ -19,6 +19,7 @@ pub mod pb;
 mod predict;
 mod repository;
 mod status;
+mod tokenize;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -82,6 +83,11 @@ impl Inference for InferenceService {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let registry = self.registry()?;
         generate::generate(registry, &self.calls, request).await
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let registry = self.registry()?;
+        self.calls.unary("Tokenize", tokenize::tokenize(registry, &self.calls, request)).await
     }
 
     async fn list_models(

@@ -162,6 +162,28 @@ impl GgufTokenizer {
         Ok(ids)
     }
 
+    /// Every token of `text` with its text (a control token: its name), BOS first when the model adds
+    /// it and `add_special_tokens` asks for it; for the Tokenize RPC. A token that holds part of a UTF-8
+    /// character shows it as U+FFFD.
+    pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<(u32, String)>, TokenizerError> {
+        let mut ids = self.encode(text)?;
+        if !add_special_tokens && self.add_bos && self.bos.is_some() && ids.first() == self.bos.as_ref() {
+            ids.remove(0);
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let bytes = self.token_bytes(id);
+                let piece = if bytes.is_empty() {
+                    self.token_text(id).unwrap_or_default().to_string()
+                } else {
+                    String::from_utf8_lossy(bytes).into_owned()
+                };
+                (id, piece)
+            })
+            .collect())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.bytes.len()
     }

@@ -104,6 +104,24 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Every token of `text` (no truncation) with its piece of the input (a special token: its name),
+    /// for the Tokenize RPC. The caller bounds the text's length.
+    pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<(u32, String)>, TokenizerError> {
+        let enc = self.plain.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let specials = enc.get_special_tokens_mask();
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_tokens())
+            .zip(enc.get_offsets())
+            .zip(specials)
+            .map(|(((&id, name), &(a, b)), &special)| {
+                let piece = if special == 1 { name.clone() } else { text.get(a..b).unwrap_or(name).to_string() };
+                (id, piece)
+            })
+            .collect())
+    }
+
     /// Ids of a minimal input (just the special tokens), for warm-up passes.
     pub fn minimal(&self) -> Result<Vec<u32>, TokenizerError> {
         self.encode("", Truncation::None)

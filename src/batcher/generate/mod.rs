@@ -20,11 +20,15 @@ use crate::validate::ValidGenerate;
 /// What a Generate caller receives, in order: tokens, then exactly one `End` (or an error).
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// First, when asked: the prompt's log-probabilities (see `engine::PositionLogprobs`).
+    PromptLogprobs(Vec<crate::engine::PositionLogprobs>),
     Token {
         id: u32,
         text: String,
         logprob: f32,
         index: u32,
+        /// The most likely tokens at this position, when asked.
+        top: Vec<(u32, f32)>,
     },
     End {
         finish: Finish,
@@ -139,8 +143,9 @@ impl GenBatcher {
     ) -> Result<GenStream, BatchError> {
         let round = Duration::from_micros(self.stats.sequence_us.load(Ordering::Relaxed));
         let permit = self.admission.admit(deadline, round)?;
-        // Room for every token and the end: the scheduler's try_send can then never find it full.
-        let (tx, rx) = mpsc::channel(request.max_new_tokens + 2);
+        // Room for the prompt's log-probabilities, every token and the end: the scheduler's try_send can
+        // then never find it full.
+        let (tx, rx) = mpsc::channel(request.max_new_tokens + 3);
         let entry = Entry {
             kv_tokens: request.kv_tokens(),
             request: Some(request),

@@ -96,6 +96,9 @@ pub(super) async fn run(
         for (id, event) in report.events {
             let Some(e) = state.get_mut(id) else { continue };
             match event {
+                SeqEvent::PromptLogprobs(positions) => {
+                    let _ = e.tx.try_send(Ok(GenEvent::PromptLogprobs(positions)));
+                }
                 SeqEvent::Token { token, index } => {
                     e.first_token_at.get_or_insert(now);
                     let _ = e.tx.try_send(Ok(GenEvent::Token {
@@ -103,6 +106,7 @@ pub(super) async fn run(
                         text: token.text,
                         logprob: token.logprob,
                         index,
+                        top: token.top,
                     }));
                 }
                 SeqEvent::End { finish, stop, prompt_tokens, completion_tokens } => {

@@ -246,6 +246,8 @@ impl GrpcInferenceService for OipService {
                         let mut end = None;
                         while let Some(ev) = events.recv().await {
                             match ev? {
+                                // Never asked for through this protocol.
+                                GenEvent::PromptLogprobs(_) => {}
                                 GenEvent::Token { text: t, .. } => text.push_str(&t),
                                 GenEvent::End { finish, prompt_tokens, completion_tokens, .. } => {
                                     end = Some((finish, prompt_tokens, completion_tokens))
@@ -371,6 +373,8 @@ impl GrpcInferenceService for OipService {
                                 let mut sent = Ok(());
                                 while let Some(ev) = events.recv().await {
                                     let msg = match ev {
+                                        // Never asked for through this protocol.
+                                        Ok(GenEvent::PromptLogprobs(_)) => continue,
                                         Ok(GenEvent::Token { text, .. }) => {
                                             reply(text_response((&m.name, m.version), &req.id, &text))
                                         }

@@ -163,6 +163,8 @@ pub(super) fn generate_params(req: &pb::ModelInferRequest) -> Result<GeneratePar
         seed: int("seed")?,
         stop,
         logprobs: false,
+        prompt_logprobs: 0,
+        top_logprobs: 0,
     })
 }
 
