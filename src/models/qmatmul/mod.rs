@@ -379,4 +379,55 @@ mod tests {
             }
         }
     }
+
+    /// llama.cpp's bar for MUL_MAT (`test-backend-ops`): the normalised mean squared error against an
+    /// f64 product of the dequantized weights stays within 5e-4, on random weights and activations of
+    /// many shapes (odd row and column counts, one and many blocks), on every SIMD path this CPU runs
+    /// (scripts/test reruns it under OMNIBUS_CPU_FEATURES). Every element must be finite: a skipped one
+    /// would keep the allocator's bytes or NaN.
+    #[test]
+    fn every_weight_type_is_within_llama_cpp_s_mul_mat_nmse() {
+        let dev = Device::Cpu;
+        let types = [
+            GgmlDType::Q4_1,
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+            GgmlDType::F32,
+        ];
+        for dtype in types {
+            let block = dtype.block_size().max(32);
+            // At least 31 outputs each: NMSE is a statistic over the output, as test-backend-ops takes it
+            // (one dot product alone can cancel to near zero, and its relative error mean nothing).
+            for (rows, n, blocks) in [(1, 97, 2), (2, 31, 4), (7, 65, 2), (16, 33, 6), (33, 5, 2), (9, 255, 8)] {
+                let k = blocks * block;
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let x =
+                    Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let deq = q.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = QMatrix::from_qtensor(&q).unwrap().forward(&x, rows);
+                assert_eq!(got.len(), rows * n);
+                let (mut err, mut norm) = (0f64, 0f64);
+                for r in 0..rows {
+                    for c in 0..n {
+                        let want: f64 = (0..k).map(|j| x[r * k + j] as f64 * deq[c * k + j] as f64).sum();
+                        let g = got[r * n + c];
+                        assert!(g.is_finite(), "{dtype:?} rows {rows} n {n} k {k} [{r},{c}]: {g}");
+                        err += (g as f64 - want).powi(2);
+                        norm += want * want;
+                    }
+                }
+                let nmse = err / norm.max(f64::MIN_POSITIVE);
+                assert!(nmse <= 5e-4, "{dtype:?} rows {rows} n {n} k {k}: NMSE {nmse:e}");
+            }
+        }
+    }
 }
