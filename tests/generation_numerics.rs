@@ -70,6 +70,23 @@ fn sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
     // Case 0 starts alone; case 1 joins after 5 steps (its whole prompt as one prefill chunk beside
     // case 0's decode row); case 2 joins after 9 steps.
     let joins = [0usize, 5, 9];
+    // Each case alone first: its logits at every step.
+    let solo: Vec<Vec<Vec<f32>>> = cases
+        .iter()
+        .map(|c| {
+            let mut cache = KvCache::new(&model.config);
+            let mut next = c.prompt_token_ids.clone();
+            (0..n)
+                .map(|_| {
+                    let l =
+                        model.forward(&mut [Step { tokens: &next, cache: &mut cache, logits: Logits::Last }]).unwrap();
+                    let row = l[0].clone().unwrap();
+                    next = vec![argmax(&row)];
+                    row
+                })
+                .collect()
+        })
+        .collect();
     let mut caches: Vec<KvCache> = cases.iter().map(|_| KvCache::new(&model.config)).collect();
     let mut next: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_token_ids.clone()).collect();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
@@ -87,7 +104,11 @@ fn sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
         let logits = model.forward(&mut steps).unwrap();
         drop(steps);
         for (k, &i) in active.iter().enumerate() {
-            let t = argmax(logits[k].as_ref().unwrap());
+            let row = logits[k].as_ref().unwrap();
+            let t = argmax(row);
+            // Exact against ourselves: the same bits as the sequence alone, whatever ran beside it.
+            let alone = &solo[i][out[i].len()];
+            assert!(row == alone, "case {i} step {}: batched logits differ from alone", out[i].len());
             out[i].push(t);
             next[i] = vec![t];
         }
