@@ -551,6 +551,11 @@ def write(out: Path, results):
             f"| resident memory after load (omnibus: both models; llama-server: one model, 16 slots), MiB | {m['rss_gen']:.0f} | {m['l_rss']:.0f} |",
             "",
         ]
+    # The fidelity table is made by scripts/fidelity (tests/fidelity.rs), not by this script: kept in
+    # benches/fidelity.md and carried over as it is.
+    fidelity = ROOT / "benches" / "fidelity.md"
+    if fidelity.exists():
+        lines += ["", fidelity.read_text().rstrip()]
     lines += [
         "",
         "## Re-running",
@@ -561,6 +566,7 @@ def write(out: Path, results):
         "./scripts/bench --only embeddings --corpus heldout   # the held-out texts: the last check of a change",
         "cargo bench --bench embed_forward     # in-process MiniLM forward: the corpus, mixed and uniform batches",
         "cargo bench --bench hot_paths         # criterion: batch selection, tokenization, kernels, decode steps",
+        "scripts/fidelity [--remake]           # the fidelity table (benches/fidelity.md; --remake: llama.cpp's reference again)",
         "```",
         "",
         "Run it on a quiet machine: a compile beside a benchmark can cut a figure tenfold.",
