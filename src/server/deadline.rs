@@ -56,6 +56,12 @@ fn is_stream(path: &str) -> bool {
     path.ends_with("/Generate") || path.ends_with("/ModelStreamInfer")
 }
 
+/// A bidirectional session (Triton's clients hold one ModelStreamInfer open for their lifetime): only
+/// the caller's own grpc-timeout bounds it, never a server default.
+fn is_session(path: &str) -> bool {
+    path.ends_with("/ModelStreamInfer")
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for DeadlineService<S>
@@ -89,7 +95,11 @@ where
             }
         };
         let stream = is_stream(req.uri().path());
-        let default = if stream { self.limits.stream_default } else { self.limits.default };
+        let default = match (is_session(req.uri().path()), stream) {
+            (true, _) => None,
+            (false, true) => self.limits.stream_default,
+            (false, false) => self.limits.default,
+        };
         let (timeout, whose) = match (timeout, default) {
             (Some(t), _) => (t, "the call's grpc-timeout"),
             (None, Some(t)) if stream => (t, "the server's --stream-timeout (the call set no grpc-timeout)"),

@@ -54,6 +54,9 @@ pub enum ServeError {
     /// The caller hung up before the answer: recorded, never sent.
     #[error("the client cancelled the call")]
     ClientCancelled,
+    /// Any other error of the transport while reading a request stream, kept as tonic gave it.
+    #[error("{1}")]
+    Transport(Code, String),
 }
 
 impl ServeError {
@@ -91,7 +94,21 @@ impl ServeError {
             ServeError::MessageTooLarge { .. } => (Code::ResourceExhausted, "message_too_large"),
             ServeError::Deadline { .. } | ServeError::DeadlinePassed(_) => (Code::DeadlineExceeded, "deadline"),
             ServeError::ClientCancelled => (Code::Cancelled, "client_cancelled"),
+            ServeError::Transport(code, _) => (*code, "transport"),
         }
+    }
+
+    /// The error that ends a request stream tonic could not read further: what [`Self::from_tonic`]
+    /// knows, the client going away (a reset, a cancelled call), or else tonic's status as it is.
+    pub fn from_stream_read(status: &Status, max_message_size: usize) -> ServeError {
+        if let Some(e) = Self::from_tonic(status, max_message_size) {
+            return e;
+        }
+        let m = status.message();
+        if status.code() == Code::Cancelled || m.contains("stream no longer needed") || m.contains("reset") {
+            return ServeError::ClientCancelled;
+        }
+        ServeError::Transport(status.code(), m.to_string())
     }
 
     /// tonic's own answers to a request it could not read, which no handler saw, as our errors (`None`
@@ -114,6 +131,11 @@ impl ServeError {
             Code::InvalidArgument => {
                 m.strip_prefix(MALFORMED).map(|rest| ServeError::Malformed(rest.trim_start_matches(": ").to_string()))
             }
+            // A gzip message that inflates past the limit.
+            Code::ResourceExhausted if m.starts_with("Error decompressing") => Some(ServeError::MessageTooLarge {
+                found: "more bytes once decompressed".into(),
+                limit: max_message_size,
+            }),
             Code::OutOfRange if m.contains("message length too large") => {
                 let found = m
                     .split("found ")
@@ -257,6 +279,13 @@ mod tests {
         assert_eq!(e.code_and_reason(), (Code::ResourceExhausted, "message_too_large"));
         assert!(e.to_string().contains("5000 bytes") && e.to_string().contains("4096"), "{e}");
         assert!(ServeError::from_tonic(&Status::out_of_range("index 3"), 4096).is_none());
+        let inflated = Status::resource_exhausted("Error decompressing: size limit, of 4096 bytes, exceeded");
+        assert_eq!(ServeError::from_tonic(&inflated, 4096).unwrap().code_and_reason().1, "message_too_large");
+        let reset = Status::unknown("h2 protocol error: stream no longer needed");
+        assert_eq!(ServeError::from_stream_read(&reset, 4096).code_and_reason().0, Code::Cancelled);
+        let other = Status::internal("protocol error: received message with compressed-flag but no grpc-encoding");
+        let e = ServeError::from_stream_read(&other, 4096);
+        assert_eq!((e.code_and_reason(), e.to_string().as_str()), ((Code::Internal, "transport"), other.message()));
         assert!(ServeError::from_tonic(&Status::internal("Protocol error: compressed flag set"), 4096).is_none());
         assert!(ServeError::from_tonic(&Status::invalid_argument("inputs: at least 1"), 4096).is_none());
     }

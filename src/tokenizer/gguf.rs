@@ -85,6 +85,10 @@ impl GgufTokenizer {
         if tokens.is_empty() {
             return Err(err("no tokenizer.ggml.tokens"));
         }
+        // Byte-level BPE without merges would split every text into single bytes: refuse the file.
+        if merges.is_empty() {
+            return Err(err("no tokenizer.ggml.merges (byte-level BPE needs them)"));
+        }
         let types = token_types.unwrap_or_else(|| vec![1; tokens.len()]);
         let vocab: tokenizers::models::bpe::Vocab =
             tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();

@@ -113,6 +113,114 @@ async fn start_generation(
     infer::generate(m, generate_params(req)?, deadline, priority).await
 }
 
+/// A ModelStreamInfer response, or the error that ends the stream.
+type StreamItem = Result<pb::ModelStreamInferResponse, ServeError>;
+
+/// The client has gone (the response stream ended): stop.
+struct Gone;
+
+/// Runs `work` unless the response stream ends first (deadline, grace, the client gone): then the work
+/// is dropped, which frees a queued or running request before its next step.
+async fn unless_gone<T>(tx: &tokio::sync::mpsc::Sender<StreamItem>, work: impl Future<Output = T>) -> Result<T, Gone> {
+    tokio::select! {
+        r = work => Ok(r),
+        _ = tx.closed() => Err(Gone),
+    }
+}
+
+async fn reply(tx: &tokio::sync::mpsc::Sender<StreamItem>, r: pb::ModelInferResponse) -> Result<(), Gone> {
+    let msg = pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(r) };
+    tx.send(Ok(msg)).await.map_err(|_| Gone)
+}
+
+/// A request's failure, answered in band as Triton does, and counted once it is sent.
+async fn in_band(
+    tx: &tokio::sync::mpsc::Sender<StreamItem>,
+    err: ServeError,
+    served: Option<(&str, u64)>,
+) -> Result<(), Gone> {
+    let msg = pb::ModelStreamInferResponse { error_message: err.to_string(), infer_response: None };
+    tx.send(Ok(msg)).await.map_err(|_| Gone)?;
+    calls::record_in_band("ModelStreamInfer", served, &err);
+    Ok(())
+}
+
+/// Serves a ModelStreamInfer stream's requests one after another until the client closes its side, a
+/// message cannot be read, or the response stream ends.
+async fn stream_session(
+    this: &OipService,
+    inbound: &mut Streaming<pb::ModelInferRequest>,
+    tx: &tokio::sync::mpsc::Sender<StreamItem>,
+    label: &calls::Label,
+    deadline: Option<tokio::time::Instant>,
+    priority: Priority,
+) -> Result<(), Gone> {
+    let mut labelled = false;
+    loop {
+        let req = match unless_gone(tx, inbound.next()).await? {
+            None => return Ok(()),
+            Some(Ok(req)) => req,
+            Some(Err(status)) => {
+                // tonic's own error reading the stream ends the call (see ServeError::from_stream_read).
+                let _ = tx.send(Err(ServeError::from_stream_read(&status, this.max_message_size))).await;
+                return Ok(());
+            }
+        };
+        // A draining server takes no new work, even on a stream that is already open.
+        if this.calls.is_draining() {
+            in_band(tx, ServeError::ShuttingDown, None).await?;
+            continue;
+        }
+        let model = match this.model(&req.model_name, &req.model_version) {
+            Ok(m) => m,
+            Err(e) => {
+                in_band(tx, e, None).await?;
+                continue;
+            }
+        };
+        let (name, version) = match &model {
+            AnyModel::Embedding(m) => (m.name.clone(), m.version),
+            AnyModel::Generation(m) => (m.name.clone(), m.version),
+        };
+        if !labelled {
+            label.set_served(name.clone(), version);
+            labelled = true;
+        }
+        let served = Some((&*name, version));
+        match model {
+            AnyModel::Embedding(m) => match unless_gone(tx, embed(m, req, deadline, priority)).await? {
+                Ok(r) => reply(tx, r).await?,
+                Err(e) => in_band(tx, e, served).await?,
+            },
+            AnyModel::Generation(m) => {
+                let mut events = match unless_gone(tx, start_generation(&m, &req, deadline, priority)).await? {
+                    Ok(events) => events,
+                    Err(e) => {
+                        in_band(tx, e, served).await?;
+                        continue;
+                    }
+                };
+                // Returning drops `events`, which frees the sequence before its next step.
+                while let Some(ev) = unless_gone(tx, events.recv()).await? {
+                    match ev {
+                        // Never asked for through this protocol.
+                        Ok(GenEvent::PromptLogprobs(_)) => {}
+                        Ok(GenEvent::Token { text, .. }) => {
+                            reply(tx, text_response((&m.name, m.version), &req.id, &text)).await?
+                        }
+                        Ok(GenEvent::End { finish, prompt_tokens, completion_tokens, .. }) => {
+                            let r =
+                                final_response((&m.name, m.version), &req.id, finish, prompt_tokens, completion_tokens);
+                            reply(tx, r).await?
+                        }
+                        Err(e) => in_band(tx, e.into(), served).await?,
+                    }
+                }
+            }
+        }
+    }
+}
+
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -302,9 +410,10 @@ impl GrpcInferenceService for OipService {
     type ModelStreamInferStream = StreamOut;
 
     /// One call for the whole stream, through the same lifecycle as Generate (`infer::stream`): its
-    /// deadline, the grace period's cut, one recorded outcome (labelled with the model of its first
-    /// request). Each request's own failure is answered in band, in `error_message`, as Triton does, and
-    /// counted among the failures; a message that does not decode ends the stream with INVALID_ARGUMENT.
+    /// deadline (the caller's grpc-timeout only: a session has no server default), the grace period's
+    /// cut, one recorded outcome (labelled with the model of its first request). Each request's own
+    /// failure is answered in band, in `error_message`, as Triton does, and counted among the failures;
+    /// a message that does not decode ends the stream with INVALID_ARGUMENT.
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
@@ -328,82 +437,7 @@ impl GrpcInferenceService for OipService {
         let label = stream.label();
         let this = self.clone();
         tokio::spawn(async move {
-            let in_band = |e: ServeError, served: Option<(&str, u64)>| {
-                calls::record_in_band(METHOD, served, &e);
-                Ok(pb::ModelStreamInferResponse { error_message: e.to_string(), infer_response: None })
-            };
-            let reply = |r: pb::ModelInferResponse| {
-                Ok(pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(r) })
-            };
-            loop {
-                // The response stream ends (deadline, grace, the client gone): stop reading too.
-                let next = tokio::select! {
-                    next = inbound.next() => next,
-                    _ = tx.closed() => return,
-                };
-                let req = match next {
-                    None => return,
-                    Some(Ok(req)) => req,
-                    Some(Err(status)) => {
-                        // tonic's own error reading the stream: a message that does not decode, or one
-                        // above the size limit, ends the call with its error; anything else is the
-                        // client's side of the stream going away.
-                        let err = ServeError::from_tonic(&status, this.max_message_size)
-                            .unwrap_or(ServeError::ClientCancelled);
-                        let _ = tx.send(Err(err)).await;
-                        return;
-                    }
-                };
-                let sent = match this.model(&req.model_name, &req.model_version) {
-                    Err(e) => tx.send(in_band(e, None)).await,
-                    Ok(AnyModel::Embedding(m)) => {
-                        label.set_served(m.name.clone(), m.version);
-                        let served = (m.name.clone(), m.version);
-                        match embed(m, req, deadline, priority).await {
-                            Ok(r) => tx.send(reply(r)).await,
-                            Err(e) => tx.send(in_band(e, Some((&served.0, served.1)))).await,
-                        }
-                    }
-                    Ok(AnyModel::Generation(m)) => {
-                        label.set_served(m.name.clone(), m.version);
-                        let served = Some((&*m.name, m.version));
-                        match start_generation(&m, &req, deadline, priority).await {
-                            Err(e) => tx.send(in_band(e, served)).await,
-                            Ok(mut events) => {
-                                let mut sent = Ok(());
-                                while let Some(ev) = events.recv().await {
-                                    let msg = match ev {
-                                        // Never asked for through this protocol.
-                                        Ok(GenEvent::PromptLogprobs(_)) => continue,
-                                        Ok(GenEvent::Token { text, .. }) => {
-                                            reply(text_response((&m.name, m.version), &req.id, &text))
-                                        }
-                                        Ok(GenEvent::End { finish, prompt_tokens, completion_tokens, .. }) => {
-                                            reply(final_response(
-                                                (&m.name, m.version),
-                                                &req.id,
-                                                finish,
-                                                prompt_tokens,
-                                                completion_tokens,
-                                            ))
-                                        }
-                                        Err(e) => in_band(e.into(), served),
-                                    };
-                                    // A closed channel: the client left; dropping `events` frees the sequence.
-                                    sent = tx.send(msg).await;
-                                    if sent.is_err() {
-                                        break;
-                                    }
-                                }
-                                sent
-                            }
-                        }
-                    }
-                };
-                if sent.is_err() {
-                    return;
-                }
-            }
+            let _ = stream_session(&this, &mut inbound, &tx, &label, deadline, priority).await;
         });
         Ok(Response::new(Box::pin(stream)))
     }
