@@ -393,9 +393,7 @@ mod tests {
 
     fn smollm() -> (GgufTokenizer, ChatTemplate) {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let mut f = std::fs::File::open(&p).expect("SmolLM2: run python3 models/fetch.py");
-        let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-        let tok = crate::engine::gguf_tokenizer(&content.metadata).unwrap();
+        let tok = crate::engine::load_gguf_tokenizer(&p).expect("SmolLM2: run python3 models/fetch.py");
         let source = tok.chat_template.clone().expect("SmolLM2 carries a chat template");
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default().to_string();
         let template = ChatTemplate::new(&source, &text(tok.bos), &text(tok.eos)).unwrap();

@@ -181,6 +181,13 @@ pub fn gguf_tokenizer(md: &HashMap<String, gguf_file::Value>) -> Result<GgufToke
     })
 }
 
+/// The tokenizer of the GGUF file at `path` (its metadata only; no weights are read).
+pub fn load_gguf_tokenizer(path: &Path) -> Result<GgufTokenizer, EngineError> {
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::load(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::load(path, e))?;
+    gguf_tokenizer(&content.metadata).map_err(|e| EngineError::load(path, e))
+}
+
 /// What loading a GGUF file tells the rest of the server.
 pub struct LoadedLlama {
     pub generator: LlamaGenerator,

@@ -20,7 +20,7 @@ pub use device::{DeviceChoice, Plan, Target, Visible, device_name, parse_visible
 pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
 pub use generate::{
     Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, PositionLogprobs, SeqEvent, SeqId, StepPlan, StepReport,
-    gguf_tokenizer,
+    gguf_tokenizer, load_gguf_tokenizer,
 };
 pub use thread::Heartbeat;
 

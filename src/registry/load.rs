@@ -4,12 +4,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::Device;
 use tracing::{info, warn};
 
 use super::RegistryError;
 use super::repository::{Entry, Kind};
-use crate::engine::{EmbedEngine, Embedder, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name};
+use crate::engine::{
+    Device, EmbedEngine, Embedder, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name,
+};
 use crate::tokenizer::TextTokenizer;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;

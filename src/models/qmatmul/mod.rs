@@ -333,26 +333,28 @@ mod tests {
 
     use super::*;
 
+    /// Every weight type GGUF files carry that has a kernel here.
+    const TYPES: [GgmlDType; 12] = [
+        GgmlDType::Q4_1,
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::F32,
+    ];
+
     /// Every weight type against candle's `QMatMul`, on shapes that are not multiples of the column chunk,
     /// of the four-row group, or of the thread count. The output is poisoned, so a skipped element fails.
     #[test]
     fn every_weight_type_matches_candles_qmatmul() {
         let dev = Device::Cpu;
-        let types = [
-            GgmlDType::Q4_1,
-            GgmlDType::Q4_0,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::F16,
-            GgmlDType::F32,
-        ];
-        for dtype in types {
+        for dtype in TYPES {
             let block = dtype.block_size();
             // Even block counts: candle's own debug build asserts them for some types.
             for (rows, n, blocks) in [(1, 33, 2), (3, 300, 4), (17, 129, 2), (5, 7, 2), (6, 40, 6), (64, 50, 2)] {
@@ -388,21 +390,7 @@ mod tests {
     #[test]
     fn every_weight_type_is_within_llama_cpp_s_mul_mat_nmse() {
         let dev = Device::Cpu;
-        let types = [
-            GgmlDType::Q4_1,
-            GgmlDType::Q4_0,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-            GgmlDType::F16,
-            GgmlDType::F32,
-        ];
-        for dtype in types {
+        for dtype in TYPES {
             let block = dtype.block_size().max(32);
             // At least 31 outputs each: NMSE is a statistic over the output, as test-backend-ops takes it
             // (one dot product alone can cancel to near zero, and its relative error mean nothing).
