@@ -57,14 +57,20 @@ struct Row {
     nll: f64,
 }
 
+/// The log of what probability the listed tokens leave over (the "rest" bucket).
+fn rest_of(lp: &[f64]) -> f64 {
+    (1.0 - lp.iter().map(|v| v.exp()).sum::<f64>()).max(1e-30).ln()
+}
+
 impl Row {
-    fn add(&mut self, p: &Position, lq: &[f64], q_top1: u32, next_lq: f64) {
-        let q_mass: f64 = lq.iter().map(|v| v.exp()).sum();
-        let q_rest = (1.0 - q_mass).max(1e-30).ln();
-        let mut kl: f64 = p.lp.iter().zip(lq).map(|(a, b)| a.exp() * (a - b)).sum();
-        kl += p.rest.exp() * (p.rest - q_rest);
+    /// One position: KL(P || Q) over the reference's top ids plus the rest bucket, where `p_lp`/`p_rest`
+    /// are P's and `lq` Q's log-probabilities at those ids; whether Q's best id is P's; Q's surprise at
+    /// the actual next token.
+    fn add(&mut self, p_lp: &[f64], p_rest: f64, p_top1: u32, lq: &[f64], q_top1: u32, next_lq: f64) {
+        let mut kl: f64 = p_lp.iter().zip(lq).map(|(a, b)| a.exp() * (a - b)).sum();
+        kl += p_rest.exp() * (p_rest - rest_of(lq));
         self.kld.push(kl);
-        self.same_top += (q_top1 == p.top[0]) as usize;
+        self.same_top += (q_top1 == p_top1) as usize;
         self.nll -= next_lq;
     }
     fn mean_kld(&self) -> f64 {
@@ -128,23 +134,15 @@ fn within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
             let lq = log_softmax(row);
             let at_top: Vec<f64> = p.top.iter().map(|&t| lq[t as usize]).collect();
             let next = lq[chunk.ids[i + 1] as usize];
-            ours.add(p, &at_top, argmax(row), next);
-            f16.add(p, &p.f16.lp, p.f16.top1, p.f16.next_lp);
-            f16_b1.add(p, &p.f16_b1.lp, p.f16_b1.top1, p.f16_b1.next_lp);
-            f32_b1.add(p, &p.f32_b1.lp, p.f32_b1.top1, p.f32_b1.next_lp);
-            // omnibus against llama.cpp's one-token-at-a-time f32 run (the path generation takes).
-            let b1_mass: f64 = p.f32_b1.lp.iter().map(|v| v.exp()).sum();
-            let b1 = Position {
-                top: p.top.clone(),
-                lp: p.f32_b1.lp.clone(),
-                rest: (1.0 - b1_mass).max(1e-30).ln(),
-                next_lp: p.f32_b1.next_lp,
-                f16: Variation { lp: Vec::new(), next_lp: 0.0, top1: 0 },
-                f16_b1: Variation { lp: Vec::new(), next_lp: 0.0, top1: 0 },
-                f32_b1: Variation { lp: Vec::new(), next_lp: 0.0, top1: 0 },
-            };
-            let b1_top = Position { top: vec![p.f32_b1.top1], ..b1 };
-            ours_vs_b1.add(&b1_top, &at_top, argmax(row), next);
+            let (ref_lp, ref_rest, ref_top1) = (&p.lp[..], p.rest, p.top[0]);
+            ours.add(ref_lp, ref_rest, ref_top1, &at_top, argmax(row), next);
+            for (r, v) in [(&mut f16, &p.f16), (&mut f16_b1, &p.f16_b1), (&mut f32_b1, &p.f32_b1)] {
+                r.add(ref_lp, ref_rest, ref_top1, &v.lp, v.top1, v.next_lp);
+            }
+            // omnibus against llama.cpp's one-token-at-a-time f32 run (the path generation takes), over
+            // the same ids.
+            let b1 = &p.f32_b1;
+            ours_vs_b1.add(&b1.lp, rest_of(&b1.lp), b1.top1, &at_top, argmax(row), next);
             f32_nll -= p.next_lp;
         }
     }

@@ -186,6 +186,21 @@ async fn a_stream_ends_at_its_deadline_from_the_server() {
     assert_eq!(sample(&scrape, "omnibus_inflight_calls"), 0.0);
 }
 
+/// Reads (and drops) whatever the server sends until it closes the socket: true if that happens
+/// within `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let until_closed = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, until_closed).await.is_ok()
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
@@ -216,18 +231,9 @@ async fn silent_sockets_are_closed_after_the_handshake_timeout() {
     assert_eq!(client.predict(predict(&["beside 300 silent sockets"])).await.unwrap().into_inner().outputs.len(), 1);
     let started = Instant::now();
     for mut s in socks {
-        let mut buf = [0u8; 256];
         // The server closes: EOF (or a reset) after whatever SETTINGS it had sent.
-        let closed = tokio::time::timeout(Duration::from_secs(8), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        assert!(closed.is_ok(), "a silent socket was still open {:?} after the timeout", started.elapsed());
+        let closed = closed_within(&mut s, Duration::from_secs(8)).await;
+        assert!(closed, "a silent socket was still open {:?} after the timeout", started.elapsed());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(open_fds(server.pid()) <= before + 5, "{} descriptors, {} before", open_fds(server.pid()), before);
@@ -240,17 +246,8 @@ async fn an_idle_connection_is_closed_and_clients_reconnect() {
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
     let started = Instant::now();
-    let mut buf = [0u8; 256];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok() && started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
+    assert!(closed && started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
     // A tonic channel idle past the timeout reconnects on its next call.
     let mut client = server.client().await;
     client.predict(predict(&["first"])).await.unwrap();
