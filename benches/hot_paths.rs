@@ -86,7 +86,15 @@ fn tokenization(c: &mut Criterion) {
 fn quantized_matmul(c: &mut Criterion) {
     // SmolLM2's FFN shape; each type through our kernel and through candle's QMatMul, same inputs.
     let w = Tensor::randn(0f32, 1.0, (1536, 512), &Device::Cpu).unwrap();
-    for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
         let ours = QMatrix::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap();
         let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
         for rows in [1usize, 8, 64] {

@@ -173,10 +173,21 @@ pub fn gguf_tokenizer(md: &HashMap<String, gguf_file::Value>) -> Result<GgufToke
         pre: text("tokenizer.ggml.pre"),
         tokens: strings("tokenizer.ggml.tokens")?,
         merges: strings("tokenizer.ggml.merges")?,
+        scores: match md.get("tokenizer.ggml.scores") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| load(format!("tokenizer.ggml.scores: {e}")))?
+                .iter()
+                .map(|x| x.to_f32().map_err(|e| load(format!("tokenizer.ggml.scores: {e}"))))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        },
         token_types,
         bos: id("tokenizer.ggml.bos_token_id"),
         eos: id("tokenizer.ggml.eos_token_id"),
         add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()),
+        add_eos: md.get("tokenizer.ggml.add_eos_token").and_then(|v| v.to_bool().ok()),
+        add_space_prefix: md.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()),
         chat_template: text("tokenizer.chat_template"),
     })
 }

@@ -3,7 +3,8 @@
 //! time where the CPU has it.
 
 /// `q`: the new rows, `n x (n_head * head_dim)`; `k`, `v`: the cache including the new rows,
-/// `len x (n_kv * head_dim)`; `start`: the position of the first new row. Writes `n x (n_head * head_dim)`.
+/// `len x (n_kv * head_dim)`; `start`: the position of the first new row; `window`: a row at position
+/// `p` sees positions `p - window + 1 ..= p` (`usize::MAX`: all). Writes `n x (n_head * head_dim)`.
 #[allow(clippy::too_many_arguments)]
 pub fn causal(
     q: &[f32],
@@ -13,14 +14,15 @@ pub fn causal(
     n_head: usize,
     n_kv: usize,
     head_dim: usize,
+    window: usize,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::features().avx2_fma {
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-        return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, out) };
+        return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, window, out) };
     }
-    causal_generic(q, k, v, start, n_head, n_kv, head_dim, out)
+    causal_generic(q, k, v, start, n_head, n_kv, head_dim, window, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -34,9 +36,10 @@ unsafe fn causal_avx2(
     n_head: usize,
     n_kv: usize,
     hd: usize,
+    window: usize,
     out: &mut [f32],
 ) {
-    causal_generic(q, k, v, start, n_head, n_kv, hd, out)
+    causal_generic(q, k, v, start, n_head, n_kv, hd, window, out)
 }
 
 #[inline(always)]
@@ -67,6 +70,7 @@ fn causal_generic(
     n_head: usize,
     n_kv: usize,
     hd: usize,
+    window: usize,
     out: &mut [f32],
 ) {
     let q_width = n_head * hd;
@@ -77,12 +81,13 @@ fn causal_generic(
     let mut scores = Vec::with_capacity(start + n);
     for j in 0..n {
         let visible = start + j + 1;
+        let first = visible.saturating_sub(window);
         for head in 0..n_head {
             let kvh = head / group;
             let qh = &q[j * q_width + head * hd..j * q_width + (head + 1) * hd];
             scores.clear();
             let mut max = f32::NEG_INFINITY;
-            for t in 0..visible {
+            for t in first..visible {
                 let s = dot(qh, &k[t * kv_width + kvh * hd..t * kv_width + (kvh + 1) * hd]) * scale;
                 max = max.max(s);
                 scores.push(s);
@@ -96,7 +101,7 @@ fn causal_generic(
             let inv = (1.0 / sum) as f32;
             let o = &mut out[j * q_width + head * hd..j * q_width + (head + 1) * hd];
             o.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
+            for (t, &p) in (first..visible).zip(scores.iter()) {
                 let p = p * inv;
                 let vt = &v[t * kv_width + kvh * hd..t * kv_width + (kvh + 1) * hd];
                 for (oi, vi) in o.iter_mut().zip(vt) {
@@ -117,14 +122,18 @@ mod tests {
         let k = [1.0, 0.0, 0.0, 1.0];
         let v = [10.0, 20.0, 30.0, 40.0];
         let mut out = [0.0; 2];
-        causal(&[0.0, 0.0], &k[..2], &v[..2], 0, 1, 1, 2, &mut out);
+        let all = usize::MAX;
+        causal(&[0.0, 0.0], &k[..2], &v[..2], 0, 1, 1, 2, all, &mut out);
         assert_eq!(out, [10.0, 20.0]);
         // Equal scores at position 1: the mean of both values.
-        causal(&[0.0, 0.0], &k, &v, 1, 1, 1, 2, &mut out);
+        causal(&[0.0, 0.0], &k, &v, 1, 1, 1, 2, all, &mut out);
         assert_eq!(out, [20.0, 30.0]);
         // Two new rows at once equal the two computed one by one (row 0 must not see row 1).
         let mut both = [0.0; 4];
-        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, &mut both);
+        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, all, &mut both);
         assert_eq!(both, [10.0, 20.0, 20.0, 30.0]);
+        // A window of one: each row sees only itself.
+        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, 1, &mut both);
+        assert_eq!(both, [10.0, 20.0, 30.0, 40.0]);
     }
 }

@@ -1,4 +1,6 @@
-//! A llama-architecture decoder loaded from GGUF. The weights are immutable and shared; each sequence's
+//! The decoder-only transformers of GGUF files (llama and its relatives), loaded from GGUF. One struct
+//! serves every architecture in [`ARCHITECTURES`], the one table from `general.architecture` to what
+//! that architecture switches on (Q/K norms, extra norms, GeGLU, NeoX RoPE, sliding windows). The weights are immutable and shared; each sequence's
 //! KV cache and position live in a [`KvCache`] passed to `forward`, so one forward pass can advance many
 //! sequences at once, each at its own position, some prefilling and some decoding.
 //!
@@ -13,15 +15,25 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, bail};
 
-use super::qmatmul::QMatrix;
+use super::qmatmul::{QMatrix, QRows};
 use super::team::{Disjoint, Team};
 
 /// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
 const ATTENTION_ROWS: usize = 16;
 
-/// Hyper-parameters from the GGUF metadata (`llama.*`).
+/// The feed-forward activation of the gated FFN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU(gate) * up (llama, Qwen, Mistral, Phi-3).
+    Silu,
+    /// GELU, tanh approximation, of the gate, times up (Gemma's GeGLU).
+    GeluTanh,
+}
+
+/// Hyper-parameters from the GGUF metadata (`<architecture>.*`) and the architecture's switches.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
+    pub arch: String,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
@@ -33,6 +45,46 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// RoPE rotates the halves of each head (GPT-NeoX) instead of adjacent pairs.
+    pub rope_neox: bool,
+    /// Per layer: the sliding window (a row sees only the last `w` positions, itself included).
+    pub window: Vec<Option<usize>>,
+    /// RoPE base of the sliding-window layers.
+    pub rope_base_swa: f32,
+    /// Per-head RMSNorm of queries and keys before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and FFN outputs before each residual add (`post_attention_norm`,
+    /// `post_ffw_norm`).
+    pub post_norms: bool,
+    /// The embedding rows are multiplied by this (Gemma: sqrt of the width).
+    pub embed_scale: Option<f32>,
+    pub activation: Activation,
+}
+
+/// The one table of decoder architectures: `general.architecture` to what sets its switches. A new
+/// architecture is a function here and a line in this table.
+pub const ARCHITECTURES: &[(&str, fn(&HashMap<String, Value>, &mut LlamaConfig) -> Result<()>)] =
+    &[("llama", |_, _| Ok(())), ("gemma3", gemma3)];
+
+/// Gemma 3: GeGLU, NeoX RoPE, Q/K norms, post-norms, embeddings scaled by sqrt(width), and sliding-window
+/// layers (five in six, base 10,000) between global ones, as llama.cpp's `llama_model_gemma3` reads them.
+fn gemma3(m: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
+    c.activation = Activation::GeluTanh;
+    c.rope_neox = true;
+    c.qk_norm = true;
+    c.post_norms = true;
+    c.embed_scale = Some((c.n_embd as f32).sqrt());
+    if let Some(w) = m.get("gemma3.attention.sliding_window").map(|v| v.to_u32()).transpose()?.filter(|&w| w > 0) {
+        let pattern = m.get("gemma3.attention.sliding_window_pattern").map(|v| v.to_u32()).transpose()?.unwrap_or(6);
+        let pattern = pattern as usize;
+        c.window =
+            (0..c.n_layer).map(|il| (pattern == 0 || il % pattern < pattern - 1).then_some(w as usize)).collect();
+        c.rope_base_swa = m.get("gemma3.rope.freq_base_swa").map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0);
+    }
+    if m.contains_key("gemma3.final_logit_softcapping") {
+        bail!("gemma3 with final_logit_softcapping is not supported yet");
+    }
+    Ok(())
 }
 
 fn md<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
@@ -42,30 +94,53 @@ fn md<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
 impl LlamaConfig {
     pub fn from_metadata(m: &HashMap<String, Value>) -> Result<Self> {
         let arch = md(m, "general.architecture")?.to_string()?.clone();
-        if arch != "llama" {
-            bail!("general.architecture is {arch:?}; only \"llama\" is supported");
-        }
-        let u = |k: &str| -> Result<usize> { Ok(md(m, &format!("llama.{k}"))?.to_u32()? as usize) };
+        let Some(&(_, switches)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
+            let known: Vec<&str> = ARCHITECTURES.iter().map(|(a, _)| *a).collect();
+            bail!("general.architecture {arch:?} is not supported (supported: {})", known.join(", "));
+        };
+        let u = |k: &str| -> Result<usize> { Ok(md(m, &format!("{arch}.{k}"))?.to_u32()? as usize) };
         let n_embd = u("embedding_length")?;
         let n_head = u("attention.head_count")?;
         let n_kv_head = u("attention.head_count_kv").unwrap_or(n_head);
-        let head_dim = n_embd / n_head;
-        let cfg = Self {
-            n_layer: u("block_count")?,
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            bail!("inconsistent heads: {n_head} heads, {n_kv_head} kv heads");
+        }
+        let head_dim = u("attention.key_length").unwrap_or(n_embd / n_head);
+        if u("attention.value_length").unwrap_or(head_dim) != head_dim {
+            bail!("{arch}: keys and values of different widths are not supported");
+        }
+        let n_layer = u("block_count")?;
+        let mut cfg = Self {
+            arch: arch.clone(),
+            n_layer,
             n_embd,
             n_head,
             n_kv_head,
             head_dim,
             n_ff: u("feed_forward_length")?,
-            rope_base: m.get("llama.rope.freq_base").map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0),
+            rope_base: m.get(&format!("{arch}.rope.freq_base")).map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0),
             rope_dims: u("rope.dimension_count").unwrap_or(head_dim),
-            rms_eps: md(m, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?,
+            rms_eps: md(m, &format!("{arch}.attention.layer_norm_rms_epsilon"))?.to_f32()?,
             context_length: u("context_length")?,
             vocab_size: 0,
+            rope_neox: false,
+            window: vec![None; n_layer],
+            rope_base_swa: 10_000.0,
+            qk_norm: false,
+            post_norms: false,
+            embed_scale: None,
+            activation: Activation::Silu,
         };
-        if n_head % cfg.n_kv_head != 0 || n_embd % n_head != 0 {
-            bail!("inconsistent heads: {n_head} heads, {} kv heads, width {n_embd}", cfg.n_kv_head);
+        if let Some(kind) = m.get(&format!("{arch}.rope.scaling.type")) {
+            let kind = kind.to_string()?;
+            if kind != "none" {
+                bail!("{arch}.rope.scaling.type {kind:?} is not supported yet");
+            }
         }
+        if cfg.rope_dims > head_dim || cfg.rope_dims % 2 != 0 {
+            bail!("rope.dimension_count {} for heads of {head_dim}", cfg.rope_dims);
+        }
+        switches(m, &mut cfg)?;
         Ok(cfg)
     }
 
@@ -103,6 +178,12 @@ impl Linear {
 
 struct Layer {
     attn_norm: Vec<f32>,
+    /// With `qk_norm`: per-head RMSNorm weights of queries and keys.
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    /// With `post_norms`.
+    post_attn_norm: Vec<f32>,
+    post_ffn_norm: Vec<f32>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
@@ -115,8 +196,8 @@ struct Layer {
 
 pub struct Llama {
     pub config: LlamaConfig,
-    /// The token embedding, dequantized once (ggml's get_rows dequantizes the same way per lookup).
-    embed: Vec<f32>,
+    /// The token embedding in its own blocks, a row dequantized per lookup as ggml's get_rows does.
+    embed: QRows,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
@@ -188,7 +269,7 @@ impl Llama {
             bail!("token_embd.weight is {vocab}x{width}, expected width {}", config.n_embd);
         }
         config.vocab_size = vocab;
-        let embed = tok.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?;
+        let embed = QRows::from_qtensor(&tok)?;
         let output = if content.tensor_infos.contains_key("output.weight") {
             Linear::new(q("output.weight", reader)?, device)?
         } else {
@@ -199,8 +280,25 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let p = format!("blk.{i}");
+            let mut norm = |n: &str, on: bool| -> Result<Vec<f32>> {
+                if on { load_vec(q(&format!("{p}.{n}.weight"), reader)?, device) } else { Ok(Vec::new()) }
+            };
+            let (q_norm, k_norm) = (norm("attn_q_norm", config.qk_norm)?, norm("attn_k_norm", config.qk_norm)?);
+            let post_attn_norm = norm("post_attention_norm", config.post_norms)?;
+            let post_ffn_norm = norm("post_ffw_norm", config.post_norms)?;
+            for (name, w, want) in
+                [("attn_q_norm", &q_norm, config.head_dim), ("attn_k_norm", &k_norm, config.head_dim)]
+            {
+                if config.qk_norm && w.len() != want {
+                    bail!("{p}.{name}.weight has {} values, expected {want}", w.len());
+                }
+            }
             let mut m = |n: &str| -> Result<Linear> { Linear::new(q(&format!("{p}.{n}.weight"), reader)?, device) };
             let layer = Layer {
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
                 wq: m("attn_q")?,
                 wk: m("attn_k")?,
                 wv: m("attn_v")?,
@@ -242,18 +340,28 @@ impl Llama {
                 if t >= c.vocab_size {
                     bail!("token id {t} is outside the vocabulary of {}", c.vocab_size);
                 }
-                x.extend_from_slice(&self.embed[t * h..(t + 1) * h]);
+                self.embed.push_row(t, &mut x);
                 pos_of.push(s.cache.len + j);
             }
         }
-        let rope = RopeRows::new(c, &pos_of);
+        if let Some(scale) = c.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        let rope = RopeRows::new(c, c.rope_base, &pos_of);
+        let rope_swa = c.window.iter().any(Option::is_some).then(|| RopeRows::new(c, c.rope_base_swa, &pos_of));
         for (li, layer) in self.layers.iter().enumerate() {
+            let window = c.window[li];
+            let rope = if window.is_some() { rope_swa.as_ref().unwrap_or(&rope) } else { &rope };
             let xn = rms_norm(&x, &layer.attn_norm, h, c.rms_eps);
             let mut q = layer.wq.forward(xn.clone(), total)?;
             let mut k = layer.wk.forward(xn.clone(), total)?;
             let v = layer.wv.forward(xn, total)?;
-            rope.apply(&mut q, c.n_head, c.head_dim);
-            rope.apply(&mut k, c.n_kv_head, c.head_dim);
+            if c.qk_norm {
+                q = rms_norm(&q, &layer.q_norm, c.head_dim, c.rms_eps);
+                k = rms_norm(&k, &layer.k_norm, c.head_dim, c.rms_eps);
+            }
+            rope.apply(&mut q, c.n_head, c.head_dim, c.rope_neox);
+            rope.apply(&mut k, c.n_kv_head, c.head_dim, c.rope_neox);
             let mut attn = vec![0f32; total * q_dim];
             // Append the new keys and values, then attend: every (sequence, run of rows) is a task on the
             // team, so a long prompt's attention, and a batch's, is spread over the cores too.
@@ -289,16 +397,28 @@ impl Llama {
                     c.n_head,
                     c.n_kv_head,
                     c.head_dim,
+                    window.unwrap_or(usize::MAX),
                     o,
                 );
             });
-            let o = layer.wo.forward(attn, total)?;
+            let mut o = layer.wo.forward(attn, total)?;
+            if c.post_norms {
+                o = rms_norm(&o, &layer.post_attn_norm, h, c.rms_eps);
+            }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);
             let gate = layer.w_gate.forward(xn.clone(), total)?;
             let up = layer.w_up.forward(xn, total)?;
-            let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let down = layer.w_down.forward(act, total)?;
+            let act: Vec<f32> = match c.activation {
+                Activation::Silu => gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect(),
+                Activation::GeluTanh => {
+                    gate.iter().zip(&up).map(|(&g, &u)| super::ops::gelu_tanh_ggml(g) * u).collect()
+                }
+            };
+            let mut down = layer.w_down.forward(act, total)?;
+            if c.post_norms {
+                down = rms_norm(&down, &layer.post_ffn_norm, h, c.rms_eps);
+            }
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         // Only the rows whose logits are wanted go through the head: usually each sequence's last.
@@ -347,7 +467,8 @@ fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
     out
 }
 
-/// RoPE (llama's "normal" mode: rotate adjacent pairs) with the cos/sin of every row's position.
+/// RoPE with the cos/sin of every row's position: llama's "normal" mode rotates adjacent pairs, NeoX's
+/// (Gemma, Qwen) pairs value `i` with value `i + dims / 2`.
 struct RopeRows {
     /// Per row, `rope_dims / 2` (cos, sin) pairs.
     table: Vec<(f32, f32)>,
@@ -355,11 +476,11 @@ struct RopeRows {
 }
 
 impl RopeRows {
-    fn new(c: &LlamaConfig, positions: &[usize]) -> Self {
+    fn new(c: &LlamaConfig, base: f32, positions: &[usize]) -> Self {
         let half = c.rope_dims / 2;
         // ggml: theta_scale = powf(base, -2/n_dims); theta starts at the position and is multiplied
         // by theta_scale once per pair, in f32. The same rounding gives the same angles.
-        let theta_scale = c.rope_base.powf(-2.0 / c.rope_dims as f32);
+        let theta_scale = base.powf(-2.0 / c.rope_dims as f32);
         let mut table = Vec::with_capacity(positions.len() * half);
         for &p in positions {
             let mut theta = p as f32;
@@ -371,15 +492,17 @@ impl RopeRows {
         Self { table, half }
     }
 
-    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize) {
+    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, neox: bool) {
         let row_width = heads * head_dim;
+        let half = self.half;
         for (r, row) in x.chunks_exact_mut(row_width).enumerate() {
-            let cs = &self.table[r * self.half..(r + 1) * self.half];
+            let cs = &self.table[r * half..(r + 1) * half];
             for head in row.chunks_exact_mut(head_dim) {
                 for (i, &(cos, sin)) in cs.iter().enumerate() {
-                    let (x0, x1) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = x0 * cos - x1 * sin;
-                    head[2 * i + 1] = x0 * sin + x1 * cos;
+                    let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos - x1 * sin;
+                    head[b] = x0 * sin + x1 * cos;
                 }
             }
         }

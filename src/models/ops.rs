@@ -274,3 +274,57 @@ mod tests {
         assert!(diff(&gelu_erf(&t).unwrap(), &t.gelu_erf().unwrap()) < 1e-6);
     }
 }
+
+/// GELU with the tanh approximation as ggml's CPU backend computes it (`GGML_GELU_FP16`): the input
+/// rounded to f16, looked up in a table of `gelu(x)` rounded to f16; 0 below -10 and `x` above 10.
+pub fn gelu_tanh_ggml(x: f32) -> f32 {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let table = TABLE.get_or_init(|| {
+        const GELU_COEF_A: f32 = 0.044715;
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        (0..=u16::MAX)
+            .map(|bits| {
+                let v = half::f16::from_bits(bits).to_f32();
+                let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + GELU_COEF_A * v * v)).tanh());
+                half::f16::from_f32(g).to_f32()
+            })
+            .collect()
+    });
+    table[half::f16::from_f32(x).to_bits() as usize]
+}
+
+#[cfg(test)]
+mod gelu_tests {
+    #[test]
+    fn gelu_tanh_is_gelu_to_f16_precision() {
+        for i in -2000..2000 {
+            let x = i as f32 * 0.006;
+            let exact = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2));
+            let got = super::gelu_tanh_ggml(x) as f64;
+            // tanh-approximation error (< 1e-3) plus f16 rounding of input and output.
+            assert!((got - exact).abs() <= 2e-3 + 2e-3 * exact.abs(), "{x}: {got} vs {exact}");
+        }
+        assert_eq!(super::gelu_tanh_ggml(-11.0), 0.0);
+        assert_eq!(super::gelu_tanh_ggml(12.5), 12.5);
+    }
+
+    /// erf by its series (|x| < 6 here), enough for a test's reference.
+    fn libm_erf(x: f64) -> f64 {
+        if x.abs() > 5.0 {
+            return x.signum();
+        }
+        let (mut term, mut sum, mut n) = (x, x, 0.0);
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
+    }
+}

@@ -1,6 +1,7 @@
-//! The tokenizer of a GGUF file, built from its own metadata (vocabulary, merges, token types,
-//! pre-tokenizer name, special ids), so the one file is enough; and incremental detokenization that
-//! emits text only in whole UTF-8 characters.
+//! The tokenizer of a GGUF file, built from its own metadata (vocabulary, merges or scores, token
+//! types, pre-tokenizer name, special ids), so the one file is enough: byte-level BPE ("gpt2") through
+//! `tokenizers`, SentencePiece-style ("llama") through [`super::spm`]; and incremental detokenization
+//! that emits text only in whole UTF-8 characters.
 use std::collections::HashMap;
 
 use tokenizers::models::bpe::BPE;
@@ -11,10 +12,14 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::TokenizerError;
+use super::spm::{self, Spm};
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_UNKNOWN: i32 = 2;
 const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
+const TOKEN_BYTE: i32 = 6;
 
 /// Llama 3's pre-tokenizer regex (`tokenizers`' ByteLevel applies GPT-2's own when use_regex is on).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -23,8 +28,15 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const END_OF_GENERATION: &[&str] =
     &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>", "<|eom_id|>"];
 
+/// The two tokenizer models GGUF files carry.
+enum Model {
+    Bpe(Box<Tokenizer>),
+    Spm(Spm),
+}
+
 pub struct GgufTokenizer {
-    tokenizer: Tokenizer,
+    model: Model,
+    add_eos: bool,
     /// Each token's bytes as it appears in text (control tokens: none).
     bytes: Vec<Vec<u8>>,
     pub bos: Option<u32>,
@@ -51,11 +63,16 @@ pub struct GgufVocab {
     pub pre: Option<String>,
     pub tokens: Vec<String>,
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece merge priorities).
+    pub scores: Vec<f32>,
     /// `tokenizer.ggml.token_type`; every token normal when absent.
     pub token_types: Option<Vec<i32>>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub add_bos: Option<bool>,
+    pub add_eos: Option<bool>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece; llama.cpp's default is true).
+    pub add_space_prefix: Option<bool>,
     pub chat_template: Option<String>,
 }
 
@@ -76,20 +93,96 @@ fn byte_decoder() -> HashMap<char, u8> {
 
 impl GgufTokenizer {
     pub fn new(vocab: GgufVocab) -> Result<Self, TokenizerError> {
-        let GgufVocab { model, pre, tokens, merges, token_types, bos, eos, add_bos, chat_template } = vocab;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer.ggml.model {model:?} is not supported yet (only byte-level BPE, \"gpt2\")"
-            )));
-        }
+        let GgufVocab {
+            model,
+            pre,
+            tokens,
+            merges,
+            scores,
+            token_types,
+            bos,
+            eos,
+            add_bos,
+            add_eos,
+            add_space_prefix,
+            chat_template,
+        } = vocab;
         if tokens.is_empty() {
             return Err(err("no tokenizer.ggml.tokens"));
         }
+        let types = token_types.unwrap_or_else(|| vec![TOKEN_NORMAL; tokens.len()]);
+        if types.len() != tokens.len() {
+            return Err(err(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        }
+        let (model, bytes) = match model.as_str() {
+            "gpt2" => Self::bpe(&tokens, &types, &merges, pre)?,
+            "llama" => {
+                if scores.len() != tokens.len() {
+                    return Err(err(format!("{} tokenizer.ggml.scores for {} tokens", scores.len(), tokens.len())));
+                }
+                let special = tokens
+                    .iter()
+                    .zip(&types)
+                    .enumerate()
+                    .filter(|(_, (_, t))| matches!(**t, TOKEN_CONTROL | TOKEN_USER_DEFINED | TOKEN_UNKNOWN))
+                    .map(|(i, (s, _))| (s.clone(), i as u32))
+                    .collect();
+                let spm = Spm::new(&tokens, scores, special, add_space_prefix.unwrap_or(true));
+                // llama.cpp's token_to_piece for SPM: normal and user-defined tokens with U+2581 as a
+                // space, byte tokens as their byte, anything else (control, unknown) as nothing.
+                let bytes = tokens
+                    .iter()
+                    .zip(&types)
+                    .map(|(s, &t)| match t {
+                        TOKEN_NORMAL | TOKEN_USER_DEFINED => s.replace(spm::SPACE, " ").into_bytes(),
+                        TOKEN_BYTE => s
+                            .strip_prefix("<0x")
+                            .and_then(|h| h.strip_suffix('>'))
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())
+                            .map(|b| vec![b])
+                            .unwrap_or_default(),
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                (Model::Spm(spm), bytes)
+            }
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece)"
+                )));
+            }
+        };
+        let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
+        for (i, (s, &t)) in tokens.iter().zip(&types).enumerate() {
+            if t == TOKEN_CONTROL && END_OF_GENERATION.contains(&s.as_str()) && !end_of_generation.contains(&(i as u32))
+            {
+                end_of_generation.push(i as u32);
+            }
+        }
+        Ok(Self {
+            model,
+            add_eos: add_eos.unwrap_or(false),
+            bytes,
+            bos,
+            eos,
+            add_bos: add_bos.unwrap_or(false),
+            end_of_generation,
+            chat_template,
+            tokens,
+        })
+    }
+
+    /// Byte-level BPE through `tokenizers`, with llama.cpp's pre-tokenizer of that name.
+    fn bpe(
+        tokens: &[String],
+        types: &[i32],
+        merges: &[String],
+        pre: Option<String>,
+    ) -> Result<(Model, Vec<Vec<u8>>), TokenizerError> {
         // Byte-level BPE without merges would split every text into single bytes: refuse the file.
         if merges.is_empty() {
             return Err(err("no tokenizer.ggml.merges (byte-level BPE needs them)"));
         }
-        let types = token_types.unwrap_or_else(|| vec![1; tokens.len()]);
         let vocab: tokenizers::models::bpe::Vocab =
             tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges = merges
@@ -120,7 +213,7 @@ impl GgufTokenizer {
         tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
         let special: Vec<AddedToken> = tokens
             .iter()
-            .zip(&types)
+            .zip(types)
             .filter(|(_, t)| **t == TOKEN_CONTROL || **t == TOKEN_USER_DEFINED)
             .map(|(s, t)| AddedToken::from(s.clone(), *t == TOKEN_CONTROL))
             .collect();
@@ -129,40 +222,32 @@ impl GgufTokenizer {
         let decoder = byte_decoder();
         let bytes = tokens
             .iter()
-            .zip(&types)
+            .zip(types)
             .map(|(s, &t)| match t {
                 TOKEN_CONTROL => Vec::new(),
                 TOKEN_USER_DEFINED => s.as_bytes().to_vec(),
                 _ => s.chars().map(|c| decoder.get(&c).copied().unwrap_or(b'?')).collect(),
             })
             .collect();
-        let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
-        for (i, (s, &t)) in tokens.iter().zip(&types).enumerate() {
-            if t == TOKEN_CONTROL && END_OF_GENERATION.contains(&s.as_str()) && !end_of_generation.contains(&(i as u32))
-            {
-                end_of_generation.push(i as u32);
-            }
-        }
-        Ok(Self {
-            tokenizer,
-            bytes,
-            bos,
-            eos,
-            add_bos: add_bos.unwrap_or(false),
-            end_of_generation,
-            chat_template,
-            tokens,
-        })
+        Ok((Model::Bpe(Box::new(tokenizer)), bytes))
     }
 
     /// Token ids of `text`, special tokens in it recognised, with BOS first when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.model {
+            Model::Bpe(t) => {
+                let enc = t.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Model::Spm(spm) => ids.extend(spm.encode(text)),
+        }
+        if self.add_eos {
+            ids.extend(self.eos);
+        }
         Ok(ids)
     }
 
@@ -173,6 +258,9 @@ impl GgufTokenizer {
         let mut ids = self.encode(text)?;
         if !add_special_tokens && self.add_bos && self.bos.is_some() && ids.first() == self.bos.as_ref() {
             ids.remove(0);
+        }
+        if !add_special_tokens && self.add_eos && self.eos.is_some() && ids.last() == self.eos.as_ref() {
+            ids.pop();
         }
         Ok(ids
             .into_iter()

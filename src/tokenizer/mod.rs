@@ -3,6 +3,7 @@
 //! tokenizer from its GGUF metadata and detokenizes incrementally.
 pub mod chat;
 pub mod gguf;
+pub mod spm;
 
 use std::path::Path;
 

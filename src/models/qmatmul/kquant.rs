@@ -311,7 +311,9 @@ impl<F: Format> Kernel for KMatrix<F> {
     fn columns(&self, q: &Q8KRows, rows: usize, cols: Range<usize>, out: &Out) {
         let dot: DotFn = x86::select::<F>();
         let kb = self.kb;
-        super::eight_column_tiles(rows, cols, out, |g, run, tile| dot(&self.groups[g * kb..(g + 1) * kb], q, run, tile));
+        super::eight_column_tiles(rows, cols, out, |g, run, tile| {
+            dot(&self.groups[g * kb..(g + 1) * kb], q, run, tile)
+        });
     }
 }
 
@@ -547,7 +549,11 @@ mod tests {
                     let want = deq[col * k + b * QK_K + i];
                     let got = w.d[c] * w.sc[i / 16][c] as f32 * (value::<F>(w, c, i) - F::OFFSET) as f32
                         - w.dmin[c] * w.m[i / 32][c] as f32;
-                    assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{:?} col {col} [{i}]: {got} vs {want}", F::DTYPE);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                        "{:?} col {col} [{i}]: {got} vs {want}",
+                        F::DTYPE
+                    );
                 }
             }
         }
@@ -560,7 +566,13 @@ mod tests {
                 dot_portable::<F>(wg, &q, run, &mut want);
                 x86::avx2::<F>(wg, &q, run, &mut got);
                 for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                    assert_eq!(got[i][c].to_bits(), want[i][c].to_bits(), "{:?} group {g} row {} col {c}", F::DTYPE, run[i]);
+                    assert_eq!(
+                        got[i][c].to_bits(),
+                        want[i][c].to_bits(),
+                        "{:?} group {g} row {} col {c}",
+                        F::DTYPE,
+                        run[i]
+                    );
                 }
             }
         }

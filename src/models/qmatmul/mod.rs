@@ -26,8 +26,8 @@ use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
 use candle_core::{Result, bail};
 use half::{bf16, f16};
 
-pub use q4_1::Q4_1Matrix;
 use kquant::KMatrix;
+pub use q4_1::Q4_1Matrix;
 use q8_0::Q8Matrix;
 
 use super::team::Team;
@@ -247,6 +247,81 @@ impl<T: GgmlType> Kernel for Blocks<T> {
                 // SAFETY: `c` is in this task's `cols`.
                 unsafe { out.set(r, c, T::vec_dot(k, wc, &act[r * akb..(r + 1) * akb])) };
             }
+        }
+    }
+}
+
+impl<T: GgmlType> Blocks<T> {
+    /// Row `r` (`k` values), dequantized.
+    fn row(&self, r: usize, out: &mut [f32]) {
+        T::to_float(&self.w[r * self.kb..(r + 1) * self.kb], out)
+    }
+}
+
+/// A GGUF matrix kept in its own blocks and dequantized a row at a time: a token embedding. Gemma 3's
+/// is 262,144 x 640; dequantized whole it would take 671 MB, in Q8_0 178 MB.
+pub struct QRows(RowsInner);
+
+enum RowsInner {
+    Q4_0(Blocks<BlockQ4_0>),
+    Q4_1(Blocks<candle_core::quantized::k_quants::BlockQ4_1>),
+    Q5_0(Blocks<BlockQ5_0>),
+    Q5_1(Blocks<BlockQ5_1>),
+    Q8_0(Blocks<BlockQ8_0>),
+    Q2K(Blocks<BlockQ2K>),
+    Q3K(Blocks<BlockQ3K>),
+    Q4K(Blocks<BlockQ4K>),
+    Q5K(Blocks<BlockQ5K>),
+    Q6K(Blocks<BlockQ6K>),
+    F16(Blocks<f16>),
+    BF16(Blocks<bf16>),
+    F32(Blocks<f32>),
+}
+
+impl QRows {
+    pub fn from_qtensor(t: &QTensor) -> Result<Self> {
+        Ok(Self(match t.dtype() {
+            GgmlDType::Q4_0 => RowsInner::Q4_0(Blocks::from_qtensor(t)?),
+            GgmlDType::Q4_1 => RowsInner::Q4_1(Blocks::from_qtensor(t)?),
+            GgmlDType::Q5_0 => RowsInner::Q5_0(Blocks::from_qtensor(t)?),
+            GgmlDType::Q5_1 => RowsInner::Q5_1(Blocks::from_qtensor(t)?),
+            GgmlDType::Q8_0 => RowsInner::Q8_0(Blocks::from_qtensor(t)?),
+            GgmlDType::Q2K => RowsInner::Q2K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q3K => RowsInner::Q3K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q4K => RowsInner::Q4K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q5K => RowsInner::Q5K(Blocks::from_qtensor(t)?),
+            GgmlDType::Q6K => RowsInner::Q6K(Blocks::from_qtensor(t)?),
+            GgmlDType::F16 => RowsInner::F16(Blocks::from_qtensor(t)?),
+            GgmlDType::BF16 => RowsInner::BF16(Blocks::from_qtensor(t)?),
+            GgmlDType::F32 => RowsInner::F32(Blocks::from_qtensor(t)?),
+            other => bail!("no row lookup for {other:?} weights"),
+        }))
+    }
+
+    /// Appends row `r` (`k` values) to `out`; the caller checks `r`.
+    pub fn push_row(&self, r: usize, out: &mut Vec<f32>) {
+        macro_rules! row {
+            ($m:expr) => {{
+                let k = $m.in_features();
+                let start = out.len();
+                out.resize(start + k, 0.0);
+                $m.row(r, &mut out[start..]);
+            }};
+        }
+        match &self.0 {
+            RowsInner::Q4_0(m) => row!(m),
+            RowsInner::Q4_1(m) => row!(m),
+            RowsInner::Q5_0(m) => row!(m),
+            RowsInner::Q5_1(m) => row!(m),
+            RowsInner::Q8_0(m) => row!(m),
+            RowsInner::Q2K(m) => row!(m),
+            RowsInner::Q3K(m) => row!(m),
+            RowsInner::Q4K(m) => row!(m),
+            RowsInner::Q5K(m) => row!(m),
+            RowsInner::Q6K(m) => row!(m),
+            RowsInner::F16(m) => row!(m),
+            RowsInner::BF16(m) => row!(m),
+            RowsInner::F32(m) => row!(m),
         }
     }
 }
