@@ -636,3 +636,63 @@ impl RopeRows {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(arch: &str, extra: &[(&str, Value)]) -> HashMap<String, Value> {
+        let mut m = HashMap::new();
+        m.insert("general.architecture".to_string(), Value::String(arch.to_string()));
+        for (k, v) in [
+            ("embedding_length", 64u32),
+            ("attention.head_count", 4),
+            ("block_count", 2),
+            ("feed_forward_length", 128),
+            ("context_length", 256),
+        ] {
+            m.insert(format!("{arch}.{k}"), Value::U32(v));
+        }
+        m.insert(format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
+        for (k, v) in extra {
+            m.insert(format!("{arch}.{k}"), v.clone());
+        }
+        m
+    }
+
+    #[test]
+    fn unsupported_files_are_refused_by_name() {
+        let err = LlamaConfig::from_metadata(&metadata("falcon", &[])).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "general.architecture \"falcon\" is not supported (supported: llama, qwen2, qwen3, phi3, gemma3)"
+            ),
+            "{err}"
+        );
+        let yarn = [("rope.scaling.type", Value::String("yarn".into()))];
+        let err = LlamaConfig::from_metadata(&metadata("llama", &yarn)).unwrap_err().to_string();
+        assert!(
+            err.contains("llama.rope.scaling.type \"yarn\" is not supported yet (supported: none, linear)"),
+            "{err}"
+        );
+        let heads = [("attention.head_count_kv", Value::U32(3))];
+        let err = LlamaConfig::from_metadata(&metadata("qwen2", &heads)).unwrap_err().to_string();
+        assert!(err.contains("4 heads, 3 kv heads"), "{err}");
+    }
+
+    #[test]
+    fn architectures_switch_on_their_features() {
+        let c = LlamaConfig::from_metadata(&metadata("llama", &[])).unwrap();
+        assert!(!c.rope_neox && !c.qk_norm && c.window.iter().all(Option::is_none) && c.head_dim == 16);
+        let linear = [("rope.scaling.type", Value::String("linear".into())), ("rope.scaling.factor", Value::F32(4.0))];
+        assert_eq!(LlamaConfig::from_metadata(&metadata("llama", &linear)).unwrap().rope_freq_scale, 0.25);
+        let q3 = LlamaConfig::from_metadata(&metadata("qwen3", &[("attention.key_length", Value::U32(32))])).unwrap();
+        assert!(q3.rope_neox && q3.qk_norm && q3.head_dim == 32);
+        let g =
+            LlamaConfig::from_metadata(&metadata("gemma3", &[("attention.sliding_window", Value::U32(512))])).unwrap();
+        assert_eq!(g.activation, Activation::GeluTanh);
+        assert_eq!(g.embed_scale, Some(8.0));
+        // Five sliding-window layers in six: with two layers, both are local.
+        assert_eq!(g.window, vec![Some(512), Some(512)]);
+    }
+}
