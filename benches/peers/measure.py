@@ -54,16 +54,17 @@ def rss_mb(pid):
 
 # ---------------------------------------------------------------- omnibus
 class Omnibus:
-    def __init__(self):
+    def __init__(self, model_dir=MODELS, ready="predict"):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [str(OMNIBUS), "serve", "--listen", f"127.0.0.1:{self.port}", "--model-dir", str(MODELS),
+            [str(OMNIBUS), "serve", "--listen", f"127.0.0.1:{self.port}", "--model-dir", str(model_dir),
              "--threads", str(THREADS)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.proc.stdout.readline()  # the listening line
-        # Ready when a Predict succeeds (the bench client reports errors otherwise).
+        # Ready when a request succeeds (the bench client reports errors otherwise).
+        probe = ["--max-new-tokens", "1", "--prompt", "hi"] if ready == "generate" else []
         for _ in range(600):
-            r = self.bench("predict", "-c", "1", "--requests", "1", "--warmup", "0s")
+            r = self.bench(ready, "-c", "1", "--requests", "1", "--warmup", "0s", *probe)
             if r["requests_ok"] == 1:
                 break
             time.sleep(0.1)
@@ -185,18 +186,19 @@ class OnnxPeer:
 
 # ---------------------------------------------------------------- llama.cpp
 class LlamaCpp:
-    def __init__(self, bindir: Path):
+    def __init__(self, bindir: Path, gguf: Path = GGUF):
         self.bin = bindir
+        self.gguf = gguf
 
     def bench(self, *args):
-        out = subprocess.run([str(self.bin / "llama-bench"), "-m", str(GGUF), "-t", str(THREADS), "-o", "json",
+        out = subprocess.run([str(self.bin / "llama-bench"), "-m", str(self.gguf), "-t", str(THREADS), "-o", "json",
                               "-r", "3", *args], capture_output=True, text=True, check=True).stdout
         return json.loads(out)[0]["avg_ts"]
 
     def start_server(self, slots=16):
         self.port = free_port()
         self.server = subprocess.Popen(
-            [str(self.bin / "llama-server"), "-m", str(GGUF), "-t", str(THREADS), "-np", str(slots),
+            [str(self.bin / "llama-server"), "-m", str(self.gguf), "-t", str(THREADS), "-np", str(slots),
              "-c", str(slots * 512), "--host", "127.0.0.1", "--port", str(self.port), "--no-webui"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(600):
@@ -302,7 +304,16 @@ def embeddings_round(r, a, st, ort, pa, corpus, last):
 
 def generation_round(r, a, llama):
     secs = f"{a.seconds}s"
-    om = Omnibus()
+    if a.gguf == GGUF:
+        om = Omnibus()
+    else:
+        # The file alone in a folder of its own, so only it loads.
+        alone = a.work / f"gguf-{a.gguf.stem}"
+        alone.mkdir(exist_ok=True)
+        link = alone / a.gguf.name
+        if not link.exists():
+            link.symlink_to(a.gguf.resolve())
+        om = Omnibus(alone, ready="generate")
     log("omnibus generation")
     g = om.bench("generate", "-c", "1", "--max-new-tokens", "128", "--duration", secs, "--prompt", PROMPT20)
     r["o_dec"].append(1000.0 / g["inter_token_ms"]["p50"])
@@ -361,6 +372,8 @@ def main():
     ap.add_argument("--memory-seconds", type=float, default=60.0, help="32 callers on the corpus this long "
                     "(last round), resident memory before and after; 0 skips it")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--gguf", type=Path, default=GGUF, help="generation model to measure (default SmolLM2 Q4_1); "
+                    "another file's figures get a section of their own")
     ap.add_argument("--perf-analyzer", type=Path, help="perf_analyzer binary (from tritonclient[grpc])")
     ap.add_argument("--perf-analyzer-libs", type=Path, help="folder holding libcudart.so.12 for perf_analyzer")
     a = ap.parse_args()
@@ -378,7 +391,7 @@ def main():
         else:
             if not a.llama_bin:
                 sys.exit("--llama-bin is needed to measure generation")
-            llama = LlamaCpp(a.llama_bin)
+            llama = LlamaCpp(a.llama_bin, a.gguf)
             for rnd in range(a.rounds):
                 log(f"round {rnd + 1}/{a.rounds}: generation")
                 generation_round(r, a, llama)
@@ -386,11 +399,15 @@ def main():
                   "corpus": a.corpus, "medians": {k: med(v) for k, v in r.items()}, "all": dict(r)}
         # The held-out run is kept apart: it checks the tuned figures, it does not replace them.
         suffix = "-heldout" if part == "embeddings" and a.corpus == "heldout" else ""
+        if part == "generation" and a.gguf != GGUF:
+            suffix = f"-{a.gguf.stem}"
+            result["model"] = a.gguf.name
         (a.work / f"results-{part}{suffix}.json").write_text(json.dumps(result, indent=1))
     results = {}
     for part in ["embeddings", "embeddings-heldout", "generation"]:
         f = a.work / f"results-{part}.json"
         results[part] = json.loads(f.read_text()) if f.exists() else None
+    results["other-generation"] = [json.loads(f.read_text()) for f in sorted(a.work.glob("results-generation-*.json"))]
     write(a.out, results)
 
 
@@ -404,6 +421,28 @@ def ratio(x, y, higher_is_better=True):
 def spread(values, fmt="{:.0f}"):
     """The rounds' figures, for the reader to see the noise: '(a / b / c)'."""
     return "(" + " / ".join(fmt.format(v) for v in values) + ")"
+
+
+def generation_table(m, title):
+    """The generation table of one model's medians."""
+    lines = [
+        f"## {title}",
+        "",
+        "| what | omnibus | llama.cpp | ratio |",
+        "|---|---|---|---|",
+        f"| single-stream decode, tokens/s (omnibus: 1 / inter-token p50; llama-bench -n 128) | {m['o_dec']:.1f} | {m['l_dec']:.1f} | {ratio(m['o_dec'], m['l_dec'])} |",
+        f"| 256-token prompt, tokens/s (omnibus: from time to first token; llama-bench -p 256) | {m['o_pp']:.0f} | {m['l_pp']:.0f} | {ratio(m['o_pp'], m['l_pp'])} |",
+        f"| time to first token, 1 client, ~20-token prompt, ms (llama-server) | {m['o_ttft']:.0f} | {m['l_ttft']:.0f} | {ratio(m['o_ttft'], m['l_ttft'], False)} |",
+    ]
+    for c in [1, 4, 8, 16]:
+        o, l = m[f"o_g{c}"], m[f"l_g{c}"]
+        lines.append(f"| aggregate tokens/s, {c} streaming clients x 64 tokens (llama-server -np 16) | {o:.0f} | {l:.0f} | {ratio(o, l)} |")
+    lines += [
+        f"| batching gain: aggregate at 8 streams over 1 stream | {m['o_g8'] / m['o_g1']:.2f}x | {m['l_g8'] / m['l_g1']:.2f}x | |",
+        f"| time to first token at 16 clients, ms | {m['o_t16']:.0f} | {m['l_t16']:.0f} | {ratio(m['o_t16'], m['l_t16'], False)} |",
+        f"| p99 latency, open loop at 2 requests/s x 32 tokens, ms | {m['o_p99g']:.0f} | {m['l_p99g']:.0f} | {ratio(m['o_p99g'], m['l_p99g'], False)} |",
+    ]
+    return lines
 
 
 def write(out: Path, results):
@@ -504,22 +543,8 @@ def write(out: Path, results):
         lines += ["", EMBEDDINGS_PROSE]
     if g:
         m = g["medians"]
+        lines += generation_table(m, "Generation: SmolLM2-135M-Instruct Q4_1, 2 threads")
         lines += [
-            "## Generation: SmolLM2-135M-Instruct Q4_1, 2 threads",
-            "",
-            "| what | omnibus | llama.cpp | ratio |",
-            "|---|---|---|---|",
-            f"| single-stream decode, tokens/s (omnibus: 1 / inter-token p50; llama-bench -n 128) | {m['o_dec']:.1f} | {m['l_dec']:.1f} | {ratio(m['o_dec'], m['l_dec'])} |",
-            f"| 256-token prompt, tokens/s (omnibus: from time to first token; llama-bench -p 256) | {m['o_pp']:.0f} | {m['l_pp']:.0f} | {ratio(m['o_pp'], m['l_pp'])} |",
-            f"| time to first token, 1 client, ~20-token prompt, ms (llama-server) | {m['o_ttft']:.0f} | {m['l_ttft']:.0f} | {ratio(m['o_ttft'], m['l_ttft'], False)} |",
-        ]
-        for c in [1, 4, 8, 16]:
-            o, l = m[f"o_g{c}"], m[f"l_g{c}"]
-            lines.append(f"| aggregate tokens/s, {c} streaming clients x 64 tokens (llama-server -np 16) | {o:.0f} | {l:.0f} | {ratio(o, l)} |")
-        lines += [
-            f"| batching gain: aggregate at 8 streams over 1 stream | {m['o_g8'] / m['o_g1']:.2f}x | {m['l_g8'] / m['l_g1']:.2f}x | |",
-            f"| time to first token at 16 clients, ms | {m['o_t16']:.0f} | {m['l_t16']:.0f} | {ratio(m['o_t16'], m['l_t16'], False)} |",
-            f"| p99 latency, open loop at 2 requests/s x 32 tokens, ms | {m['o_p99g']:.0f} | {m['l_p99g']:.0f} | {ratio(m['o_p99g'], m['l_p99g'], False)} |",
             "",
             "### How the CPU kernels get there",
             "",
@@ -553,6 +578,10 @@ def write(out: Path, results):
         ]
     # The fidelity table is made by scripts/fidelity (tests/fidelity.rs), not by this script: kept in
     # benches/fidelity.md and carried over as it is.
+    for other in results.get("other-generation", []):
+        lines += [""] + generation_table(other["medians"], f"Generation: {other['model']}, 2 threads")
+        lines += ["", f"Made by `scripts/bench --only generation --gguf models/...{other['model']}` on {other['date']}: "
+                  f"{other['machine']}; median of {other['rounds']} rounds, llama.cpp on the same file in the same run."]
     fidelity = ROOT / "benches" / "fidelity.md"
     if fidelity.exists():
         lines += ["", fidelity.read_text().rstrip()]

@@ -65,7 +65,10 @@ pub struct LlamaConfig {
 
 /// The one table of decoder architectures: `general.architecture` to what sets its switches. A new
 /// architecture is a function here and a line in this table.
-pub const ARCHITECTURES: &[(&str, fn(&HashMap<String, Value>, &mut LlamaConfig) -> Result<()>)] =
+/// What an architecture's entry does: switch its features on in the config, from the file's metadata.
+pub type Switches = fn(&HashMap<String, Value>, &mut LlamaConfig) -> Result<()>;
+
+pub const ARCHITECTURES: &[(&str, Switches)] =
     &[("llama", |_, _| Ok(())), ("qwen2", qwen2), ("qwen3", qwen3), ("phi3", phi3), ("gemma3", gemma3)];
 
 /// Qwen 2 / 2.5: NeoX RoPE; the Q, K and V biases are read wherever a file has them.
@@ -161,7 +164,7 @@ impl LlamaConfig {
                 // ggml: every angle times 1 / factor.
                 "linear" => {
                     let factor = md(m, &format!("{arch}.rope.scaling.factor"))?.to_f32()?;
-                    if !(factor > 0.0) {
+                    if factor.is_nan() || factor <= 0.0 {
                         bail!("{arch}.rope.scaling.factor {factor} is not positive");
                     }
                     cfg.rope_freq_scale = 1.0 / factor;
@@ -169,7 +172,7 @@ impl LlamaConfig {
                 _ => bail!("{arch}.rope.scaling.type {kind:?} is not supported yet (supported: none, linear)"),
             }
         }
-        if cfg.rope_dims > head_dim || cfg.rope_dims % 2 != 0 {
+        if cfg.rope_dims > head_dim || !cfg.rope_dims.is_multiple_of(2) {
             bail!("rope.dimension_count {} for heads of {head_dim}", cfg.rope_dims);
         }
         switches(m, &mut cfg)?;

@@ -31,7 +31,7 @@ const END_OF_GENERATION: &[&str] =
 /// The two tokenizer models GGUF files carry.
 enum Model {
     Bpe(Box<Tokenizer>),
-    Spm(Spm),
+    Spm(Box<Spm>),
 }
 
 pub struct GgufTokenizer {
@@ -144,7 +144,7 @@ impl GgufTokenizer {
                         _ => Vec::new(),
                     })
                     .collect();
-                (Model::Spm(spm), bytes)
+                (Model::Spm(Box::new(spm)), bytes)
             }
             other => {
                 return Err(err(format!(

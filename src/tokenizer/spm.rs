@@ -64,7 +64,7 @@ impl Spm {
             })
         });
         let mut specials: Vec<(String, u32)> = special.into_iter().filter(|(s, _)| !s.is_empty()).collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Self { ids, scores, byte_ids, specials, add_space_prefix }
     }
 

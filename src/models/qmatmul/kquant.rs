@@ -8,14 +8,14 @@
 //! - per 16-value sub-block and column, the integer scale (Q4_K/Q5_K's 6-bit scale of each 32 values is
 //!   written twice); per 32 values, Q4_K/Q5_K's 6-bit minimum; per super-block, the f16 scales as f32.
 //!
-//! Numerics: within a 256-value super-block every sum is an exact integer: values times activations,
-//! times the sub-block scales (`vpmaddwd` by the scale instead of by one), the minimum or Q6_K's offset
-//! of 32 through the activations' 16-value sums. Each super-block then adds `d_w * d_x * sum` (and
-//! subtracts `dmin_w * d_x * min_sum`) to one f32 accumulator per column, in block order. That order
-//! is not ggml's (it keeps eight lanes per column); the fidelity contract (KL divergence against
-//! llama.cpp, `tests/fidelity.rs`) and llama.cpp's per-kernel NMSE bar are what these kernels answer
-//! to, and a column's result never depends on the rows beside it.
-//!
+//! Numerics are ggml's AVX2 `ggml_vec_dot_q{4,5,6}_K_q8_K`, bit for bit: ggml keeps eight i32 lanes per
+//! column, lane `v` summing values `4v..4v + 4` of every 32-value chunk times their sub-block scale, and
+//! in the repacked layout weight vector `v` of a chunk holds exactly those values of eight columns, so
+//! accumulator `v` of a row is ggml's lane `v` of eight columns. Each super-block adds `d_x * d_w * lane`
+//! per lane in f32; minimums and Q6_K's offset of 32 go through the activations' 16-value sums where
+//! ggml takes them. (A first version summed each super-block into one exact integer: more precise, but
+//! farther from llama.cpp: Gemma 3's mean KL divergence against it rose 2%, past llama.cpp's own f16-KV
+//! bound.) A column's result never depends on the rows beside it.
 //! x86-64 with AVX2 and FMA only; elsewhere these types go through candle's per-block `vec_dot`.
 use std::ops::Range;
 
@@ -284,9 +284,8 @@ impl<F: Format> KMatrix<F> {
     }
 }
 
-/// Activation rows per run: a row holds only two registers (its f32 accumulator and its super-block's
-/// integer sum), so four rows share each unpacked weight vector (measured: less time per row at
-/// 64 rows than runs of two, 10-16%; AVX2's 16 registers still hold the weight, scale and temporaries).
+/// Activation rows per run: walking a super-block lane by lane keeps one integer register per row live,
+/// so four rows share each unpacked weight vector (their f32 lane accumulators spill to L1).
 const RUN: usize = 4;
 
 /// Dots of one weight group with a run of activation rows: `tile[i][c]` for row `rows[i]` and the
@@ -333,26 +332,50 @@ fn value<F: Format>(w: &Group8, c: usize, i: usize) -> i32 {
     (lo | hi << 4) as i32
 }
 
-/// The kernels' sums in scalar code, in the same order: the reference in tests.
+/// ggml's AVX2 dot (`ggml_vec_dot_q{4,5,6}_K_q8_K`) of column `c` with activation row `r`, in scalar
+/// code: the reference the kernel must equal bit for bit. Lane `v` (ggml's eight i32 lanes) holds the
+/// exact sum of values `4v..4v + 4` of every 32-value chunk times their scale; each super-block adds
+/// `d_x * d_w * lane` to the lane's f32 accumulator; the lanes are added at the end as `hsum_float_8`
+/// does. Q6_K's offset comes off lane `v` as `32 * (sc[2v] bs[2v] + sc[2v+1] bs[2v+1])`. Q4_K's minimums
+/// keep four f32 lanes (pairs of 32-value sums); Q5_K's are an exact integer per super-block.
 #[cfg(test)]
-fn dot_portable<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
+fn ggml_order<F: Format>(wg: &[Group8], q: &Q8KRows, r: usize, c: usize) -> f32 {
     let kb = wg.len();
-    for (i, &r) in rows.iter().enumerate() {
-        for (c, out) in tile[i].iter_mut().enumerate() {
-            let mut acc = 0f32;
-            for (b, w) in wg.iter().enumerate() {
-                let a = &q[r * kb + b];
-                let mut isum = 0i32;
-                for t in 0..16 {
-                    let s: i32 = (16 * t..16 * t + 16).map(|i| value::<F>(w, c, i) * a.qs[i] as i32).sum();
-                    isum += w.sc[t][c] as i32 * (s - F::OFFSET * a.bs[t] as i32);
-                }
-                let msum: i32 = (0..8).map(|s| w.m[s][c] as i32 * (a.bs[2 * s] as i32 + a.bs[2 * s + 1] as i32)).sum();
-                acc = (w.d[c] * a.d).mul_add(isum as f32, acc);
-                acc = (-(w.dmin[c] * a.d)).mul_add(msum as f32, acc);
+    let (mut acc, mut acc_m, mut summs) = ([0f32; 8], [0f32; 4], 0f32);
+    for (b, w) in wg.iter().enumerate() {
+        let a = &q[r * kb + b];
+        let d = a.d * w.d[c];
+        let dmin = -a.d * w.dmin[c];
+        for (v, lane) in acc.iter_mut().enumerate() {
+            let mut sumi = 0i32;
+            for s in 0..8 {
+                let x: i32 =
+                    (0..4).map(|j| value::<F>(w, c, 32 * s + 4 * v + j) * a.qs[32 * s + 4 * v + j] as i32).sum();
+                sumi += w.sc[2 * s + v / 4][c] as i32 * x;
             }
-            *out = acc;
+            if F::OFFSET != 0 {
+                let sub =
+                    w.sc[2 * v][c] as i32 * a.bs[2 * v] as i32 + w.sc[2 * v + 1][c] as i32 * a.bs[2 * v + 1] as i32;
+                sumi -= sub << 5;
+            }
+            *lane = d.mul_add(sumi as f32, *lane);
         }
+        let bs32 = |s: usize| a.bs[2 * s] as i32 + a.bs[2 * s + 1] as i32;
+        let prod: [i32; 4] =
+            std::array::from_fn(|t| w.m[2 * t][c] as i32 * bs32(2 * t) + w.m[2 * t + 1][c] as i32 * bs32(2 * t + 1));
+        if F::HI == 1 {
+            summs = dmin.mul_add(prod.iter().sum::<i32>() as f32, summs);
+        } else if F::OFFSET == 0 {
+            for t in 0..4 {
+                acc_m[t] = dmin.mul_add(prod[t] as f32, acc_m[t]);
+            }
+        }
+    }
+    let hsum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    match (F::OFFSET, F::HI) {
+        (0, 1) => hsum + summs,
+        (0, _) => hsum + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3])),
+        _ => hsum,
     }
 }
 
@@ -360,7 +383,7 @@ fn dot_portable<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mu
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{nibbles, quad};
+    use super::super::x86::{hsum_lanes, nibbles, quad};
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
     pub fn select<F: Format>() -> DotFn {
@@ -430,6 +453,9 @@ mod x86 {
         unsafe { &*(x as *const [i8; GROUP] as *const [u8; GROUP]) }
     }
 
+    /// ggml's order (see `ggml_order`), eight columns per instruction: accumulator `v` of a row holds
+    /// lane `v` of all eight columns. A super-block is walked lane by lane, so one integer register per
+    /// row is live; the accumulators of a run live in L1 where registers run out.
     pub fn avx2<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn run<F: Format, const R: usize>(
@@ -441,62 +467,68 @@ mod x86 {
             let kb = wg.len();
             // SAFETY: compiled for AVX2+FMA; loads read whole arrays.
             unsafe {
-                let mut acc = [_mm256_setzero_ps(); R];
+                let mut acc = [[_mm256_setzero_ps(); 8]; R];
+                let mut acc_m = [[_mm256_setzero_ps(); 4]; R];
+                let mut summs = [_mm256_setzero_ps(); R];
                 for (b, w) in wg.iter().enumerate() {
                     let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
-                    let mut isum = [_mm256_setzero_si256(); R];
-                    for s in 0..8 {
-                        let mut scale = doubled(&w.sc[2 * s]);
-                        for v in 0..8 {
-                            if v == 4 {
-                                scale = doubled(&w.sc[2 * s + 1]);
-                            }
+                    let scales: [__m256i; 16] = std::array::from_fn(|t| doubled(&w.sc[t]));
+                    let d = _mm256_loadu_ps(w.d.as_ptr());
+                    let dd: [__m256; R] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_set1_ps(a[i].d), d));
+                    for v in 0..8 {
+                        let mut sumi = [_mm256_setzero_si256(); R];
+                        for s in 0..8 {
                             let wv = unsigned::<F>(w, s, v);
+                            let scale = scales[2 * s + v / 4];
                             for i in 0..R {
                                 let x = quad(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
-                                let pairs = _mm256_maddubs_epi16(wv, x);
-                                isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(pairs, scale));
+                                let p = _mm256_maddubs_epi16(wv, x);
+                                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(scale, p));
                             }
                         }
-                    }
-                    let d = _mm256_loadu_ps(w.d.as_ptr());
-                    if F::OFFSET != 0 {
-                        // isum -= OFFSET * sum_t sc[t] * bs[t], the pairs of sub-blocks through vpmaddwd.
-                        let mut corr = [_mm256_setzero_si256(); R];
-                        for t in 0..8 {
-                            let sc = paired(bytes(&w.sc[2 * t]), bytes(&w.sc[2 * t + 1]), true);
+                        if F::OFFSET != 0 {
+                            let sc = paired(bytes(&w.sc[2 * v]), bytes(&w.sc[2 * v + 1]), true);
                             for i in 0..R {
-                                let bs = _mm256_set1_epi32(a[i].pair16[t]);
-                                corr[i] = _mm256_add_epi32(corr[i], _mm256_madd_epi16(sc, bs));
+                                let sub = _mm256_madd_epi16(sc, _mm256_set1_epi32(a[i].pair16[v]));
+                                sumi[i] = _mm256_sub_epi32(sumi[i], _mm256_slli_epi32(sub, 5));
                             }
                         }
                         for i in 0..R {
-                            let off = _mm256_mullo_epi32(corr[i], _mm256_set1_epi32(F::OFFSET));
-                            isum[i] = _mm256_sub_epi32(isum[i], off);
+                            acc[i][v] = _mm256_fmadd_ps(dd[i], _mm256_cvtepi32_ps(sumi[i]), acc[i][v]);
                         }
-                    }
-                    for i in 0..R {
-                        let dd = _mm256_mul_ps(d, _mm256_set1_ps(a[i].d));
-                        acc[i] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[i]), acc[i]);
                     }
                     if F::OFFSET == 0 {
                         let dmin = _mm256_loadu_ps(w.dmin.as_ptr());
-                        let mut msum = [_mm256_setzero_si256(); R];
-                        for t in 0..4 {
-                            let m = paired(&w.m[2 * t], &w.m[2 * t + 1], false);
-                            for i in 0..R {
-                                let bs = _mm256_set1_epi32(a[i].pair32[t]);
-                                msum[i] = _mm256_add_epi32(msum[i], _mm256_madd_epi16(m, bs));
-                            }
-                        }
                         for i in 0..R {
-                            let dm = _mm256_mul_ps(dmin, _mm256_set1_ps(a[i].d));
-                            acc[i] = _mm256_fnmadd_ps(dm, _mm256_cvtepi32_ps(msum[i]), acc[i]);
+                            let dm = _mm256_mul_ps(_mm256_set1_ps(-a[i].d), dmin);
+                            let mut total = _mm256_setzero_si256();
+                            for (t, lane) in acc_m[i].iter_mut().enumerate() {
+                                let m = paired(&w.m[2 * t], &w.m[2 * t + 1], false);
+                                let prod = _mm256_madd_epi16(m, _mm256_set1_epi32(a[i].pair32[t]));
+                                if F::HI == 1 {
+                                    total = _mm256_add_epi32(total, prod);
+                                } else {
+                                    *lane = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(prod), *lane);
+                                }
+                            }
+                            if F::HI == 1 {
+                                summs[i] = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(total), summs[i]);
+                            }
                         }
                     }
                 }
                 for i in 0..R {
-                    _mm256_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+                    let mut sum = hsum_lanes(&acc[i]);
+                    if F::OFFSET == 0 {
+                        let m = &acc_m[i];
+                        let extra = if F::HI == 1 {
+                            summs[i]
+                        } else {
+                            _mm256_add_ps(_mm256_add_ps(m[0], m[2]), _mm256_add_ps(m[1], m[3]))
+                        };
+                        sum = _mm256_add_ps(sum, extra);
+                    }
+                    _mm256_storeu_ps(tile[i].as_mut_ptr(), sum);
                 }
             }
         }
@@ -562,17 +594,11 @@ mod tests {
         for g in 0..n.div_ceil(GROUP) {
             let wg = &m.groups[g * kb..(g + 1) * kb];
             for run in [&[0, 1, 2, 3][..], &[1, 4, 0], &[2, 3], &[4]] {
-                let (mut want, mut got) = ([[0f32; GROUP]; RUN], [[0f32; GROUP]; RUN]);
-                dot_portable::<F>(wg, &q, run, &mut want);
+                let mut got = [[0f32; GROUP]; RUN];
                 x86::avx2::<F>(wg, &q, run, &mut got);
                 for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                    assert_eq!(
-                        got[i][c].to_bits(),
-                        want[i][c].to_bits(),
-                        "{:?} group {g} row {} col {c}",
-                        F::DTYPE,
-                        run[i]
-                    );
+                    let want = ggml_order::<F>(wg, &q, run[i], c);
+                    assert_eq!(got[i][c].to_bits(), want.to_bits(), "{:?} group {g} row {} col {c}", F::DTYPE, run[i]);
                 }
             }
         }
