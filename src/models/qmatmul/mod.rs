@@ -445,6 +445,12 @@ mod tests {
     fn every_weight_type_matches_candles_qmatmul() {
         let dev = Device::Cpu;
         for dtype in TYPES {
+            // Our K-quant kernels answer to the exact product of their quantized operands instead
+            // (`kquant::tests`): their Q8_K activations round ties to even as ggml does (candle's away
+            // from zero), and candle's Q6_K AVX2 dot is itself off when a scale is -128.
+            if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) && kquant::supported() {
+                continue;
+            }
             let block = dtype.block_size();
             // Even block counts: candle's own debug build asserts them for some types.
             for (rows, n, blocks) in [(1, 33, 2), (3, 300, 4), (17, 129, 2), (5, 7, 2), (6, 40, 6), (64, 50, 2)] {
