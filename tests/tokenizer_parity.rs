@@ -3,7 +3,8 @@
 //! cases of whitespace and special tokens) tokenized by omnibus from each GGUF file's own metadata, against
 //! llama.cpp's own tokenizer loaded vocab-only from the same file (`tests/fixtures/make_tokenizer_parity.py`).
 //! SmolLM2 is byte-level BPE with the "smollm" pre-tokenizer; Gemma 3 is SentencePiece ("llama") with
-//! byte fallback and a 262k vocabulary. Decoding the ids gives the line back.
+//! byte fallback and a 262k vocabulary; two tiny trained BPE vocabularies carry the "llama-bpe" (Llama 3)
+//! and "qwen2" (Qwen 2/3) pre-tokenizers. Decoding the ids gives the line back.
 use std::path::PathBuf;
 
 use omnibus::engine::load_gguf_tokenizer;
@@ -21,10 +22,11 @@ fn every_line_gets_llama_cpp_s_ids_and_decodes_back() {
     let text = std::fs::read_to_string(root.join("tests/fixtures/tokenizer-parity.json")).unwrap();
     let fx: Fixture = serde_json::from_str(&text).unwrap();
     assert!(fx.lines.len() >= 500, "the corpus has {} lines", fx.lines.len());
-    assert_eq!(fx.models.len(), 2);
+    assert_eq!(fx.models.len(), 4);
     for (name, want) in &fx.models {
-        // Optional models (fetch.py --with) live in models/optional.
-        let path = [root.join("models").join(name), root.join("models/optional").join(name)]
+        // Optional models (fetch.py --with) live in models/optional; the tiny BPE vocabularies are named
+        // by their path.
+        let path = [root.join("models").join(name), root.join("models/optional").join(name), root.join(name)]
             .into_iter()
             .find(|p| p.exists())
             .unwrap_or_else(|| panic!("models/{name} is missing: python3 models/fetch.py --with gemma3"));

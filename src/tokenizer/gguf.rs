@@ -24,6 +24,9 @@ const TOKEN_BYTE: i32 = 6;
 /// Llama 3's pre-tokenizer regex (`tokenizers`' ByteLevel applies GPT-2's own when use_regex is on).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen 2's (also Qwen 3's): Llama 3's with single digits, as llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 has it.
+const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Names of control tokens that end a generation besides the declared EOS (llama.cpp's EOG list).
 const END_OF_GENERATION: &[&str] =
     &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>", "<|eom_id|>"];
@@ -206,6 +209,9 @@ impl GgufTokenizer {
             "gpt2" | "default" => Sequence::new(vec![ByteLevel::new(false, false, true).into()]),
             "llama3" | "llama-bpe" | "smaug-bpe" => {
                 Sequence::new(vec![split(LLAMA3_REGEX)?, ByteLevel::new(false, false, false).into()])
+            }
+            "qwen2" | "deepseek-r1-qwen" => {
+                Sequence::new(vec![split(QWEN2_REGEX)?, ByteLevel::new(false, false, false).into()])
             }
             other => return Err(err(format!("tokenizer.ggml.pre {other:?} is not supported yet"))),
         };
