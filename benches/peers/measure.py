@@ -33,6 +33,7 @@ SHORT = "The quick brown fox jumps over the lazy dog again"  # 12 tokens with [C
 CORPUS_DIR = ROOT / "benches/corpus"
 PROMPT20 = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 THREADS = 2
+P99_RATE = 50  # requests/s of the open-loop Predict p99 row: about half the capacity
 
 
 def log(msg):
@@ -282,7 +283,7 @@ def embeddings_round(r, a, st, ort, pa, corpus, last):
             r[f"pa{c}"].append(rate)
             r[f"pa{c}_ms"].append(ms)
     log("omnibus at a fixed rate")
-    e = om.bench("predict", "--rate", "50", "-c", "256", "--duration", secs, "--input-file", str(corpus))
+    e = om.bench("predict", "--rate", str(P99_RATE), "-c", "256", "--duration", secs, "--input-file", str(corpus))
     r["o_p99e"].append(e["latency_ms"]["p99"])
     if last and a.memory_seconds > 0:
         log(f"omnibus memory: {a.memory_seconds:.0f} s of 32 callers on the corpus")
@@ -397,6 +398,8 @@ def main():
                 generation_round(r, a, llama)
         result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "rounds": a.rounds,
                   "corpus": a.corpus, "medians": {k: med(v) for k, v in r.items()}, "all": dict(r)}
+        if part == "embeddings":
+            result["p99_rate"] = P99_RATE
         # The held-out run is kept apart: it checks the tuned figures, it does not replace them.
         suffix = "-heldout" if part == "embeddings" and a.corpus == "heldout" else ""
         if part == "generation" and a.gguf != GGUF:
@@ -492,7 +495,10 @@ def write(out: Path, results):
             f"| 1 caller's p50 latency vs ONNX Runtime's batch-1 time per text (aim: within 2 ms) | "
             f"{m['o_c1_p50']:.2f} ms vs {ort1_ms:.2f} ms ({m['o_c1_p50'] - ort1_ms:+.2f} ms) |",
             f"| p50 latency at 8 / 32 callers, ms | {m['o_c8_p50']:.1f} / {m['o_c32_p50']:.1f} |",
-            f"| Predict p99 at 50 requests/s (open loop, corpus: about half the capacity), ms | {m['o_p99e']:.1f} |",
+            (f"| Predict p99 at {e['p99_rate']} requests/s (open loop, corpus: about half the capacity), ms | "
+             if "p99_rate" in e else
+             "| Predict p99 at 100 requests/s (open loop, corpus; measured before the script moved to 50/s), ms | ")
+            + f"{m['o_p99e']:.1f} |",
         ]
         if "rss_warm" in m:
             lines.append(f"| resident memory after warm-up / after 60 s of 32 callers, MiB | {m['rss_warm']:.0f} / "
