@@ -33,7 +33,7 @@ fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    omnibus::models::cpu::flush_denormals();
+    omnibus::models::kernels::cpu::flush_denormals();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("models/all-MiniLM-L6-v2");
     let (mut model, info) =
@@ -46,7 +46,11 @@ fn main() {
             args.iter().filter(|a| !a.starts_with("--") && *a != corpus_name && *a != "--bench").collect();
         filters.is_empty() || filters.iter().any(|f| *f == group)
     };
-    println!("SIMD path: {}, compute threads: {}", omnibus::models::cpu::describe(), rayon::current_num_threads());
+    println!(
+        "SIMD path: {}, compute threads: {}",
+        omnibus::models::kernels::cpu::describe(),
+        rayon::current_num_threads()
+    );
 
     let text = std::fs::read_to_string(root.join(format!("benches/corpus/{corpus_name}.txt"))).unwrap();
     let corpus: Vec<Vec<u32>> = text.lines().map(|l| tok.encode(l, Truncation::Right).unwrap()).collect();

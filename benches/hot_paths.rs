@@ -10,8 +10,8 @@ use candle_core::{Device, Module, Tensor};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use omnibus::batcher::{BatchConfig, Queued, State};
 use omnibus::engine::{Embedder, SentenceEmbedder};
+use omnibus::models::kernels::qmatmul::QMatrix;
 use omnibus::models::llama::{KvCache, Llama, Logits, Step};
-use omnibus::models::qmatmul::QMatrix;
 use omnibus::tokenizer::{TextTokenizer, Truncation};
 use tokio::time::Instant;
 

@@ -50,18 +50,18 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(if serving { 0 } else { 1 });
         }
         Command::CpuPaths => {
-            for p in omnibus::models::cpu::paths() {
+            for p in omnibus::models::kernels::cpu::paths() {
                 println!("{}", p.name());
             }
             Ok(())
         }
         Command::Serve(args) => {
-            omnibus::models::cpu::cap_from_env().map_err(anyhow::Error::msg)?;
+            omnibus::models::kernels::cpu::cap_from_env().map_err(anyhow::Error::msg)?;
             let config = args.validate()?;
             telemetry::init(config.log_format);
             tracing::info!(
                 threads = %config.model.threads_source,
-                simd = omnibus::models::cpu::describe(),
+                simd = omnibus::models::kernels::cpu::describe(),
                 "compute threads"
             );
             // candle's CPU matrix products size their thread pool from RAYON_NUM_THREADS when they first
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             // are flushed there too.
             rayon::ThreadPoolBuilder::new()
                 .num_threads(config.model.threads)
-                .start_handler(|_| omnibus::models::cpu::flush_denormals())
+                .start_handler(|_| omnibus::models::kernels::cpu::flush_denormals())
                 .build_global()
                 .context("building the compute thread pool")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use omnibus::engine::{Embedder, SentenceEmbedder, l2_normalize};
-use omnibus::models::cpu;
+use omnibus::models::kernels::cpu;
 use omnibus::tokenizer::{TextTokenizer, Truncation};
 use serde::Deserialize;
 

@@ -14,7 +14,7 @@ fn a_mixed_length_batch_makes_no_subnormals() {
     // SAFETY: set before any other thread of this test binary exists or reads it; the team and rayon's
     // pool read it once, on first use.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
-    assert!(!omnibus::models::cpu::denormals_flushed(), "the test thread must keep subnormals to see them");
+    assert!(!omnibus::models::kernels::cpu::denormals_flushed(), "the test thread must keep subnormals to see them");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
     let config: BertConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let model = PackedBert::load(&dir.join("model.safetensors"), config).unwrap();

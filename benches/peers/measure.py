@@ -554,7 +554,7 @@ def write(out: Path, results):
             "",
             "### How the CPU kernels get there",
             "",
-            "Every GGUF weight matrix goes through `src/models/qmatmul`: output columns are split into chunks that "
+            "Every GGUF weight matrix goes through `src/models/kernels/qmatmul`: output columns are split into chunks that "
             "a fixed team of compute threads claims (idle workers spin briefly, then park: a decode step is ~200 "
             "parallel regions of tens of microseconds each, and rayon's sleep/wake cost a third of a step), and each "
             "weight column is applied to every activation row of the batch while it is in L1. Q4_1, Q4_0 and Q8_0 "
@@ -615,7 +615,7 @@ EMBEDDINGS_PROSE = (
     "How: on the CPU the encoder runs a batch's tokens packed end to end, one `[tokens, 384]` matrix for "
     "every linear layer (Q, K and V fused into one product), attention per text over its own length "
     "(`src/models/bert_packed.rs`), so a batch costs what its tokens cost, whatever the mix of lengths. The "
-    "matrix products are our own f32 kernels on weights packed at load (`src/models/sgemm.rs`: AVX-512 or "
+    "matrix products are our own f32 kernels on weights packed at load (`src/models/kernels/sgemm.rs`: AVX-512 or "
     "AVX2+FMA micro-kernels, chosen at run time, on the compute team), one FMA chain per output element in a "
     "fixed order, so a text's vector is bit-identical alone or in any batch. Compute threads flush subnormal "
     "floats to zero, and masked or underflowing attention weights are exactly zero."

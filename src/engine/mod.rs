@@ -132,7 +132,7 @@ mod tests {
     struct Ftz;
     impl Embedder for Ftz {
         fn embed(&mut self, _: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
-            Ok(vec![vec![crate::models::cpu::denormals_flushed() as u8 as f32]])
+            Ok(vec![vec![crate::models::kernels::cpu::denormals_flushed() as u8 as f32]])
         }
     }
 

@@ -56,8 +56,8 @@ pub fn spawn<J: Send + 'static>(
 ) -> std::io::Result<SyncSender<J>> {
     let (tx, rx): (SyncSender<J>, Receiver<J>) = sync_channel(2);
     std::thread::Builder::new().name(format!("engine-{name}")).spawn(move || {
-        // A compute thread: subnormals flushed (see `models::cpu::flush_denormals`).
-        crate::models::cpu::flush_denormals();
+        // A compute thread: subnormals flushed (see `models::kernels::cpu::flush_denormals`).
+        crate::models::kernels::cpu::flush_denormals();
         loop {
             heart.beat();
             match rx.recv_timeout(IDLE_BEAT) {

@@ -162,12 +162,12 @@ impl Bert {
         let v = split(l.value.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
-        let probs = super::ops::softmax_last_dim(&scores)?;
+        let probs = super::kernels::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * len, self.hidden))?;
         let attn = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + x)?)?;
         let inter = l.intermediate.forward(&attn)?;
         let inter = match self.act {
-            HiddenAct::Gelu => super::ops::gelu_erf(&inter)?,
+            HiddenAct::Gelu => super::kernels::ops::gelu_erf(&inter)?,
             HiddenAct::GeluApproximate => inter.gelu()?,
             HiddenAct::Relu => inter.relu()?,
         };

@@ -13,10 +13,10 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, bail};
 
 use super::bert::{BertConfig, HiddenAct};
-use super::cpu;
-use super::ops;
-use super::sgemm::{self, Dense, Epilogue, Rows};
-use super::team::{Disjoint, Team};
+use super::kernels::cpu;
+use super::kernels::ops;
+use super::kernels::sgemm::{self, Dense, Epilogue, Rows};
+use super::kernels::team::{Disjoint, Team};
 
 /// LayerNorm's weight and bias.
 struct Norm {
@@ -252,7 +252,7 @@ fn attention(qkv: &[f32], spans: &[Span], heads: usize, head_dim: usize, subnorm
     let h = heads * head_dim;
     let total = qkv.len() / (3 * h);
     let mut out = vec![f32::NAN; total * h];
-    let o = super::qmatmul::Out::new(&mut out, total, h);
+    let o = super::kernels::qmatmul::Out::new(&mut out, total, h);
     Team::global().run(spans.len() * heads, &|t| {
         let (span, head) = (spans[t / heads], t % heads);
         let found = attend(qkv, span, head, heads, head_dim, &o);
@@ -269,7 +269,7 @@ fn attention(qkv: &[f32], spans: &[Span], heads: usize, head_dim: usize, subnorm
 /// one multiply-add chain over the head's dimensions, every output one chain over the keys, in a fixed
 /// order: a row's result never depends on the other rows. Returns how many probabilities were
 /// subnormal (always 0: see `ops::softmax_exp`).
-fn attend(qkv: &[f32], s: Span, head: usize, heads: usize, hd: usize, out: &super::qmatmul::Out) -> usize {
+fn attend(qkv: &[f32], s: Span, head: usize, heads: usize, hd: usize, out: &super::kernels::qmatmul::Out) -> usize {
     let (h, len) = (heads * hd, s.len);
     let ld = 3 * h;
     let base = s.start * ld + head * hd;

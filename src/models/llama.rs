@@ -15,8 +15,8 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, bail};
 
-use super::qmatmul::{QMatrix, QRows};
-use super::team::{Disjoint, Team};
+use super::kernels::qmatmul::{QMatrix, QRows};
+use super::kernels::team::{Disjoint, Team};
 
 /// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
 const ATTENTION_ROWS: usize = 16;
@@ -513,7 +513,7 @@ impl Llama {
                 let rows = (row0 + j0) * q_dim..(row0 + j1) * q_dim;
                 // SAFETY: tasks cover disjoint row ranges of `attn`.
                 let o = unsafe { out.range(rows.clone()) };
-                super::attention::causal(
+                super::kernels::attention::causal(
                     &q[rows],
                     &cache.k[li],
                     &cache.v[li],
@@ -541,7 +541,7 @@ impl Llama {
             let act: Vec<f32> = match c.activation {
                 Activation::Silu => gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect(),
                 Activation::GeluTanh => {
-                    gate.iter().zip(&up).map(|(&g, &u)| super::ops::gelu_tanh_ggml(g) * u).collect()
+                    gate.iter().zip(&up).map(|(&g, &u)| super::kernels::ops::gelu_tanh_ggml(g) * u).collect()
                 }
             };
             let mut down = layer.w_down.forward(act, total)?;

@@ -1,11 +1,8 @@
-//! Model architectures as plain structs with a constructor from weights and a `forward`, like candle's.
-//! Weights are immutable; anything per request is an argument.
-mod attention;
+//! Model architectures as plain structs with a constructor from weights and a `forward`, like candle's:
+//! the decoders of GGUF files (`llama`, whose table covers every decoder architecture) and the BERT
+//! encoders (`bert` on candle, `bert_packed` on our kernels). Weights are immutable; anything per
+//! request is an argument. The kernels under them live in [`kernels`].
 pub mod bert;
 pub mod bert_packed;
-pub mod cpu;
+pub mod kernels;
 pub mod llama;
-pub mod ops;
-pub mod qmatmul;
-pub mod sgemm;
-pub mod team;

@@ -18,7 +18,7 @@ use half::f16;
 
 use super::q8_0::round_half_away;
 use super::{GROUP, Kernel, Out, RUN, interleaved};
-use crate::models::cpu;
+use crate::models::kernels::cpu;
 
 const QK: usize = 32;
 

@@ -20,7 +20,7 @@ use candle_core::{Result, bail};
 use half::f16;
 
 use super::{GROUP, Kernel, Out, RUN, interleaved};
-use crate::models::cpu;
+use crate::models::kernels::cpu;
 
 const QK: usize = 32;
 
@@ -267,7 +267,7 @@ mod x86 {
 
     use super::super::x86::{by_rows, bytes, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles, quad};
     use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
-    use crate::models::cpu;
+    use crate::models::kernels::cpu;
 
     /// Weight vector `v` of a packed block (column values `4v..4v + 4`) in registers, per path.
     pub trait Unpack: Q8Weights {

@@ -24,7 +24,7 @@ use candle_core::{Result, bail};
 use half::f16;
 
 use super::{GROUP, Kernel, Out, interleaved};
-use crate::models::cpu;
+use crate::models::kernels::cpu;
 
 const QK_K: usize = 256;
 
