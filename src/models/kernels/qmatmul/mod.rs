@@ -251,78 +251,49 @@ impl<T: GgmlType> Kernel for Blocks<T> {
     }
 }
 
-impl<T: GgmlType> Blocks<T> {
-    /// Row `r` (`k` values), dequantized.
-    fn row(&self, r: usize, out: &mut [f32]) {
-        T::to_float(&self.w[r * self.kb..(r + 1) * self.kb], out)
+/// Rows of a block matrix, dequantized one at a time (what [`QRows`] holds, whatever the type).
+trait RowSource: Send + Sync {
+    fn push_row(&self, r: usize, out: &mut Vec<f32>);
+}
+
+impl<T: GgmlType> RowSource for Blocks<T> {
+    fn push_row(&self, r: usize, out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(start + self.kb * T::BLCK_SIZE, 0.0);
+        T::to_float(&self.w[r * self.kb..(r + 1) * self.kb], &mut out[start..]);
     }
 }
 
 /// A GGUF matrix kept in its own blocks and dequantized a row at a time: a token embedding. Gemma 3's
 /// is 262,144 x 640; dequantized whole it would take 671 MB, in Q8_0 178 MB.
-pub struct QRows(RowsInner);
-
-enum RowsInner {
-    Q4_0(Blocks<BlockQ4_0>),
-    Q4_1(Blocks<candle_core::quantized::k_quants::BlockQ4_1>),
-    Q5_0(Blocks<BlockQ5_0>),
-    Q5_1(Blocks<BlockQ5_1>),
-    Q8_0(Blocks<BlockQ8_0>),
-    Q2K(Blocks<BlockQ2K>),
-    Q3K(Blocks<BlockQ3K>),
-    Q4K(Blocks<BlockQ4K>),
-    Q5K(Blocks<BlockQ5K>),
-    Q6K(Blocks<BlockQ6K>),
-    F16(Blocks<f16>),
-    BF16(Blocks<bf16>),
-    F32(Blocks<f32>),
-}
+pub struct QRows(Box<dyn RowSource>);
 
 impl QRows {
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {
+        fn boxed<T: GgmlType + 'static>(t: &QTensor) -> Result<Box<dyn RowSource>> {
+            Ok(Box::new(Blocks::<T>::from_qtensor(t)?))
+        }
         Ok(Self(match t.dtype() {
-            GgmlDType::Q4_0 => RowsInner::Q4_0(Blocks::from_qtensor(t)?),
-            GgmlDType::Q4_1 => RowsInner::Q4_1(Blocks::from_qtensor(t)?),
-            GgmlDType::Q5_0 => RowsInner::Q5_0(Blocks::from_qtensor(t)?),
-            GgmlDType::Q5_1 => RowsInner::Q5_1(Blocks::from_qtensor(t)?),
-            GgmlDType::Q8_0 => RowsInner::Q8_0(Blocks::from_qtensor(t)?),
-            GgmlDType::Q2K => RowsInner::Q2K(Blocks::from_qtensor(t)?),
-            GgmlDType::Q3K => RowsInner::Q3K(Blocks::from_qtensor(t)?),
-            GgmlDType::Q4K => RowsInner::Q4K(Blocks::from_qtensor(t)?),
-            GgmlDType::Q5K => RowsInner::Q5K(Blocks::from_qtensor(t)?),
-            GgmlDType::Q6K => RowsInner::Q6K(Blocks::from_qtensor(t)?),
-            GgmlDType::F16 => RowsInner::F16(Blocks::from_qtensor(t)?),
-            GgmlDType::BF16 => RowsInner::BF16(Blocks::from_qtensor(t)?),
-            GgmlDType::F32 => RowsInner::F32(Blocks::from_qtensor(t)?),
+            GgmlDType::Q4_0 => boxed::<BlockQ4_0>(t)?,
+            GgmlDType::Q4_1 => boxed::<candle_core::quantized::k_quants::BlockQ4_1>(t)?,
+            GgmlDType::Q5_0 => boxed::<BlockQ5_0>(t)?,
+            GgmlDType::Q5_1 => boxed::<BlockQ5_1>(t)?,
+            GgmlDType::Q8_0 => boxed::<BlockQ8_0>(t)?,
+            GgmlDType::Q2K => boxed::<BlockQ2K>(t)?,
+            GgmlDType::Q3K => boxed::<BlockQ3K>(t)?,
+            GgmlDType::Q4K => boxed::<BlockQ4K>(t)?,
+            GgmlDType::Q5K => boxed::<BlockQ5K>(t)?,
+            GgmlDType::Q6K => boxed::<BlockQ6K>(t)?,
+            GgmlDType::F16 => boxed::<f16>(t)?,
+            GgmlDType::BF16 => boxed::<bf16>(t)?,
+            GgmlDType::F32 => boxed::<f32>(t)?,
             other => bail!("no row lookup for {other:?} weights"),
         }))
     }
 
     /// Appends row `r` (`k` values) to `out`; the caller checks `r`.
     pub fn push_row(&self, r: usize, out: &mut Vec<f32>) {
-        macro_rules! row {
-            ($m:expr) => {{
-                let k = $m.in_features();
-                let start = out.len();
-                out.resize(start + k, 0.0);
-                $m.row(r, &mut out[start..]);
-            }};
-        }
-        match &self.0 {
-            RowsInner::Q4_0(m) => row!(m),
-            RowsInner::Q4_1(m) => row!(m),
-            RowsInner::Q5_0(m) => row!(m),
-            RowsInner::Q5_1(m) => row!(m),
-            RowsInner::Q8_0(m) => row!(m),
-            RowsInner::Q2K(m) => row!(m),
-            RowsInner::Q3K(m) => row!(m),
-            RowsInner::Q4K(m) => row!(m),
-            RowsInner::Q5K(m) => row!(m),
-            RowsInner::Q6K(m) => row!(m),
-            RowsInner::F16(m) => row!(m),
-            RowsInner::BF16(m) => row!(m),
-            RowsInner::F32(m) => row!(m),
-        }
+        self.0.push_row(r, out)
     }
 }
 
@@ -475,6 +446,24 @@ mod tests {
                     assert!((g - w).abs() <= tol * scale, "{dtype:?} rows {rows} n {n} k {k} [{i}]: {g} vs candle {w}");
                 }
             }
+        }
+    }
+
+    /// A row looked up in its blocks is the whole matrix's dequantization, row for row.
+    #[test]
+    fn rows_dequantize_as_the_whole_matrix_does() {
+        let dev = Device::Cpu;
+        for dtype in TYPES {
+            let (n, k) = (5, 2 * dtype.block_size().max(32));
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+            let whole = q.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rows = QRows::from_qtensor(&q).unwrap();
+            let mut got = Vec::new();
+            for r in [3, 0, 4] {
+                rows.push_row(r, &mut got);
+            }
+            let want: Vec<f32> = [3, 0, 4].iter().flat_map(|&r| whole[r * k..(r + 1) * k].to_vec()).collect();
+            assert!(got == want, "{dtype:?}");
         }
     }
 
