@@ -5,9 +5,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{Embedder, EngineError};
+use tracing::{info, warn};
+
+use super::{EmbedEngine, Embedder, EngineError};
 use crate::models::bert::{Bert, BertConfig, HiddenAct, cls_pool, max_pool, mean_pool};
 use crate::models::bert_packed::PackedBert;
+use crate::tokenizer::TextTokenizer;
 
 /// How token states become one sentence vector (sentence-transformers' Pooling module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,10 +83,9 @@ impl SentenceEmbedder {
     /// Loads `config.json`, `model.safetensors` and the sentence-transformers module configs of `dir`.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, EmbedderInfo), EngineError> {
         let config: BertConfig = read_json(&dir.join("config.json"))?;
-        // RoBERTa-style models offset their positions by the pad id; only plain BERT is implemented.
-        if let Some(t) = config.model_type.as_deref().filter(|t| *t != "bert") {
-            return Err(EngineError::load(dir.join("config.json"), format!("model_type {t:?} is not BERT")));
-        }
+        // RoBERTa-style models offset their positions by the pad id, and others differ more: the encoder
+        // table admits only what the shared encoder runs as its family does.
+        crate::models::families::check_encoder(&config).map_err(|e| EngineError::load(dir.join("config.json"), e))?;
         let weights = dir.join("model.safetensors");
         if !weights.exists() {
             return Err(EngineError::load(&weights, "missing (only safetensors weights are supported)"));
@@ -148,6 +150,37 @@ impl SentenceEmbedder {
         };
         Ok((pooling, normalize))
     }
+}
+
+/// One device's replica of a sentence-transformers folder, ready to serve.
+pub struct ReadyEmbedder {
+    pub engine: EmbedEngine,
+    pub tokenizer: TextTokenizer,
+    pub info: EmbedderInfo,
+}
+
+/// Everything a folder needs before it serves on `device`: its weights, its `tokenizer.json`, one warm-up
+/// forward pass (so the first caller does not pay for lazy allocations and page faults of the weights), and
+/// the model thread. The registry only sees the result.
+pub fn ready_embedder(name: &str, dir: &Path, device: &Device) -> Result<ReadyEmbedder, EngineError> {
+    let started = std::time::Instant::now();
+    let (mut model, info) = SentenceEmbedder::load(dir, device)?;
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), info.max_input_tokens)?;
+    let warm = model.embed(&[tokenizer.minimal()?])?;
+    if warm.first().map(Vec::len) != Some(info.dimension) {
+        warn!(model = %name, "warm-up returned an unexpected width");
+    }
+    info!(
+        model = %name,
+        dimension = info.dimension,
+        max_input_tokens = info.max_input_tokens,
+        normalize = info.normalize,
+        pooling = ?info.pooling,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "embedding model loaded and warmed"
+    );
+    let engine = EmbedEngine::spawn(name, model).map_err(|e| EngineError::load(dir, e))?;
+    Ok(ReadyEmbedder { engine, tokenizer, info })
 }
 
 impl Embedder for SentenceEmbedder {

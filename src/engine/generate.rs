@@ -9,13 +9,14 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::EngineError;
 use super::sampling::{Rng, logprob, sample, top_logprobs};
 use super::text::{Matched, StopMatcher, TextToken};
 use crate::models::llama::{KvCache, Llama, Logits, Step};
 use crate::tokenizer::TokenizerError;
+use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::{Detokenizer, GgufTokenizer, GgufVocab};
 use crate::validate::{Sampling, ValidGenerate};
 
@@ -206,6 +207,37 @@ pub struct LoadedLlama {
     pub context_length: usize,
     /// KV-cache bytes per position (keys and values of every layer, f32).
     pub kv_bytes_per_token: u64,
+}
+
+/// One device's replica of a GGUF model, ready to serve.
+pub struct ReadyGenerator {
+    pub engine: GenEngine,
+    pub tokenizer: Arc<GgufTokenizer>,
+    /// The file's chat template, or None when it has none or minijinja cannot use it.
+    pub template: Option<Arc<ChatTemplate>>,
+    pub context_length: usize,
+    pub kv_bytes_per_token: u64,
+}
+
+/// Everything a GGUF file needs before it serves on `device`: weights, tokenizer and chat template from the
+/// file, the warm-up pass, and the model thread. The registry only sees the result.
+pub fn ready_generator(
+    name: &str,
+    path: &Path,
+    device: &Device,
+    prefill_chunk: usize,
+) -> Result<ReadyGenerator, EngineError> {
+    let LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token } =
+        LlamaGenerator::load(path, device, prefill_chunk)?;
+    let template = tokenizer.chat_template.as_deref().and_then(|source| {
+        let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
+        ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.eos))
+            .inspect_err(|e| warn!(model = %name, error = %e, "chat template unusable; only raw prompts are served"))
+            .ok()
+            .map(Arc::new)
+    });
+    let engine = GenEngine::spawn(name, generator).map_err(|e| EngineError::load(path, e))?;
+    Ok(ReadyGenerator { engine, tokenizer, template, context_length, kv_bytes_per_token })
 }
 
 impl LlamaGenerator {

@@ -17,10 +17,10 @@ use tracing::error;
 /// The device models run on; callers above the engine name it through here, never through candle.
 pub use candle_core::Device;
 pub use device::{DeviceChoice, Plan, Target, Visible, device_name, parse_visible, plan, plan_devices};
-pub use embed::{EmbedderInfo, Pooling, SentenceEmbedder};
+pub use embed::{EmbedderInfo, Pooling, ReadyEmbedder, SentenceEmbedder, ready_embedder};
 pub use generate::{
-    Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, PositionLogprobs, SeqEvent, SeqId, StepPlan, StepReport,
-    gguf_tokenizer, load_gguf_tokenizer,
+    Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, PositionLogprobs, ReadyGenerator, SeqEvent, SeqId,
+    StepPlan, StepReport, gguf_tokenizer, load_gguf_tokenizer, ready_generator,
 };
 pub use thread::Heartbeat;
 
@@ -38,6 +38,8 @@ pub enum EngineError {
     Panicked(String),
     #[error("the model thread is busy or has stopped")]
     Stopped,
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
 }
 
 impl EngineError {

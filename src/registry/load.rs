@@ -1,16 +1,14 @@
-//! Each model kind's loading details, on a blocking thread: weights on every device (one replica each),
-//! the tokenizer and chat template, the warm-up pass, the engine threads, and the resident memory the
-//! load added. The registry then starts the batchers with its budgets.
+//! Loading one version on a blocking thread: a ready replica per device from the engine (which alone
+//! knows each kind's files, tokenizer, chat template and warm-up), and the resident memory the load added.
+//! The registry then starts the batchers with its budgets.
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::info;
 
 use super::RegistryError;
 use super::repository::{Entry, Kind};
-use crate::engine::{
-    Device, EmbedEngine, Embedder, GenEngine, LlamaGenerator, LoadedLlama, SentenceEmbedder, device_name,
-};
+use crate::engine::{Device, EmbedEngine, GenEngine, device_name, ready_embedder, ready_generator};
 use crate::tokenizer::TextTokenizer;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
@@ -89,27 +87,11 @@ fn load_generator(
     let mut engines = Vec::with_capacity(devices.len());
     let mut first = None;
     for device in devices {
-        let LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token } =
-            LlamaGenerator::load(path, device, prefill_chunk)?;
-        engines.push(
-            GenEngine::spawn(&name, generator).map_err(|source| RegistryError::Io { path: path.into(), source })?,
-        );
-        first.get_or_insert((tokenizer, context_length, kv_bytes_per_token));
+        let ready = ready_generator(&name, path, device, prefill_chunk)?;
+        engines.push(ready.engine);
+        first.get_or_insert((ready.tokenizer, ready.template, ready.context_length, ready.kv_bytes_per_token));
     }
-    let (tokenizer, context_length, kv_bytes_per_token) = first.expect("at least one device");
-    let template = match tokenizer.chat_template.as_deref() {
-        None => None,
-        Some(source) => {
-            let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
-            match ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.eos)) {
-                Ok(t) => Some(Arc::new(t)),
-                Err(e) => {
-                    warn!(model = %name, error = %e, "chat template unusable; only raw prompts are served");
-                    None
-                }
-            }
-        }
-    };
+    let (tokenizer, template, context_length, kv_bytes_per_token) = first.expect("at least one device");
     info!(
         model = %name,
         version = entry.version,
@@ -132,48 +114,27 @@ fn load_generator(
 }
 
 fn load_embedder(entry: &Entry, root: &Path, devices: &[Device]) -> Result<Loaded, RegistryError> {
-    let mut replicas = devices.iter().map(|d| load_embedder_on(entry, root, d));
-    let mut loaded = replicas.next().expect("at least one device")?;
-    for other in replicas {
-        loaded.engines.extend(other?.engines);
-    }
-    loaded.device = devices_name(devices);
-    Ok(loaded)
-}
-
-fn load_embedder_on(entry: &Entry, root: &Path, device: &Device) -> Result<Loaded, RegistryError> {
     let (name, dir) = (entry.name.clone(), entry.path.as_path());
-    let started = std::time::Instant::now();
-    let (mut model, info) = SentenceEmbedder::load(dir, device)?;
-    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), info.max_input_tokens)?;
-    // Warm-up: one real forward pass before health says SERVING, so the first caller does not pay for
-    // lazy allocations and page faults of the weights.
-    let warm = model.embed(&[tokenizer.minimal()?])?;
-    if warm.first().map(Vec::len) != Some(info.dimension) {
-        warn!(model = %name, "warm-up returned an unexpected width");
+    let mut engines = Vec::with_capacity(devices.len());
+    let mut first = None;
+    for device in devices {
+        let ready = ready_embedder(&name, dir, device)?;
+        engines.push(ready.engine);
+        first.get_or_insert((ready.tokenizer, ready.info));
     }
-    info!(
-        model = %name,
-        version = entry.version,
-        dimension = info.dimension,
-        max_input_tokens = info.max_input_tokens,
-        normalize = info.normalize,
-        pooling = ?info.pooling,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "embedding model loaded and warmed"
-    );
-    let engine = EmbedEngine::spawn(&name, model).map_err(|source| RegistryError::Io { path: dir.into(), source })?;
+    let (tokenizer, info) = first.expect("at least one device");
+    info!(model = %name, version = entry.version, replicas = engines.len(), "embedding model ready");
     Ok(Loaded {
         version: entry.version,
         source: dir.strip_prefix(root).unwrap_or(dir).display().to_string(),
-        device: device_name(device),
+        device: devices_name(devices),
         dimension: info.dimension,
         max_input_tokens: info.max_input_tokens,
         default_normalize: info.normalize,
         activation_bytes_per_token: info.activation_bytes_per_token,
         weight_bytes: 0,
         tokenizer,
-        engines: vec![engine],
+        engines,
         name,
     })
 }

@@ -21,9 +21,9 @@ use crate::batcher::replicas::{EmbedPool, GenPool};
 use crate::batcher::{BatchConfig, EmbedBatcher};
 use crate::config::{GenerateConfig, ModelConfig};
 use crate::engine::{Device, EngineError, plan_devices};
+use crate::tokenizer::TextTokenizer;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
-use crate::tokenizer::{TextTokenizer, TokenizerError};
 use crate::validate::{GenerateLimits, PredictLimits, ValidationError};
 
 /// The embedding model an empty request model means when it is loaded.
@@ -55,8 +55,6 @@ pub enum RegistryError {
     },
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
     #[error("model loading was interrupted: {0}")]
     Join(String),
     #[error("model {name:?} is not in the model repository (it holds: {available})")]
