@@ -79,11 +79,6 @@ impl Bert {
     /// Loads the weights; accepts both bare (`embeddings.*`, as sentence-transformers saves) and
     /// `bert.`-prefixed names (as `BertForMaskedLM` and friends save).
     pub fn load(vb: VarBuilder<'_>, config: BertConfig) -> Result<Self> {
-        if let Some(t) = config.position_embedding_type.as_deref()
-            && t != "absolute"
-        {
-            candle_core::bail!("position_embedding_type {t:?} is not supported (only \"absolute\")");
-        }
         if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             candle_core::bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

@@ -85,11 +85,6 @@ impl Weights {
 impl PackedBert {
     /// Loads `model.safetensors` (bare names as sentence-transformers saves them, or `bert.`-prefixed).
     pub fn load(weights: &Path, config: BertConfig) -> Result<Self> {
-        if let Some(t) = config.position_embedding_type.as_deref()
-            && t != "absolute"
-        {
-            bail!("position_embedding_type {t:?} is not supported (only \"absolute\")");
-        }
         if config.hidden_act != HiddenAct::Gelu {
             bail!("hidden_act {:?} has no packed CPU kernel (only exact GELU)", config.hidden_act);
         }

@@ -1,6 +1,7 @@
 //! The decoder-only transformers of GGUF files (llama and its relatives), loaded from GGUF. One struct
-//! serves every architecture in [`ARCHITECTURES`], the one table from `general.architecture` to what
-//! that architecture switches on (Q/K norms, extra norms, GeGLU, NeoX RoPE, sliding windows). The weights are immutable and shared; each sequence's
+//! serves every architecture of [`super::families::DECODERS`], the one table from `general.architecture`
+//! to what that architecture switches on (Q/K norms, extra norms, GeGLU, NeoX RoPE, sliding windows), read
+//! into a [`LlamaConfig`]. The weights are immutable and shared; each sequence's
 //! KV cache and position live in a [`KvCache`] passed to `forward`, so one forward pass can advance many
 //! sequences at once, each at its own position, some prefilling and some decoding.
 //!
@@ -9,180 +10,16 @@
 //! KV cache is f32, RMSNorm accumulates in f64, and RoPE angles are built by repeated f32
 //! multiplication as ggml builds them. Every row's result depends only on its own sequence, so a
 //! sequence decodes to the same tokens alone or in any batch.
-use std::collections::HashMap;
-
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor, bail};
 
+pub use super::families::{Activation, LlamaConfig};
 use super::kernels::qmatmul::{QMatrix, QRows};
 use super::kernels::team::{Disjoint, Team};
 
 /// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
 const ATTENTION_ROWS: usize = 16;
-
-/// The feed-forward activation of the gated FFN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// SiLU(gate) * up (llama, Qwen, Mistral, Phi-3).
-    Silu,
-    /// GELU, tanh approximation, of the gate, times up (Gemma's GeGLU).
-    GeluTanh,
-}
-
-/// Hyper-parameters from the GGUF metadata (`<architecture>.*`) and the architecture's switches.
-#[derive(Debug, Clone)]
-pub struct LlamaConfig {
-    pub arch: String,
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-    pub n_ff: usize,
-    pub rope_base: f32,
-    pub rope_dims: usize,
-    pub rms_eps: f32,
-    pub context_length: usize,
-    pub vocab_size: usize,
-    /// RoPE rotates the halves of each head (GPT-NeoX) instead of adjacent pairs.
-    pub rope_neox: bool,
-    /// Per layer: the sliding window (a row sees only the last `w` positions, itself included).
-    pub window: Vec<Option<usize>>,
-    /// RoPE base of the sliding-window layers.
-    pub rope_base_swa: f32,
-    /// Per-head RMSNorm of queries and keys before RoPE (`attn_q_norm`, `attn_k_norm`).
-    pub qk_norm: bool,
-    /// RMSNorm of the attention and FFN outputs before each residual add (`post_attention_norm`,
-    /// `post_ffw_norm`).
-    pub post_norms: bool,
-    /// The embedding rows are multiplied by this (Gemma: sqrt of the width).
-    pub embed_scale: Option<f32>,
-    pub activation: Activation,
-    /// Linear RoPE scaling: every angle times this (1 / `rope.scaling.factor`).
-    pub rope_freq_scale: f32,
-}
-
-/// The one table of decoder architectures: `general.architecture` to what sets its switches. A new
-/// architecture is a function here and a line in this table.
-/// What an architecture's entry does: switch its features on in the config, from the file's metadata.
-pub type Switches = fn(&HashMap<String, Value>, &mut LlamaConfig) -> Result<()>;
-
-pub const ARCHITECTURES: &[(&str, Switches)] =
-    &[("llama", |_, _| Ok(())), ("qwen2", qwen2), ("qwen3", qwen3), ("phi3", phi3), ("gemma3", gemma3)];
-
-/// Qwen 2 / 2.5: NeoX RoPE; the Q, K and V biases are read wherever a file has them.
-fn qwen2(_: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
-    c.rope_neox = true;
-    Ok(())
-}
-
-/// Qwen 3: NeoX RoPE and per-head Q/K RMSNorm.
-fn qwen3(_: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
-    c.rope_neox = true;
-    c.qk_norm = true;
-    Ok(())
-}
-
-/// Phi-3: NeoX RoPE; fused QKV and gate-up weights are found by name. Its sliding window is ignored, as
-/// llama.cpp ignores it; the 128k models' LongRoPE factors are refused at load.
-fn phi3(_: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
-    c.rope_neox = true;
-    Ok(())
-}
-
-/// Gemma 3: GeGLU, NeoX RoPE, Q/K norms, post-norms, embeddings scaled by sqrt(width), and sliding-window
-/// layers (five in six, base 10,000) between global ones, as llama.cpp's `llama_model_gemma3` reads them.
-fn gemma3(m: &HashMap<String, Value>, c: &mut LlamaConfig) -> Result<()> {
-    c.activation = Activation::GeluTanh;
-    c.rope_neox = true;
-    c.qk_norm = true;
-    c.post_norms = true;
-    c.embed_scale = Some((c.n_embd as f32).sqrt());
-    if let Some(w) = m.get("gemma3.attention.sliding_window").map(|v| v.to_u32()).transpose()?.filter(|&w| w > 0) {
-        let pattern = m.get("gemma3.attention.sliding_window_pattern").map(|v| v.to_u32()).transpose()?.unwrap_or(6);
-        let pattern = pattern as usize;
-        c.window =
-            (0..c.n_layer).map(|il| (pattern == 0 || il % pattern < pattern - 1).then_some(w as usize)).collect();
-        c.rope_base_swa = m.get("gemma3.rope.freq_base_swa").map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0);
-    }
-    if m.contains_key("gemma3.final_logit_softcapping") {
-        bail!("gemma3 with final_logit_softcapping is not supported yet");
-    }
-    Ok(())
-}
-
-fn md<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    md.get(key).ok_or_else(|| candle_core::Error::Msg(format!("GGUF metadata has no {key}")))
-}
-
-impl LlamaConfig {
-    pub fn from_metadata(m: &HashMap<String, Value>) -> Result<Self> {
-        let arch = md(m, "general.architecture")?.to_string()?.clone();
-        let Some(&(_, switches)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
-            let known: Vec<&str> = ARCHITECTURES.iter().map(|(a, _)| *a).collect();
-            bail!("general.architecture {arch:?} is not supported (supported: {})", known.join(", "));
-        };
-        let u = |k: &str| -> Result<usize> { Ok(md(m, &format!("{arch}.{k}"))?.to_u32()? as usize) };
-        let n_embd = u("embedding_length")?;
-        let n_head = u("attention.head_count")?;
-        let n_kv_head = u("attention.head_count_kv").unwrap_or(n_head);
-        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
-            bail!("inconsistent heads: {n_head} heads, {n_kv_head} kv heads");
-        }
-        let head_dim = u("attention.key_length").unwrap_or(n_embd / n_head);
-        if u("attention.value_length").unwrap_or(head_dim) != head_dim {
-            bail!("{arch}: keys and values of different widths are not supported");
-        }
-        let n_layer = u("block_count")?;
-        let mut cfg = Self {
-            arch: arch.clone(),
-            n_layer,
-            n_embd,
-            n_head,
-            n_kv_head,
-            head_dim,
-            n_ff: u("feed_forward_length")?,
-            rope_base: m.get(&format!("{arch}.rope.freq_base")).map(|v| v.to_f32()).transpose()?.unwrap_or(10_000.0),
-            rope_dims: u("rope.dimension_count").unwrap_or(head_dim),
-            rms_eps: md(m, &format!("{arch}.attention.layer_norm_rms_epsilon"))?.to_f32()?,
-            context_length: u("context_length")?,
-            vocab_size: 0,
-            rope_neox: false,
-            window: vec![None; n_layer],
-            rope_base_swa: 10_000.0,
-            qk_norm: false,
-            post_norms: false,
-            embed_scale: None,
-            activation: Activation::Silu,
-            rope_freq_scale: 1.0,
-        };
-        if let Some(kind) = m.get(&format!("{arch}.rope.scaling.type")) {
-            let kind = kind.to_string()?;
-            match kind.as_str() {
-                "none" => {}
-                // ggml: every angle times 1 / factor.
-                "linear" => {
-                    let factor = md(m, &format!("{arch}.rope.scaling.factor"))?.to_f32()?;
-                    if factor.is_nan() || factor <= 0.0 {
-                        bail!("{arch}.rope.scaling.factor {factor} is not positive");
-                    }
-                    cfg.rope_freq_scale = 1.0 / factor;
-                }
-                _ => bail!("{arch}.rope.scaling.type {kind:?} is not supported yet (supported: none, linear)"),
-            }
-        }
-        if cfg.rope_dims > head_dim || !cfg.rope_dims.is_multiple_of(2) {
-            bail!("rope.dimension_count {} for heads of {head_dim}", cfg.rope_dims);
-        }
-        switches(m, &mut cfg)?;
-        Ok(cfg)
-    }
-
-    fn kv_dim(&self) -> usize {
-        self.n_kv_head * self.head_dim
-    }
-}
 
 /// A weight matrix. The one place the matrix-product path is chosen: on the CPU our weight-stationary
 /// kernels for every GGUF type (`qmatmul`), on other devices candle's `QMatMul` and its device kernels.
@@ -637,65 +474,5 @@ impl RopeRows {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn metadata(arch: &str, extra: &[(&str, Value)]) -> HashMap<String, Value> {
-        let mut m = HashMap::new();
-        m.insert("general.architecture".to_string(), Value::String(arch.to_string()));
-        for (k, v) in [
-            ("embedding_length", 64u32),
-            ("attention.head_count", 4),
-            ("block_count", 2),
-            ("feed_forward_length", 128),
-            ("context_length", 256),
-        ] {
-            m.insert(format!("{arch}.{k}"), Value::U32(v));
-        }
-        m.insert(format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
-        for (k, v) in extra {
-            m.insert(format!("{arch}.{k}"), v.clone());
-        }
-        m
-    }
-
-    #[test]
-    fn unsupported_files_are_refused_by_name() {
-        let err = LlamaConfig::from_metadata(&metadata("falcon", &[])).unwrap_err().to_string();
-        assert!(
-            err.contains(
-                "general.architecture \"falcon\" is not supported (supported: llama, qwen2, qwen3, phi3, gemma3)"
-            ),
-            "{err}"
-        );
-        let yarn = [("rope.scaling.type", Value::String("yarn".into()))];
-        let err = LlamaConfig::from_metadata(&metadata("llama", &yarn)).unwrap_err().to_string();
-        assert!(
-            err.contains("llama.rope.scaling.type \"yarn\" is not supported yet (supported: none, linear)"),
-            "{err}"
-        );
-        let heads = [("attention.head_count_kv", Value::U32(3))];
-        let err = LlamaConfig::from_metadata(&metadata("qwen2", &heads)).unwrap_err().to_string();
-        assert!(err.contains("4 heads, 3 kv heads"), "{err}");
-    }
-
-    #[test]
-    fn architectures_switch_on_their_features() {
-        let c = LlamaConfig::from_metadata(&metadata("llama", &[])).unwrap();
-        assert!(!c.rope_neox && !c.qk_norm && c.window.iter().all(Option::is_none) && c.head_dim == 16);
-        let linear = [("rope.scaling.type", Value::String("linear".into())), ("rope.scaling.factor", Value::F32(4.0))];
-        assert_eq!(LlamaConfig::from_metadata(&metadata("llama", &linear)).unwrap().rope_freq_scale, 0.25);
-        let q3 = LlamaConfig::from_metadata(&metadata("qwen3", &[("attention.key_length", Value::U32(32))])).unwrap();
-        assert!(q3.rope_neox && q3.qk_norm && q3.head_dim == 32);
-        let g =
-            LlamaConfig::from_metadata(&metadata("gemma3", &[("attention.sliding_window", Value::U32(512))])).unwrap();
-        assert_eq!(g.activation, Activation::GeluTanh);
-        assert_eq!(g.embed_scale, Some(8.0));
-        // Five sliding-window layers in six: with two layers, both are local.
-        assert_eq!(g.window, vec![Some(512), Some(512)]);
     }
 }
