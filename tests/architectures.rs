@@ -5,11 +5,14 @@
 //! only by float order: the full-vocabulary KL divergence must be tiny and the top token the same. A
 //! structural mistake (a missing bias, the wrong RoPE pairing, a window off by one) moves it by orders
 //! of magnitude. And exact against ourselves: each architecture's rows are the same bits in a batch.
+//! The device-generic decoder (candle's ops, what GPUs run; here on candle's CPU backend) is held to the
+//! same checks (`device_generic_every_architecture_...`).
 use std::path::PathBuf;
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use omnibus::models::llama::{KvCache, Llama, Logits, Step};
+use omnibus::models::llama::{Decoder, Llama, Logits, Step};
+use omnibus::models::llama_device::DeviceLlama;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -36,6 +39,15 @@ fn argmax(v: &[f64]) -> usize {
 
 #[test]
 fn every_architecture_matches_llama_cpp_and_is_batch_invariant() {
+    every_architecture::<Llama>();
+}
+
+#[test]
+fn device_generic_every_architecture_matches_llama_cpp_and_is_batch_invariant() {
+    every_architecture::<DeviceLlama>();
+}
+
+fn every_architecture<D: Decoder>() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny");
     let fx: Fixture = serde_json::from_str(&std::fs::read_to_string(dir.join("tiny-archs.json")).unwrap()).unwrap();
     let archs: Vec<&str> = fx.models.keys().map(String::as_str).collect();
@@ -43,10 +55,10 @@ fn every_architecture_matches_llama_cpp_and_is_batch_invariant() {
     for (arch, r) in &fx.models {
         let mut file = std::fs::File::open(dir.join(&r.file)).unwrap();
         let content = gguf_file::Content::read(&mut file).unwrap();
-        let model = Llama::load(&content, &mut file, &Device::Cpu).unwrap_or_else(|e| panic!("{arch}: {e}"));
-        assert_eq!(model.config.arch, *arch);
-        let vocab = model.config.vocab_size;
-        let mut cache = KvCache::new(&model.config);
+        let model = D::load(&content, &mut file, &Device::Cpu).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(model.config().arch, *arch);
+        let vocab = model.config().vocab_size;
+        let mut cache = model.new_cache().unwrap();
         let out = model.forward(&mut [Step { tokens: &fx.ids, cache: &mut cache, logits: Logits::All }]).unwrap();
         let logits = out[0].as_ref().unwrap();
         let (mut kl_sum, mut kl_max, mut same) = (0f64, 0f64, 0);
@@ -58,7 +70,8 @@ fn every_architecture_matches_llama_cpp_and_is_batch_invariant() {
             same += (argmax(p) == argmax(&q)) as usize;
         }
         let n = r.logprobs.len();
-        println!("{arch}: mean KLD {:.2e}, max {:.2e}, same top {same}/{n}", kl_sum / n as f64, kl_max);
+        let decoder = std::any::type_name::<D>().rsplit("::").next().unwrap();
+        println!("{arch} ({decoder}): mean KLD {:.2e}, max {:.2e}, same top {same}/{n}", kl_sum / n as f64, kl_max);
         // f32 weights both sides; the references are rounded to 1e-6, which alone gives KL ~1e-12.
         assert!(
             kl_sum / n as f64 <= 1e-6 && kl_max <= 1e-5,
@@ -71,7 +84,7 @@ fn every_architecture_matches_llama_cpp_and_is_batch_invariant() {
         // own lengths) gives the same bits as alone.
         let (a, b) = fx.ids.split_at(17);
         let other: Vec<u32> = fx.ids.iter().rev().copied().collect();
-        let (mut c1, mut c2) = (KvCache::new(&model.config), KvCache::new(&model.config));
+        let (mut c1, mut c2) = (model.new_cache().unwrap(), model.new_cache().unwrap());
         model.forward(&mut [Step { tokens: a, cache: &mut c1, logits: Logits::None }]).unwrap();
         let out = model
             .forward(&mut [

@@ -11,11 +11,15 @@
 //!
 //! Also exact against ourselves: a row's logits are the same bits whether the prompt was scored whole or
 //! fed in pieces through the cache.
+//!
+//! The device-generic decoder (candle's ops, what GPUs run) is held to the same contract on SmolLM2 on
+//! candle's CPU backend, and must agree with our kernels within it (tests named `device_generic`).
 use std::path::PathBuf;
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use omnibus::models::llama::{KvCache, Llama, Logits, Step};
+use omnibus::models::llama::{Decoder, Llama, Logits, Step};
+use omnibus::models::llama_device::DeviceLlama;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -113,12 +117,12 @@ const MODELS: [(&str, &str); 2] = [
     ("optional/gemma-3-270m-q4_k_m.gguf", "fidelity-gemma3.json"),
 ];
 
-fn load(model: &str, fixture: &str) -> (Llama, Fixture) {
+fn load<D: Decoder>(model: &str, fixture: &str) -> (D, Fixture) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut file = std::fs::File::open(root.join("models").join(model))
         .unwrap_or_else(|e| panic!("{model}: {e} (python3 models/fetch.py --with gemma3)"));
     let content = gguf_file::Content::read(&mut file).unwrap();
-    let model = Llama::load(&content, &mut file, &Device::Cpu).unwrap();
+    let model = D::load(&content, &mut file, &Device::Cpu).unwrap();
     let text = std::fs::read_to_string(root.join("tests/fixtures").join(fixture))
         .unwrap_or_else(|e| panic!("tests/fixtures/{fixture} (made by tests/fixtures/make_fidelity.py): {e}"));
     (model, serde_json::from_str(&text).unwrap())
@@ -126,24 +130,63 @@ fn load(model: &str, fixture: &str) -> (Llama, Fixture) {
 
 #[test]
 fn smollm2_is_within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
-    within_bound(MODELS[0]);
+    within_bound::<Llama>(MODELS[0]);
 }
 
 #[test]
 fn gemma3_is_within_llama_cpp_s_own_f16_kv_distance_of_its_f32_run() {
-    within_bound(MODELS[1]);
+    within_bound::<Llama>(MODELS[1]);
 }
 
-fn within_bound((name, fixture): (&str, &str)) {
-    let (model, fx) = load(name, fixture);
-    let vocab = model.config.vocab_size;
+#[test]
+fn device_generic_smollm2_is_within_the_bound_and_agrees_with_the_kernels() {
+    let (generic, bound_kld, bound_same) = within_bound::<DeviceLlama>(MODELS[0]);
+    let (kernels, _, _) = within_bound::<Llama>(MODELS[0]);
+    // The two decoders against each other by the same yardstick as the bound: the kernels' top 10 ids
+    // plus one bucket for the rest.
+    let mut row = Row::default();
+    let (_, fx) = load::<Llama>(MODELS[0].0, MODELS[0].1);
+    for ((g, k), chunk) in generic.iter().zip(&kernels).zip(&fx.chunks) {
+        let vocab = g.len() / chunk.ids.len();
+        assert_eq!(g.len(), k.len());
+        for (gr, kr) in g.chunks_exact(vocab).zip(k.chunks_exact(vocab)) {
+            let (lp, lq) = (log_softmax(kr), log_softmax(gr));
+            let mut ids: Vec<usize> = (0..vocab).collect();
+            ids.select_nth_unstable_by(9, |&a, &b| lp[b].total_cmp(&lp[a]));
+            let top = &ids[..10];
+            let p_lp: Vec<f64> = top.iter().map(|&i| lp[i]).collect();
+            let q_lp: Vec<f64> = top.iter().map(|&i| lq[i]).collect();
+            row.add(&p_lp, rest_of(&p_lp), argmax(kr), &q_lp, argmax(gr), 0.0);
+        }
+    }
+    println!(
+        "device-generic against our kernels over {} positions: mean KLD {:.6}, p99 {:.5}, same top {:.2}%",
+        row.kld.len(),
+        row.mean_kld(),
+        row.p99_kld(),
+        100.0 * row.same_top()
+    );
+    assert!(row.mean_kld() <= bound_kld, "mean KLD {:.6} between the decoders is above {bound_kld:.6}", row.mean_kld());
+    assert!(
+        row.same_top() >= bound_same,
+        "same top {:.4} between the decoders is below {bound_same:.4}",
+        row.same_top()
+    );
+}
+
+/// Checks one decoder against the contract; returns its logits per chunk and the bound (mean KLD, same-top).
+fn within_bound<D: Decoder>((name, fixture): (&str, &str)) -> (Vec<Vec<f32>>, f64, f64) {
+    let (model, fx) = load::<D>(name, fixture);
+    let vocab = model.config().vocab_size;
+    let mut all = Vec::new();
     let (mut ours, mut f16, mut f16_b1, mut f32_b1, mut f32_nll) =
         (Row::default(), Row::default(), Row::default(), Row::default(), 0.0);
     let mut ours_vs_b1 = Row::default();
     for chunk in &fx.chunks {
-        let mut cache = KvCache::new(&model.config);
-        let logits = model.forward(&mut [Step { tokens: &chunk.ids, cache: &mut cache, logits: Logits::All }]).unwrap();
-        let logits = logits[0].as_ref().expect("every row's logits");
+        let mut cache = model.new_cache().unwrap();
+        let mut logits =
+            model.forward(&mut [Step { tokens: &chunk.ids, cache: &mut cache, logits: Logits::All }]).unwrap();
+        let logits = logits[0].take().expect("every row's logits");
         assert_eq!(logits.len(), chunk.ids.len() * vocab);
         for (i, p) in chunk.positions.iter().enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
@@ -162,11 +205,13 @@ fn within_bound((name, fixture): (&str, &str)) {
             ours_vs_b1.add(&b1.lp, rest_of(&b1.lp), b1.top1, &at_top, argmax(row), next);
             f32_nll -= p.next_lp;
         }
+        all.push(logits);
     }
     let n = ours.kld.len();
     let f32_ppl = (f32_nll / n as f64).exp();
+    let decoder = std::any::type_name::<D>().rsplit("::").next().unwrap();
     println!(
-        "{name}: fidelity over {n} held-out positions, against llama.cpp f32 KV, the text scored in batches (top-10 + rest):"
+        "{name} ({decoder}): fidelity over {n} held-out positions, against llama.cpp f32 KV, the text scored in batches (top-10 + rest):"
     );
     println!("| engine | mean KLD | p99 KLD | same top | perplexity | vs llama.cpp f32 |");
     println!("|---|---|---|---|---|---|");
@@ -204,24 +249,31 @@ fn within_bound((name, fixture): (&str, &str)) {
         "same-top rate {:.4} is below llama.cpp f16 KV's {bound_same:.4}",
         ours.same_top()
     );
+    (all, bound_kld, bound_same)
 }
 
 #[test]
 fn a_row_s_logits_are_the_same_bits_scored_whole_or_fed_through_the_cache() {
     for (name, fixture) in MODELS {
-        same_bits_through_the_cache(name, fixture);
+        same_bits_through_the_cache::<Llama>(name, fixture);
     }
 }
 
-fn same_bits_through_the_cache(name: &str, fixture: &str) {
-    let (model, fx) = load(name, fixture);
-    let vocab = model.config.vocab_size;
+#[test]
+fn device_generic_rows_are_the_same_bits_scored_whole_or_fed_through_the_cache() {
+    let (name, fixture) = MODELS[0];
+    same_bits_through_the_cache::<DeviceLlama>(name, fixture);
+}
+
+fn same_bits_through_the_cache<D: Decoder>(name: &str, fixture: &str) {
+    let (model, fx) = load::<D>(name, fixture);
+    let vocab = model.config().vocab_size;
     let ids = &fx.chunks[0].ids[..200];
-    let mut cache = KvCache::new(&model.config);
+    let mut cache = model.new_cache().unwrap();
     let whole = model.forward(&mut [Step { tokens: ids, cache: &mut cache, logits: Logits::All }]).unwrap();
     let whole = whole[0].as_ref().unwrap();
     // The same prompt in uneven pieces (a prefill split by the scheduler), then one token at a time.
-    let mut cache = KvCache::new(&model.config);
+    let mut cache = model.new_cache().unwrap();
     let mut fed = 0;
     for piece in [37usize, 64, 50, 1, 1, 47] {
         let part = &ids[fed..fed + piece];

@@ -431,3 +431,40 @@ async fn gemma3_is_served_from_its_gguf_alone() {
     let req = pb::TokenizeRequest { text: prompt.into(), add_special_tokens: true, ..Default::default() };
     assert_eq!(usage.prompt_tokens as usize, client.tokenize(req).await.unwrap().into_inner().ids.len());
 }
+
+/// The device-generic decoder (candle's ops, what GPUs run), through the real server on candle's CPU
+/// backend: streams that run beside others decode the same tokens as alone, and a client that hangs up
+/// frees its sequence. Its tokens are held to llama.cpp by the fidelity contract (tests/fidelity.rs),
+/// not token for token.
+#[tokio::test]
+async fn device_generic_streams_decode_in_a_batch_as_alone_and_hang_ups_free_them() {
+    let server = Server::start_env(&[], &[("OMNIBUS_DECODER", "device-generic")]).await;
+    let mut client = server.client().await;
+    let cases = cases();
+    let mut alone = Vec::new();
+    for case in &cases {
+        let c = collect(client.generate(greedy(&case.prompt, 16)).await.unwrap().into_inner()).await.unwrap();
+        assert_eq!(c.ids.len(), 16, "{:?}", case.prompt);
+        alone.push(c.ids);
+    }
+    // The same prompts at once, each joining a little later than the one before.
+    let mut tasks = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let mut c = client.clone();
+        let p = case.prompt.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40 * i as u64)).await;
+            collect(c.generate(greedy(&p, 16)).await.unwrap().into_inner()).await.unwrap().ids
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), alone[i], "{:?} decoded differently beside others", cases[i].prompt);
+    }
+    let mut stream = client.generate(greedy("Tell me a very long story about", 2000)).await.unwrap().into_inner();
+    for _ in 0..2 {
+        stream.message().await.unwrap().unwrap();
+    }
+    assert_eq!(running(&server).await, 1);
+    drop(stream);
+    wait_until_idle(&server).await;
+}

@@ -123,7 +123,7 @@ fn batched_equals_solo(model: &Llama, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
         let mut caches_iter: Vec<(usize, &mut KvCache)> =
             caches.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).collect();
         for (i, cache) in caches_iter.iter_mut() {
-            steps.push(Step { tokens: &next[*i], cache, logits: Logits::Last });
+            steps.push(Step { tokens: &next[*i], cache: &mut **cache, logits: Logits::Last });
         }
         let logits = model.forward(&mut steps).unwrap();
         drop(steps);

@@ -14,7 +14,8 @@ use tracing::{error, info, warn};
 use super::EngineError;
 use super::sampling::{Rng, logprob, sample, top_logprobs};
 use super::text::{Matched, StopMatcher, TextToken};
-use crate::models::llama::{KvCache, Llama, Logits, Step};
+use crate::models::llama::{Decoder, Llama, Logits, Step};
+use crate::models::llama_device::DeviceLlama;
 use crate::tokenizer::TokenizerError;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::{Detokenizer, GgufTokenizer, GgufVocab};
@@ -113,8 +114,8 @@ impl GenEngine {
     }
 }
 
-struct Sequence {
-    cache: KvCache,
+struct Sequence<C> {
+    cache: C,
     prompt: Vec<u32>,
     /// Prompt tokens already through the model.
     fed: usize,
@@ -132,14 +133,15 @@ struct Sequence {
     stops: StopMatcher,
 }
 
-/// The real generator: a llama model and its tokenizer.
-pub struct LlamaGenerator {
-    model: Llama,
+/// The real generator: a decoder of any family, on our kernels (`Llama`) or candle's (`DeviceLlama`),
+/// and its tokenizer.
+pub struct LlamaGenerator<D: Decoder = Llama> {
+    model: D,
     tokenizer: Arc<GgufTokenizer>,
     /// Prompt tokens fed per step across all sequences: bounds how long one step can stall the
     /// running streams' next tokens while a long prompt is read.
     prefill_chunk: usize,
-    seqs: BTreeMap<SeqId, Sequence>,
+    seqs: BTreeMap<SeqId, Sequence<D::Cache>>,
 }
 
 /// The tokenizer a GGUF file carries in its metadata. The file's values are read here, where candle's
@@ -201,8 +203,8 @@ pub fn load_gguf_tokenizer(path: &Path) -> Result<GgufTokenizer, EngineError> {
 }
 
 /// What loading a GGUF file tells the rest of the server.
-pub struct LoadedLlama {
-    pub generator: LlamaGenerator,
+pub struct LoadedLlama<D: Decoder = Llama> {
+    pub generator: LlamaGenerator<D>,
     pub tokenizer: Arc<GgufTokenizer>,
     pub context_length: usize,
     /// KV-cache bytes per position (keys and values of every layer, f32).
@@ -227,8 +229,15 @@ pub fn ready_generator(
     device: &Device,
     prefill_chunk: usize,
 ) -> Result<ReadyGenerator, EngineError> {
-    let LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token } =
-        LlamaGenerator::load(path, device, prefill_chunk)?;
+    // The one place the decoder is chosen: our kernels on the CPU, candle's ops on any other device
+    // (or on the CPU too, when OMNIBUS_DECODER=device-generic asks, as the device-generic tests do).
+    let (engine, tokenizer, context_length, kv_bytes_per_token) = if device_generic(device) {
+        let l = LlamaGenerator::<DeviceLlama>::load(path, device, prefill_chunk)?;
+        (GenEngine::spawn(name, l.generator), l.tokenizer, l.context_length, l.kv_bytes_per_token)
+    } else {
+        let l = LlamaGenerator::<Llama>::load(path, device, prefill_chunk)?;
+        (GenEngine::spawn(name, l.generator), l.tokenizer, l.context_length, l.kv_bytes_per_token)
+    };
     let template = tokenizer.chat_template.as_deref().and_then(|source| {
         let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or("").to_string();
         ChatTemplate::new(source, &text(tokenizer.bos), &text(tokenizer.eos))
@@ -236,49 +245,56 @@ pub fn ready_generator(
             .ok()
             .map(Arc::new)
     });
-    let engine = GenEngine::spawn(name, generator).map_err(|e| EngineError::load(path, e))?;
+    let engine = engine.map_err(|e| EngineError::load(path, e))?;
     Ok(ReadyGenerator { engine, tokenizer, template, context_length, kv_bytes_per_token })
 }
 
-impl LlamaGenerator {
-    pub fn new(model: Llama, tokenizer: Arc<GgufTokenizer>, prefill_chunk: usize) -> Self {
+/// Whether `device` runs the device-generic decoder: every device but the CPU, and the CPU when
+/// `OMNIBUS_DECODER=device-generic`.
+pub fn device_generic(device: &Device) -> bool {
+    !device.is_cpu() || std::env::var("OMNIBUS_DECODER").is_ok_and(|v| v == "device-generic")
+}
+
+impl<D: Decoder> LlamaGenerator<D> {
+    pub fn new(model: D, tokenizer: Arc<GgufTokenizer>, prefill_chunk: usize) -> Self {
         Self { model, tokenizer, prefill_chunk: prefill_chunk.max(1), seqs: BTreeMap::new() }
     }
 
     /// Loads a llama GGUF and its tokenizer from the same file, and warms it with one forward pass.
-    pub fn load(path: &Path, device: &Device, prefill_chunk: usize) -> Result<LoadedLlama, EngineError> {
+    pub fn load(path: &Path, device: &Device, prefill_chunk: usize) -> Result<LoadedLlama<D>, EngineError> {
         let started = std::time::Instant::now();
         let mut file = std::fs::File::open(path).map_err(|e| EngineError::load(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::load(path, e))?;
         let tokenizer = Arc::new(gguf_tokenizer(&content.metadata).map_err(|e| EngineError::load(path, e))?);
-        let model = Llama::load(&content, &mut file, device).map_err(|e| EngineError::load(path, e))?;
-        if tokenizer.vocab_size() != model.config.vocab_size {
+        let model = D::load(&content, &mut file, device).map_err(|e| EngineError::load(path, e))?;
+        if tokenizer.vocab_size() != model.config().vocab_size {
             return Err(EngineError::load(
                 path,
                 format!(
                     "the tokenizer has {} tokens but the embedding {} rows",
                     tokenizer.vocab_size(),
-                    model.config.vocab_size
+                    model.config().vocab_size
                 ),
             ));
         }
         // Warm-up: one real forward pass before health says SERVING.
-        let mut cache = KvCache::new(&model.config);
+        let mut cache = model.new_cache().map_err(|e| EngineError::load(path, e))?;
         let first = tokenizer.bos.unwrap_or(0);
         model
             .forward(&mut [Step { tokens: &[first], cache: &mut cache, logits: Logits::Last }])
             .map_err(|e| EngineError::load(path, e))?;
-        let context_length = model.config.context_length;
+        let context_length = model.config().context_length;
         info!(
             path = %path.display(),
-            layers = model.config.n_layer,
-            width = model.config.n_embd,
+            layers = model.config().n_layer,
+            width = model.config().n_embd,
             context_length,
-            weights = ?model.weight_types,
+            weights = ?model.weight_types(),
+            decoder = std::any::type_name::<D>().rsplit("::").next().unwrap_or("?"),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "generation model loaded and warmed"
         );
-        let c = &model.config;
+        let c = model.config();
         let kv_bytes_per_token = (c.n_layer * 2 * c.n_kv_head * c.head_dim * std::mem::size_of::<f32>()) as u64;
         let generator = Self::new(model, tokenizer.clone(), prefill_chunk);
         Ok(LoadedLlama { generator, tokenizer, context_length, kv_bytes_per_token })
@@ -289,13 +305,13 @@ impl LlamaGenerator {
         let tokenizer = self.tokenizer.clone();
         let seq = self.seqs.get_mut(&id).expect("a sequence of this step");
         seq.generated.push(token);
-        let end = |finish, stop, seq: &Sequence| SeqEvent::End {
+        let end = |finish, stop, seq: &Sequence<D::Cache>| SeqEvent::End {
             finish,
             stop,
             prompt_tokens: seq.prompt.len() as u32,
             completion_tokens: seq.generated.len() as u32,
         };
-        let push = |t: TextToken, seq: &mut Sequence, events: &mut Vec<(SeqId, SeqEvent)>| {
+        let push = |t: TextToken, seq: &mut Sequence<D::Cache>, events: &mut Vec<(SeqId, SeqEvent)>| {
             events.push((id, SeqEvent::Token { token: t, index: seq.emitted }));
             seq.emitted += 1;
         };
@@ -328,7 +344,7 @@ impl LlamaGenerator {
     }
 }
 
-impl Generator for LlamaGenerator {
+impl<D: Decoder> Generator for LlamaGenerator<D> {
     fn step(&mut self, plan: StepPlan) -> Result<StepReport, EngineError> {
         for id in &plan.drop {
             self.seqs.remove(id);
@@ -337,7 +353,7 @@ impl Generator for LlamaGenerator {
             self.seqs.insert(
                 id,
                 Sequence {
-                    cache: KvCache::new(&self.model.config),
+                    cache: self.model.new_cache()?,
                     rng: Rng::new(req.sampling.seed),
                     prompt: req.prompt_ids,
                     fed: 0,
@@ -374,7 +390,7 @@ impl Generator for LlamaGenerator {
                 };
                 inputs.push((id, seq.prompt[seq.fed..seq.fed + n].to_vec(), seq.fed, done, want));
             } else if let Some(&last) = seq.generated.last() {
-                inputs.push((id, vec![last], seq.cache.len(), true, Logits::Last));
+                inputs.push((id, vec![last], D::cached(&seq.cache), true, Logits::Last));
             }
         }
         let mut report = StepReport::default();
@@ -382,8 +398,9 @@ impl Generator for LlamaGenerator {
             return Ok(report);
         }
         let logits = {
-            let mut by_id: BTreeMap<SeqId, &mut Sequence> = self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
-            let mut steps: Vec<Step<'_>> = Vec::with_capacity(inputs.len());
+            let mut by_id: BTreeMap<SeqId, &mut Sequence<D::Cache>> =
+                self.seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+            let mut steps: Vec<Step<'_, D::Cache>> = Vec::with_capacity(inputs.len());
             for (id, tokens, _, _, want) in &inputs {
                 let seq = by_id.remove(id).expect("planned sequences exist");
                 seq.fed += if seq.fed < seq.prompt.len() { tokens.len() } else { 0 };
@@ -399,7 +416,7 @@ impl Generator for LlamaGenerator {
                 }
             }
         };
-        let vocab = self.model.config.vocab_size;
+        let vocab = self.model.config().vocab_size;
         let mut finished = Vec::new();
         for ((id, tokens, start, sample_next, want), logits) in inputs.iter().zip(logits) {
             let Some(logits) = logits else { continue };

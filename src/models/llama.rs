@@ -11,8 +11,8 @@
 //! multiplication as ggml builds them. Every row's result depends only on its own sequence, so a
 //! sequence decodes to the same tokens alone or in any batch.
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Result, Tensor, bail};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Result, bail};
 
 pub use super::families::{Activation, LlamaConfig};
 use super::kernels::qmatmul::{QMatrix, QRows};
@@ -21,30 +21,21 @@ use super::kernels::team::{Disjoint, Team};
 /// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
 const ATTENTION_ROWS: usize = 16;
 
-/// A weight matrix. The one place the matrix-product path is chosen: on the CPU our weight-stationary
-/// kernels for every GGUF type (`qmatmul`), on other devices candle's `QMatMul` and its device kernels.
-enum Linear {
-    Cpu(QMatrix),
-    Device(QMatMul, Device),
-}
+/// A weight matrix in our weight-stationary kernels for every GGUF type (`qmatmul`). Other devices run
+/// the device-generic decoder (`llama_device`) on candle's kernels instead.
+struct Linear(QMatrix);
 
 impl Linear {
     fn new(t: QTensor, device: &Device) -> Result<Self> {
-        if device.is_cpu() {
-            return Ok(Self::Cpu(QMatrix::from_qtensor(&t)?));
+        if !device.is_cpu() {
+            bail!("the kernel decoder runs on the CPU; {device:?} takes the device-generic one");
         }
-        Ok(Self::Device(QMatMul::from_qtensor(t)?, device.clone()))
+        Ok(Self(QMatrix::from_qtensor(&t)?))
     }
 
     /// `x @ w.T` for `rows` rows of `x`, flattened.
     fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        match self {
-            Self::Cpu(m) => Ok(m.forward(&x, rows)),
-            Self::Device(w, device) => {
-                let width = x.len() / rows.max(1);
-                w.forward(&Tensor::from_vec(x, (rows, width), device)?)?.flatten_all()?.to_vec1::<f32>()
-            }
-        }
+        Ok(self.0.forward(&x, rows))
     }
 }
 
@@ -151,11 +142,52 @@ pub enum Logits {
 }
 
 /// One sequence's share of a forward pass.
-pub struct Step<'a> {
+pub struct Step<'a, C = KvCache> {
     /// Tokens to append (the whole or part of a prompt, or one generated token).
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    pub cache: &'a mut C,
     pub logits: Logits,
+}
+
+/// What the generation engine drives: a decoder of some family with its own per-sequence cache. Two
+/// implement it: [`Llama`] on our CPU kernels and `llama_device::DeviceLlama` on candle's ops, for any
+/// device.
+pub trait Decoder: Send + Sized + 'static {
+    type Cache: Send;
+    /// Loads every tensor named the way llama.cpp's converter names them, onto `device`.
+    fn load<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, device: &Device) -> Result<Self>;
+    fn config(&self) -> &LlamaConfig;
+    /// The weight types found, for logs.
+    fn weight_types(&self) -> &[GgmlDType];
+    /// An empty cache for a new sequence.
+    fn new_cache(&self) -> Result<Self::Cache>;
+    /// Positions a cache holds.
+    fn cached(cache: &Self::Cache) -> usize;
+    /// Advances every step's sequence by its tokens and returns, for each step that asked, its logits:
+    /// the last row's (`vocab` values) or every row's (`tokens × vocab`, row-major).
+    fn forward(&self, steps: &mut [Step<'_, Self::Cache>]) -> Result<Vec<Option<Vec<f32>>>>;
+}
+
+impl Decoder for Llama {
+    type Cache = KvCache;
+    fn load<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, device: &Device) -> Result<Self> {
+        Llama::load(content, reader, device)
+    }
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    fn weight_types(&self) -> &[GgmlDType] {
+        &self.weight_types
+    }
+    fn new_cache(&self) -> Result<KvCache> {
+        Ok(KvCache::new(&self.config))
+    }
+    fn cached(cache: &KvCache) -> usize {
+        cache.len
+    }
+    fn forward(&self, steps: &mut [Step<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        Llama::forward(self, steps)
+    }
 }
 
 fn load_vec(t: QTensor, device: &Device) -> Result<Vec<f32>> {
@@ -433,6 +465,31 @@ fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
     out
 }
 
+/// Per position, `rope_dims / 2` (cos, sin) pairs, with ggml's angles: theta_scale = powf(base, -2/n_dims);
+/// theta starts at the position and is multiplied by theta_scale once per pair, in f32. The same rounding
+/// gives the same angles.
+pub(crate) fn rope_table(
+    c: &LlamaConfig,
+    base: f32,
+    scale: f32,
+    freqs: Option<&[f32]>,
+    positions: &[usize],
+) -> Vec<(f32, f32)> {
+    let half = c.rope_dims / 2;
+    let theta_scale = base.powf(-2.0 / c.rope_dims as f32);
+    let mut table = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        let mut theta = p as f32;
+        for i in 0..half {
+            // ggml's rope_yarn without extrapolation: (theta / freq_factor) * freq_scale.
+            let t = freqs.map_or(theta, |f| theta / f[i]) * scale;
+            table.push((t.cos(), t.sin()));
+            theta *= theta_scale;
+        }
+    }
+    table
+}
+
 /// RoPE with the cos/sin of every row's position: llama's "normal" mode rotates adjacent pairs, NeoX's
 /// (Gemma, Qwen) pairs value `i` with value `i + dims / 2`.
 struct RopeRows {
@@ -443,21 +500,7 @@ struct RopeRows {
 
 impl RopeRows {
     fn new(c: &LlamaConfig, base: f32, scale: f32, freqs: Option<&[f32]>, positions: &[usize]) -> Self {
-        let half = c.rope_dims / 2;
-        // ggml: theta_scale = powf(base, -2/n_dims); theta starts at the position and is multiplied
-        // by theta_scale once per pair, in f32. The same rounding gives the same angles.
-        let theta_scale = base.powf(-2.0 / c.rope_dims as f32);
-        let mut table = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            let mut theta = p as f32;
-            for i in 0..half {
-                // ggml's rope_yarn without extrapolation: (theta / freq_factor) * freq_scale.
-                let t = freqs.map_or(theta, |f| theta / f[i]) * scale;
-                table.push((t.cos(), t.sin()));
-                theta *= theta_scale;
-            }
-        }
-        Self { table, half }
+        Self { table: rope_table(c, base, scale, freqs, positions), half: c.rope_dims / 2 }
     }
 
     fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, neox: bool) {
