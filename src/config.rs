@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::batcher::BatchConfig;
 use crate::batcher::generate::GenConfig;
-use crate::engine::DeviceChoice;
+use crate::engine::{DeviceChoice, Placement};
 pub use crate::units::{parse_bytes, parse_duration};
 
 /// `--device`: the flag's values, mapped onto the engine's [`DeviceChoice`] (the engine knows no clap).
@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// Where models run.
     #[arg(long, env = "OMNIBUS_DEVICE", value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+
+    /// Pins a model to some of the visible GPUs instead of a replica on every one: MODEL=GPU[,GPU...],
+    /// GPUs by index among the visible ones (0 is the first). Repeat the flag per model (in the
+    /// environment, separate them with `;`). Ignored on the CPU.
+    #[arg(long = "place", env = "OMNIBUS_PLACE", value_name = "MODEL=GPUS", value_delimiter = ';')]
+    pub place: Vec<Placement>,
 
     /// Log line format.
     #[arg(long, env = "OMNIBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -283,6 +289,8 @@ pub struct ModelConfig {
     /// Where `threads` came from, for the start-up log.
     pub threads_source: String,
     pub device: DeviceChoice,
+    /// `--place`: models pinned to some GPUs.
+    pub placements: Vec<Placement>,
     pub memory: MemoryConfig,
 }
 
@@ -448,6 +456,7 @@ impl ServeArgs {
                 threads,
                 threads_source,
                 device: self.device.into(),
+                placements: self.place,
                 memory: MemoryConfig {
                     limit: match self.memory_limit {
                         Some(b) => Some((b, "--memory-limit")),

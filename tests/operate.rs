@@ -283,3 +283,25 @@ mod tls {
         assert!(refused, "a client without a certificate must be refused");
     }
 }
+
+/// `--place` naming a model the directory does not hold stops the start with a message naming it and
+/// the models there; a malformed value is refused by the flag parser, naming the value.
+#[test]
+fn a_placement_of_an_unknown_model_is_refused_at_start() {
+    let run = |place: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_omnibus"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--place", place])
+            .arg("--model-dir")
+            .arg(common::model_dir())
+            .output()
+            .expect("run omnibus")
+    };
+    let out = run("nope=0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--place nope: no such model in the model directory (it holds: "), "{err}");
+    let out = run("all-MiniLM-L6-v2=first");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("\"first\" is not a GPU index"), "{err}");
+}

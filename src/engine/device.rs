@@ -1,7 +1,8 @@
 //! Device choice, in one place and logged: which devices the models run on, from `--device`, the
 //! build, and what the NVIDIA container runtime (`NVIDIA_VISIBLE_DEVICES`) and the CUDA driver
-//! (`CUDA_VISIBLE_DEVICES`) make visible. Every visible GPU gets its own replica of every model; on the
-//! CPU there is one. The parsing and the plan are pure functions, unit-tested without a GPU.
+//! (`CUDA_VISIBLE_DEVICES`) make visible. Every visible GPU gets its own replica of every model, unless
+//! `--place` pins a model to some of them; on the CPU there is one. The parsing, the plan and the
+//! placement are pure functions, unit-tested without a GPU.
 use candle_core::Device;
 use tracing::{info, warn};
 
@@ -64,6 +65,51 @@ pub fn parse_visible(nvidia: Option<&str>, cuda: Option<&str>) -> Visible {
         Visible::Hidden(why) => Visible::Hidden(why),
         Visible::Listed(n) if n.len() < valid.len() => Visible::Listed(n),
         _ => Visible::Listed(valid),
+    }
+}
+
+/// `--place MODEL=GPUS`: a model pinned to some of the visible GPUs (indices as the driver numbers the
+/// visible ones, from 0), e.g. a small embedder on one MIG slice and the LLM on another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub model: String,
+    pub gpus: Vec<usize>,
+}
+
+impl std::str::FromStr for Placement {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (model, list) = s
+            .split_once('=')
+            .filter(|(m, l)| !m.trim().is_empty() && !l.trim().is_empty())
+            .ok_or_else(|| format!("--place {s:?}: expected MODEL=GPU[,GPU...], e.g. all-MiniLM-L6-v2=0"))?;
+        let mut gpus = Vec::new();
+        for g in list.split(',') {
+            let i = g.trim().parse::<usize>().map_err(|_| {
+                format!("--place {s:?}: {g:?} is not a GPU index (0 for the first visible GPU, 1 for the next, ...)")
+            })?;
+            if !gpus.contains(&i) {
+                gpus.push(i);
+            }
+        }
+        Ok(Self { model: model.trim().to_string(), gpus })
+    }
+}
+
+/// Which of the planned devices (`devices` of them, GPUs when `on_gpus`) a model's replicas go on:
+/// every one, unless a placement names the model. On the CPU there is one device and placements do
+/// not apply. A GPU index beyond the visible ones is an error naming the bound.
+pub fn place(model: &str, devices: usize, on_gpus: bool, placements: &[Placement]) -> Result<Vec<usize>, String> {
+    let Some(p) = placements.iter().find(|p| p.model == model).filter(|_| on_gpus) else {
+        return Ok((0..devices).collect());
+    };
+    match p.gpus.iter().find(|&&g| g >= devices) {
+        Some(g) => Err(format!(
+            "--place {model}={g}: only {devices} GPU(s) are visible (indices 0 to {})",
+            devices.saturating_sub(1)
+        )),
+        None => Ok(p.gpus.clone()),
     }
 }
 
@@ -239,5 +285,21 @@ mod tests {
         assert!(e.to_string().contains("NVIDIA_VISIBLE_DEVICES=none"), "{e}");
         let e = plan(DeviceChoice::Cuda, &Visible::All, true, || Ok(0)).unwrap_err();
         assert!(e.to_string().contains("no GPU"), "{e}");
+    }
+
+    #[test]
+    fn placements_pin_models_to_some_gpus() {
+        let p: Vec<Placement> = ["embedder=0", "llm=1, 2,1"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(p[1], Placement { model: "llm".into(), gpus: vec![1, 2] });
+        assert_eq!(place("embedder", 3, true, &p), Ok(vec![0]));
+        assert_eq!(place("llm", 3, true, &p), Ok(vec![1, 2]));
+        assert_eq!(place("other", 3, true, &p), Ok(vec![0, 1, 2]));
+        // On the CPU there is one device; pins do not apply.
+        assert_eq!(place("llm", 1, false, &p), Ok(vec![0]));
+        assert_eq!(place("llm", 2, true, &p), Err("--place llm=2: only 2 GPU(s) are visible (indices 0 to 1)".into()));
+        for bad in ["llm", "=0", "llm=", "llm=a"] {
+            let err = bad.parse::<Placement>().unwrap_err();
+            assert!(err.starts_with(&format!("--place {bad:?}")), "{err}");
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::batcher::generate::{GenBatcher, GenConfig};
 use crate::batcher::replicas::{EmbedPool, GenPool};
 use crate::batcher::{BatchConfig, EmbedBatcher};
 use crate::config::{GenerateConfig, ModelConfig};
-use crate::engine::{Device, EngineError, plan_devices};
+use crate::engine::{Device, EngineError, Placement, place, plan_devices};
 use crate::tokenizer::TextTokenizer;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
@@ -55,6 +55,8 @@ pub enum RegistryError {
     },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("{0}")]
+    Placement(String),
     #[error("model loading was interrupted: {0}")]
     Join(String),
     #[error("model {name:?} is not in the model repository (it holds: {available})")]
@@ -109,6 +111,8 @@ pub struct GenerationModel {
 pub struct Registry {
     root: PathBuf,
     devices: Vec<Device>,
+    /// `--place`: models pinned to some of `devices`.
+    placements: Vec<Placement>,
     batch: BatchConfig,
     generate: GenerateConfig,
     models: RwLock<Models>,
@@ -223,15 +227,25 @@ impl Registry {
         let mut registry = Self {
             root: config.model_dir.clone(),
             devices,
+            placements: config.placements.clone(),
             batch,
             generate,
             models: RwLock::new(Models::default()),
             admin: tokio::sync::Mutex::new(()),
             plan: None,
         };
-        let entries = repository::latest(&registry.scan().await?);
+        let scanned = registry.scan().await?;
+        let entries = repository::latest(&scanned);
         if entries.is_empty() {
             return Err(RegistryError::NoModels(config.model_dir.clone()));
+        }
+        if let Some(p) = config.placements.iter().find(|p| !scanned.iter().any(|e| e.name == p.model)) {
+            let available: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            return Err(RegistryError::Placement(format!(
+                "--place {}: no such model in the model directory (it holds: {})",
+                p.model,
+                available.join(", ")
+            )));
         }
         // Every model's weights first, then the budgets that fit what is left of the memory limit, then
         // the batchers with those budgets.
@@ -287,7 +301,11 @@ impl Registry {
 
     /// Loads and warms one version's weights on a blocking thread, its engine threads running.
     async fn load_weights(&self, entry: Entry) -> Result<Loading, RegistryError> {
-        let (root, devices) = (self.root.clone(), self.devices.clone());
+        let on_gpus = self.devices.iter().any(|d| !d.is_cpu());
+        let chosen =
+            place(&entry.name, self.devices.len(), on_gpus, &self.placements).map_err(RegistryError::Placement)?;
+        let devices: Vec<Device> = chosen.iter().map(|&i| self.devices[i].clone()).collect();
+        let root = self.root.clone();
         let prefill_chunk = self.generate.prefill_chunk;
         // One load at a time (at start, and under the admin lock after), so the growth of the process's
         // resident memory is this model's.
