@@ -6,7 +6,7 @@ use anyhow::Context;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
-use omnibus::client::{bench, health};
+use omnibus::client::{bench, compare, health};
 use omnibus::config::ServeArgs;
 use omnibus::{server, telemetry};
 
@@ -31,6 +31,9 @@ enum Command {
     /// Ask a running omnibus's grpc.health.v1.Health whether it is SERVING (exit 0) or not (exit 1):
     /// the container image's HEALTHCHECK.
     Health(health::HealthArgs),
+    /// Score the same texts on two running servers (teacher-forced, through Generate's prompt
+    /// log-probabilities) and report how far their next-token distributions are apart.
+    Compare(compare::CompareArgs),
     /// Print the SIMD paths this CPU can run, one per line, each a value for OMNIBUS_CPU_FEATURES (CI
     /// runs the numerics tests once per path).
     CpuPaths,
@@ -48,6 +51,10 @@ fn main() -> anyhow::Result<()> {
             let serving = runtime.block_on(health::health(args))?;
             println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
             std::process::exit(if serving { 0 } else { 1 });
+        }
+        Command::Compare(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(compare::run(args))
         }
         Command::CpuPaths => {
             for p in omnibus::models::kernels::cpu::paths() {
