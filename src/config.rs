@@ -91,6 +91,12 @@ pub struct ServeArgs {
     #[arg(long, env = "OMNIBUS_MEMORY_LIMIT", value_parser = parse_bytes)]
     pub memory_limit: Option<u64>,
 
+    /// On GPUs: the share of each GPU's memory omnibus may fill. Once the models are loaded, the KV
+    /// budget defaults to what is free beyond the rest ((1 - fraction) of the total), read once from
+    /// the driver and logged; --max-kv-tokens overrides it.
+    #[arg(long, env = "OMNIBUS_GPU_MEMORY_FRACTION", default_value_t = 0.9)]
+    pub gpu_memory_fraction: f64,
+
     /// Generate requests that may wait for a running slot; beyond it RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "OMNIBUS_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: u32,
@@ -300,6 +306,8 @@ pub struct MemoryConfig {
     pub limit: Option<(u64, &'static str)>,
     pub kv_tokens: Option<usize>,
     pub batch_tokens: Option<usize>,
+    /// `--gpu-memory-fraction`.
+    pub gpu_fraction: f64,
 }
 
 /// The whole, checked configuration.
@@ -328,6 +336,8 @@ pub enum ConfigError {
          the longest allowed answer has to fit"
     )]
     KvBelowNewTokens { kv: u32, new: u32 },
+    #[error("--gpu-memory-fraction must be above 0 and at most 1, got {0}")]
+    GpuMemoryFraction(String),
     #[error("--model-dir {0:?} does not exist; run `python3 models/fetch.py` or point it at your models")]
     NoModelDir(PathBuf),
     #[error("--metrics-listen {0:?} is neither an address like 0.0.0.0:9090 nor `off`")]
@@ -369,6 +379,9 @@ impl ServeArgs {
             && kv < self.max_new_tokens + 1
         {
             return Err(ConfigError::KvBelowNewTokens { kv, new: self.max_new_tokens });
+        }
+        if !(self.gpu_memory_fraction > 0.0 && self.gpu_memory_fraction <= 1.0) {
+            return Err(ConfigError::GpuMemoryFraction(self.gpu_memory_fraction.to_string()));
         }
         if let Some(m) = self.memory_limit {
             // Below 128 MiB not even one model and its runtime fit.
@@ -463,6 +476,7 @@ impl ServeArgs {
                         None => crate::resources::memory_limit().map(|b| (b, "the cgroup's limit")),
                     },
                     kv_tokens: self.max_kv_tokens.map(|t| t as usize),
+                    gpu_fraction: self.gpu_memory_fraction,
                     batch_tokens: self.max_batch_tokens.map(|t| t as usize),
                 },
             },
@@ -512,6 +526,13 @@ mod tests {
         let err = args(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"]).validate().unwrap_err();
         assert!(matches!(err, ConfigError::NoFile { flag: "tls-cert", .. }));
         assert!(ServeArgs::try_parse_from(["omnibus", "--tls-cert", "c.pem"]).is_err(), "cert needs a key");
+        for bad in ["0", "1.5", "-0.2", "NaN"] {
+            let err = args(&[&format!("--gpu-memory-fraction={bad}")]).validate().unwrap_err();
+            assert!(err.to_string().starts_with("--gpu-memory-fraction must be above 0 and at most 1"), "{err}");
+        }
+        assert_eq!(args(&[]).validate().unwrap().model.memory.gpu_fraction, 0.9);
+        let p = args(&["--place", "a=0", "--place", "b=1,2"]).validate().unwrap().model.placements;
+        assert_eq!(p.iter().map(|p| p.gpus.clone()).collect::<Vec<_>>(), vec![vec![0], vec![1, 2]]);
     }
 
     #[test]

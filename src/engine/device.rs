@@ -113,6 +113,23 @@ pub fn place(model: &str, devices: usize, on_gpus: bool, placements: &[Placement
     }
 }
 
+/// Free and total memory of a GPU as its driver reports them, in bytes; None on the CPU.
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (free as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
+/// The KV positions one GPU can hold: what is free beyond the share kept back (`1 - fraction` of the
+/// total, for activations, the runtime and other processes), over the bytes one position takes.
+pub fn gpu_kv_tokens(free: u64, total: u64, fraction: f64, kv_bytes_per_token: u64) -> usize {
+    let kept = ((1.0 - fraction.clamp(0.0, 1.0)) * total as f64) as u64;
+    (free.saturating_sub(kept) / kv_bytes_per_token.max(1)) as usize
+}
+
 /// Where one replica runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -301,5 +318,16 @@ mod tests {
             let err = bad.parse::<Placement>().unwrap_err();
             assert!(err.starts_with(&format!("--place {bad:?}")), "{err}");
         }
+    }
+
+    #[test]
+    fn the_gpu_kv_budget_is_what_is_free_beyond_the_share_kept_back() {
+        let gib = 1u64 << 30;
+        // 80 GiB card, 60 GiB free after the weights, 90%: 8 GiB kept back, 52 GiB for the cache.
+        assert_eq!(gpu_kv_tokens(60 * gib, 80 * gib, 0.9, 1 << 20), 52 * 1024);
+        // Less free than the share kept back: nothing.
+        assert_eq!(gpu_kv_tokens(4 * gib, 80 * gib, 0.9, 1 << 20), 0);
+        assert_eq!(gpu_kv_tokens(80 * gib, 80 * gib, 1.0, gib), 80);
+        assert_eq!(device_memory(&Device::Cpu), None);
     }
 }

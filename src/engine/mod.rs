@@ -17,7 +17,8 @@ use tracing::error;
 /// The device models run on; callers above the engine name it through here, never through candle.
 pub use candle_core::Device;
 pub use device::{
-    DeviceChoice, Placement, Plan, Target, Visible, device_name, parse_visible, place, plan, plan_devices,
+    DeviceChoice, Placement, Plan, Target, Visible, device_memory, device_name, gpu_kv_tokens, parse_visible, place,
+    plan, plan_devices,
 };
 pub use embed::{EmbedderInfo, Pooling, ReadyEmbedder, SentenceEmbedder, ready_embedder};
 pub use generate::{

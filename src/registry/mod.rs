@@ -20,7 +20,7 @@ use crate::batcher::generate::{GenBatcher, GenConfig};
 use crate::batcher::replicas::{EmbedPool, GenPool};
 use crate::batcher::{BatchConfig, EmbedBatcher};
 use crate::config::{GenerateConfig, ModelConfig};
-use crate::engine::{Device, EngineError, Placement, place, plan_devices};
+use crate::engine::{Device, EngineError, Placement, device_memory, device_name, gpu_kv_tokens, place, plan_devices};
 use crate::tokenizer::TextTokenizer;
 use crate::tokenizer::chat::ChatTemplate;
 use crate::tokenizer::gguf::GgufTokenizer;
@@ -55,8 +55,9 @@ pub enum RegistryError {
     },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Models and devices do not fit together: a placement, or GPU memory.
     #[error("{0}")]
-    Placement(String),
+    Devices(String),
     #[error("model loading was interrupted: {0}")]
     Join(String),
     #[error("model {name:?} is not in the model repository (it holds: {available})")]
@@ -241,7 +242,7 @@ impl Registry {
         }
         if let Some(p) = config.placements.iter().find(|p| !scanned.iter().any(|e| e.name == p.model)) {
             let available: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
-            return Err(RegistryError::Placement(format!(
+            return Err(RegistryError::Devices(format!(
                 "--place {}: no such model in the model directory (it holds: {})",
                 p.model,
                 available.join(", ")
@@ -303,7 +304,7 @@ impl Registry {
     async fn load_weights(&self, entry: Entry) -> Result<Loading, RegistryError> {
         let on_gpus = self.devices.iter().any(|d| !d.is_cpu());
         let chosen =
-            place(&entry.name, self.devices.len(), on_gpus, &self.placements).map_err(RegistryError::Placement)?;
+            place(&entry.name, self.devices.len(), on_gpus, &self.placements).map_err(RegistryError::Devices)?;
         let devices: Vec<Device> = chosen.iter().map(|&i| self.devices[i].clone()).collect();
         let root = self.root.clone();
         let prefill_chunk = self.generate.prefill_chunk;
@@ -342,6 +343,28 @@ impl Registry {
         info!(%plan, "memory plan");
         self.batch.max_batch_tokens = plan.batch_tokens;
         self.generate.scheduler.max_kv_tokens = plan.kv_tokens;
+        // On GPUs the KV cache lives in device memory: its budget is what the fullest GPU has free after
+        // the weights, beyond the share --gpu-memory-fraction keeps back (read once, now), unless
+        // --max-kv-tokens set one.
+        let gpus: Vec<(String, (u64, u64))> =
+            self.devices.iter().filter_map(|d| device_memory(d).map(|m| (device_name(d), m))).collect();
+        if generators > 0 && config.memory.kv_tokens.is_none() && !gpus.is_empty() {
+            let fraction = config.memory.gpu_fraction;
+            let tokens = gpus.iter().map(|(_, (free, total))| gpu_kv_tokens(*free, *total, fraction, kv_bytes)).min();
+            let tokens = tokens.unwrap_or(0);
+            for (name, (free, total)) in &gpus {
+                info!(gpu = %name, free_mib = free >> 20, total_mib = total >> 20, fraction, "GPU memory after loading");
+            }
+            if tokens < self.generate.max_new_tokens + 1 {
+                return Err(RegistryError::Devices(format!(
+                    "the GPUs leave room for {tokens} KV positions at --gpu-memory-fraction {fraction}: less than one \
+                     sequence of --max-new-tokens {}; raise the fraction or serve fewer models",
+                    self.generate.max_new_tokens
+                )));
+            }
+            info!(kv_tokens = tokens, kv_bytes_per_token = kv_bytes, "KV budget from GPU memory");
+            self.generate.scheduler.max_kv_tokens = tokens;
+        }
         self.plan = Some(plan);
         Ok(())
     }
