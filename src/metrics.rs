@@ -244,6 +244,13 @@ pub static MODEL_MEMORY: Family = Family::new(
     Kind::Gauge,
     &["model", "kind"],
 );
+pub static GPU_MEMORY: Family = Family::new(
+    "omnibus_gpu_memory_bytes",
+    "Memory of each GPU the models run on, as its driver reports it at scrape time: state=free, used or \
+     total (used includes other processes). Absent on the CPU.",
+    Kind::Gauge,
+    &["gpu", "state"],
+);
 pub static ENGINE_STALLED: Family = Family::new(
     "omnibus_engine_stalled",
     "1 while a model thread has shown no life for --engine-stall-timeout (liveness then fails), else 0.",
@@ -255,6 +262,7 @@ static ALL: &[&Family] = &[
     &KV_TOKENS,
     &RESIDENT_MEMORY,
     &MODEL_MEMORY,
+    &GPU_MEMORY,
     &ENGINE_STALLED,
     &QUEUE_SIZE,
     &RUNNING,

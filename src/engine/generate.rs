@@ -412,7 +412,7 @@ impl<D: Decoder> Generator for LlamaGenerator<D> {
                     drop(steps);
                     // Half-advanced caches cannot be trusted: the scheduler fails every running sequence.
                     self.seqs.clear();
-                    return Err(e.into());
+                    return Err(EngineError::from_step(e));
                 }
             }
         };

@@ -43,6 +43,31 @@ pub enum EngineError {
     Stopped,
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// The device ran out of memory during a step (a CUDA out-of-memory error): the calls it hit end;
+    /// the server and the model stay up.
+    #[error("the device ran out of memory for this batch ({0}); retry later or with a shorter request")]
+    DeviceMemory(String),
+}
+
+impl EngineError {
+    /// What one failed step becomes for every sequence it hit: a device out of memory keeps its own
+    /// kind (a status of its own), anything else is a failed batch.
+    pub fn for_each_call(&self) -> EngineError {
+        match self {
+            EngineError::DeviceMemory(m) => EngineError::DeviceMemory(m.clone()),
+            other => EngineError::Batch(other.to_string()),
+        }
+    }
+
+    /// A candle error from a forward pass, with CUDA's out-of-memory recognised by its driver code.
+    pub fn from_step(err: candle_core::Error) -> EngineError {
+        let text = err.to_string();
+        if text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("out of memory") {
+            EngineError::DeviceMemory(text)
+        } else {
+            EngineError::Candle(err)
+        }
+    }
 }
 
 impl EngineError {
@@ -123,6 +148,16 @@ pub fn l2_normalize(v: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_out_of_memory_keeps_its_kind_for_every_call() {
+        let oom = EngineError::from_step(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        assert!(matches!(oom.for_each_call(), EngineError::DeviceMemory(_)), "{oom}");
+        let other = EngineError::from_step(candle_core::Error::Msg("shape mismatch".into()));
+        assert!(matches!(other.for_each_call(), EngineError::Batch(ref m) if m.contains("shape mismatch")));
+    }
 
     #[test]
     fn normalize_gives_unit_length_and_keeps_zero() {

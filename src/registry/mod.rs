@@ -429,6 +429,14 @@ impl Registry {
     }
 
     /// The memory plan made at start.
+    /// Each GPU the models run on, by name, with its free and total memory now (empty on the CPU).
+    pub fn gpu_memory(&self) -> Vec<(String, u64, u64)> {
+        self.devices
+            .iter()
+            .filter_map(|d| device_memory(d).map(|(free, total)| (device_name(d), free, total)))
+            .collect()
+    }
+
     pub fn memory_plan(&self) -> Option<&crate::resources::MemoryPlan> {
         self.plan.as_ref()
     }

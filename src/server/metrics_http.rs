@@ -90,6 +90,11 @@ fn refresh_gauges(registry: &Registry) {
         metrics::KV_TOKENS.with(&[&s.stable.name, "used"]).set(used as i64);
         metrics::KV_TOKENS.with(&[&s.stable.name, "free"]).set(budget.saturating_sub(used) as i64);
     }
+    for (gpu, free, total) in registry.gpu_memory() {
+        metrics::GPU_MEMORY.with(&[&gpu, "free"]).set(free as i64);
+        metrics::GPU_MEMORY.with(&[&gpu, "used"]).set(total.saturating_sub(free) as i64);
+        metrics::GPU_MEMORY.with(&[&gpu, "total"]).set(total as i64);
+    }
     if let Some(rss) = crate::resources::resident_bytes() {
         metrics::RESIDENT_MEMORY.with(&[]).set(rss as i64);
     }

@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 
 use super::codec::MALFORMED;
 use crate::batcher::BatchError;
+use crate::engine::EngineError;
 use crate::registry::RegistryError;
 use crate::validate::ValidationError;
 
@@ -73,6 +74,9 @@ impl ServeError {
             ServeError::NotReady => (Code::Unavailable, "loading"),
             ServeError::ShuttingDown => (Code::Unavailable, "shutting_down"),
             ServeError::GraceOver(_) => (Code::Unavailable, "grace_over"),
+            ServeError::Batch(BatchError::Engine(EngineError::DeviceMemory(_))) => {
+                (Code::ResourceExhausted, "device_memory")
+            }
             ServeError::Batch(BatchError::Engine(_)) => (Code::Internal, "engine"),
             ServeError::Registry(
                 RegistryError::NotInRepository { .. }
@@ -234,6 +238,10 @@ mod tests {
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("overloaded"), "{}", s.message());
         assert_eq!(retry_delay(&s), Some(Duration::from_millis(250)));
+        let oom = ServeError::Batch(BatchError::Engine(EngineError::DeviceMemory("CUDA_ERROR_OUT_OF_MEMORY".into())));
+        assert_eq!(oom.code_and_reason(), (Code::ResourceExhausted, "device_memory"));
+        let s: Status = oom.into();
+        assert!(s.message().contains("the device ran out of memory"), "{}", s.message());
         let s: Status = ServeError::Batch(BatchError::DeadlineExceeded { model: "m".into(), waited_ms: 5 }).into();
         assert_eq!(s.code(), Code::DeadlineExceeded);
         let s: Status = ServeError::NotReady.into();

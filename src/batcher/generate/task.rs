@@ -146,7 +146,7 @@ fn fail_all(state: &mut GenState<Entry>, model: &Arc<str>, err: &EngineError) {
     let ids: Vec<u64> = state.running_ids();
     for id in ids {
         if let Some(e) = state.finish(id) {
-            let _ = e.tx.try_send(Err(BatchError::Engine(EngineError::Batch(err.to_string()))));
+            let _ = e.tx.try_send(Err(BatchError::Engine(err.for_each_call())));
         }
     }
 }
