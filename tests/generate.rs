@@ -438,7 +438,7 @@ async fn gemma3_is_served_from_its_gguf_alone() {
 /// not token for token.
 #[tokio::test]
 async fn device_generic_streams_decode_in_a_batch_as_alone_and_hang_ups_free_them() {
-    let server = Server::start_env(&[], &[("OMNIBUS_DECODER", "device-generic")]).await;
+    let server = Server::start_env(&[], &[("OMNIBUS_ENGINE", "device-generic")]).await;
     let mut client = server.client().await;
     let cases = cases();
     let mut alone = Vec::new();

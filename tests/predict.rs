@@ -94,8 +94,18 @@ async fn health_reflection_and_list_models() {
 
 #[tokio::test]
 async fn embeddings_match_sentence_transformers() {
+    embeddings_match(Server::start(&[]).await).await;
+}
+
+/// The device-generic encoder (candle's ops on the packed layout, what GPUs run) through the real server
+/// on candle's CPU backend.
+#[tokio::test]
+async fn device_generic_embeddings_match_sentence_transformers() {
+    embeddings_match(Server::start_env(&[], &[("OMNIBUS_ENGINE", "device-generic")]).await).await;
+}
+
+async fn embeddings_match(server: Server) {
     let reference = reference();
-    let server = Server::start(&[]).await;
     let mut client = server.client().await;
     let inputs: Vec<&str> = reference.sentences.iter().map(String::as_str).collect();
     let resp = client.predict(request(&inputs)).await.unwrap().into_inner();

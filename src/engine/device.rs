@@ -130,6 +130,13 @@ pub fn gpu_kv_tokens(free: u64, total: u64, fraction: f64, kv_bytes_per_token: u
     (free.saturating_sub(kept) / kv_bytes_per_token.max(1)) as usize
 }
 
+/// Whether `device` runs the device-generic models (candle's ops: the decoder of `models::llama_device`,
+/// candle's packed BERT): every device but the CPU, and the CPU too when `OMNIBUS_ENGINE=device-generic`
+/// (how the tests and `scripts/gpu-check` run the GPU's graph on the CPU).
+pub fn device_generic(device: &Device) -> bool {
+    !device.is_cpu() || std::env::var("OMNIBUS_ENGINE").is_ok_and(|v| v == "device-generic")
+}
+
 /// Where one replica runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

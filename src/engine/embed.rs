@@ -43,10 +43,23 @@ pub struct SentenceEmbedder {
 }
 
 /// The one place the encoder's path is chosen: on the CPU our packed kernels (no padding, see
-/// `models::bert_packed`), elsewhere candle's ops on a padded batch.
+/// `models::bert_packed`); elsewhere (or with OMNIBUS_ENGINE=device-generic) candle's ops on the same
+/// packed layout, or on a padded batch when a test asks for the padded reference.
 enum Encoder {
     Packed(PackedBert),
-    Device { bert: Bert, device: Device, pad_id: u32 },
+    Device { bert: Bert, device: Device },
+    Padded { bert: Bert, device: Device, pad_id: u32 },
+}
+
+/// How an encoder runs, when the caller chooses rather than the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderPath {
+    /// Our packed CPU kernels (the CPU default).
+    Kernels,
+    /// candle's ops on the packed layout (every other device's path).
+    DeviceGeneric,
+    /// candle's ops on a padded batch with a mask (the layout sentence-transformers uses).
+    Padded,
 }
 
 #[derive(Deserialize)]
@@ -80,8 +93,18 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, EngineErr
 }
 
 impl SentenceEmbedder {
-    /// Loads `config.json`, `model.safetensors` and the sentence-transformers module configs of `dir`.
+    /// Loads `config.json`, `model.safetensors` and the sentence-transformers module configs of `dir`, on
+    /// the path the device calls for.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, EmbedderInfo), EngineError> {
+        Self::load_on(dir, device, None)
+    }
+
+    /// As [`Self::load`], on a chosen path (tests compare them on one device).
+    pub fn load_on(
+        dir: &Path,
+        device: &Device,
+        path: Option<EncoderPath>,
+    ) -> Result<(Self, EmbedderInfo), EngineError> {
         let config: BertConfig = read_json(&dir.join("config.json"))?;
         // RoBERTa-style models offset their positions by the pad id, and others differ more: the encoder
         // table admits only what the shared encoder runs as its family does.
@@ -102,8 +125,18 @@ impl SentenceEmbedder {
         let dimension = config.hidden_size;
         let (h, ff) = (config.hidden_size as u64, config.intermediate_size as u64);
         let activation_bytes_per_token = 4 * (h + 3 * h + h + h + ff + ff.max(h) + h);
-        let packed = device.is_cpu() && config.hidden_act == HiddenAct::Gelu;
-        let encoder = if packed {
+        let path = match path {
+            Some(p) => p,
+            None if !super::device::device_generic(device) => EncoderPath::Kernels,
+            None => EncoderPath::DeviceGeneric,
+        };
+        // Our kernels implement exact GELU only; other activations take candle's ops.
+        let path = if path == EncoderPath::Kernels && config.hidden_act != HiddenAct::Gelu {
+            EncoderPath::DeviceGeneric
+        } else {
+            path
+        };
+        let encoder = if path == EncoderPath::Kernels {
             Encoder::Packed(PackedBert::load(&weights, config).map_err(|e| EngineError::load(&weights, e))?)
         } else {
             // SAFETY: the file is memory-mapped read-only; omnibus never writes model files, and one that
@@ -112,7 +145,10 @@ impl SentenceEmbedder {
                 .map_err(|e| EngineError::load(&weights, e))?;
             let pad_id = config.pad_token_id;
             let bert = Bert::load(vb, config).map_err(|e| EngineError::load(&weights, e))?;
-            Encoder::Device { bert, device: device.clone(), pad_id }
+            match path {
+                EncoderPath::Padded => Encoder::Padded { bert, device: device.clone(), pad_id },
+                _ => Encoder::Device { bert, device: device.clone() },
+            }
         };
         let info = EmbedderInfo { dimension, max_input_tokens, normalize, pooling, activation_bytes_per_token };
         Ok((Self { encoder, pooling }, info))
@@ -194,7 +230,12 @@ impl Embedder for SentenceEmbedder {
                 let hidden = bert.forward(&seqs)?;
                 Ok(pool_packed(&hidden, batch, bert.config.hidden_size, self.pooling))
             }
-            Encoder::Device { bert, device, pad_id } => embed_padded(bert, device, *pad_id, batch, self.pooling),
+            Encoder::Device { bert, device } => {
+                let seqs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+                let hidden = bert.forward_packed(&seqs, device)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(pool_packed(&hidden, batch, bert.config.hidden_size, self.pooling))
+            }
+            Encoder::Padded { bert, device, pad_id } => embed_padded(bert, device, *pad_id, batch, self.pooling),
         }
     }
 }

@@ -230,8 +230,8 @@ pub fn ready_generator(
     prefill_chunk: usize,
 ) -> Result<ReadyGenerator, EngineError> {
     // The one place the decoder is chosen: our kernels on the CPU, candle's ops on any other device
-    // (or on the CPU too, when OMNIBUS_DECODER=device-generic asks, as the device-generic tests do).
-    let (engine, tokenizer, context_length, kv_bytes_per_token) = if device_generic(device) {
+    // (or on the CPU too, when OMNIBUS_ENGINE=device-generic asks, as the device-generic tests do).
+    let (engine, tokenizer, context_length, kv_bytes_per_token) = if super::device::device_generic(device) {
         let l = LlamaGenerator::<DeviceLlama>::load(path, device, prefill_chunk)?;
         (GenEngine::spawn(name, l.generator), l.tokenizer, l.context_length, l.kv_bytes_per_token)
     } else {
@@ -247,12 +247,6 @@ pub fn ready_generator(
     });
     let engine = engine.map_err(|e| EngineError::load(path, e))?;
     Ok(ReadyGenerator { engine, tokenizer, template, context_length, kv_bytes_per_token })
-}
-
-/// Whether `device` runs the device-generic decoder: every device but the CPU, and the CPU when
-/// `OMNIBUS_DECODER=device-generic`.
-pub fn device_generic(device: &Device) -> bool {
-    !device.is_cpu() || std::env::var("OMNIBUS_DECODER").is_ok_and(|v| v == "device-generic")
 }
 
 impl<D: Decoder> LlamaGenerator<D> {

@@ -20,7 +20,7 @@ pub use device::{
     DeviceChoice, Placement, Plan, Target, Visible, device_memory, device_name, gpu_kv_tokens, parse_visible, place,
     plan, plan_devices,
 };
-pub use embed::{EmbedderInfo, Pooling, ReadyEmbedder, SentenceEmbedder, ready_embedder};
+pub use embed::{EmbedderInfo, EncoderPath, Pooling, ReadyEmbedder, SentenceEmbedder, ready_embedder};
 pub use generate::{
     Finish, GenEngine, Generator, LlamaGenerator, LoadedLlama, PositionLogprobs, ReadyGenerator, SeqEvent, SeqId,
     StepPlan, StepReport, gguf_tokenizer, load_gguf_tokenizer, ready_generator,

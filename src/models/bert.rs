@@ -148,6 +148,53 @@ impl Bert {
         x.reshape((b, len, self.hidden))
     }
 
+    /// The packed layout on any device: every sequence's tokens end to end as one `[total, hidden]`
+    /// matrix for the linear layers, attention per sequence over its own length (no padding, no mask).
+    /// Returns `[total, hidden]`, each sequence's rows in order.
+    pub fn forward_packed(&self, seqs: &[&[u32]], device: &candle_core::Device) -> Result<Tensor> {
+        let max = self.config.max_position_embeddings;
+        if let Some(s) = seqs.iter().find(|s| s.len() > max) {
+            candle_core::bail!("{} tokens exceed max_position_embeddings {max}", s.len());
+        }
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let positions: Vec<u32> = seqs.iter().flat_map(|s| 0..s.len() as u32).collect();
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, device)?;
+        let positions = Tensor::from_vec(positions, total, device)?;
+        let types = Tensor::zeros(total, DType::U32, device)?;
+        let e = &self.embeddings;
+        let x = ((e.word.forward(&ids)? + e.position.forward(&positions)?)? + e.token_type.forward(&types)?)?;
+        let mut x = e.norm.forward(&x)?;
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        for layer in &self.layers {
+            x = self.packed_layer(layer, &x, &lens)?;
+        }
+        Ok(x)
+    }
+
+    fn packed_layer(&self, l: &Layer, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (q, k, v) = (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut ctx = Vec::with_capacity(lens.len());
+        let mut row = 0;
+        for &n in lens {
+            let heads = |t: &Tensor| t.narrow(0, row, n)?.reshape((n, self.heads, self.head_dim))?.transpose(0, 1);
+            let (qs, ks, vs) = (heads(&q)?.contiguous()?, heads(&k)?.contiguous()?, heads(&v)?.contiguous()?);
+            let probs = super::kernels::ops::softmax_last_dim(&(qs.matmul(&ks.t()?)? * scale)?)?;
+            ctx.push(probs.matmul(&vs)?.transpose(0, 1)?.reshape((n, self.hidden))?);
+            row += n;
+        }
+        let ctx = Tensor::cat(&ctx, 0)?;
+        let attn = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + x)?)?;
+        let inter = l.intermediate.forward(&attn)?;
+        let inter = match self.act {
+            HiddenAct::Gelu => super::kernels::ops::gelu_erf(&inter)?,
+            HiddenAct::GeluApproximate => inter.gelu()?,
+            HiddenAct::Relu => inter.relu()?,
+        };
+        l.out_norm.forward(&(l.output.forward(&inter)? + attn)?)
+    }
+
     fn layer(&self, l: &Layer, x: &Tensor, bias: &Tensor, b: usize, len: usize) -> Result<Tensor> {
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape((b, len, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
