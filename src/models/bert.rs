@@ -185,7 +185,13 @@ impl Bert {
             row += n;
         }
         let ctx = Tensor::cat(&ctx, 0)?;
-        let attn = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + x)?)?;
+        self.after_attention(l, &ctx, x)
+    }
+
+    /// The rest of a layer once attention's context is known, the same for both layouts: the output
+    /// projection and residual norm, then the feed-forward block and its residual norm.
+    fn after_attention(&self, l: &Layer, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let attn = l.attn_norm.forward(&(l.attn_out.forward(ctx)? + x)?)?;
         let inter = l.intermediate.forward(&attn)?;
         let inter = match self.act {
             HiddenAct::Gelu => super::kernels::ops::gelu_erf(&inter)?,
@@ -206,14 +212,7 @@ impl Bert {
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
         let probs = super::kernels::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * len, self.hidden))?;
-        let attn = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + x)?)?;
-        let inter = l.intermediate.forward(&attn)?;
-        let inter = match self.act {
-            HiddenAct::Gelu => super::kernels::ops::gelu_erf(&inter)?,
-            HiddenAct::GeluApproximate => inter.gelu()?,
-            HiddenAct::Relu => inter.relu()?,
-        };
-        l.out_norm.forward(&(l.output.forward(&inter)? + attn)?)
+        self.after_attention(l, &ctx, x)
     }
 }
 
