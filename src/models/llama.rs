@@ -190,6 +190,41 @@ impl Decoder for Llama {
     }
 }
 
+/// What both decoders read first: the config from the metadata and the token embedding, whose rows give
+/// the vocabulary's size. `q` reads a tensor by name (and notes its type).
+pub(crate) fn read_config_and_embedding<R>(
+    content: &Content,
+    reader: &mut R,
+    q: &mut impl FnMut(&str, &mut R) -> Result<QTensor>,
+) -> Result<(LlamaConfig, QTensor)> {
+    let mut config = LlamaConfig::from_metadata(&content.metadata)?;
+    let tok = q("token_embd.weight", reader)?;
+    let (vocab, width) = tok.shape().dims2()?;
+    if width != config.n_embd {
+        bail!("token_embd.weight is {vocab}x{width}, expected width {}", config.n_embd);
+    }
+    config.vocab_size = vocab;
+    Ok((config, tok))
+}
+
+/// Llama 3.1+ RoPE frequency factors (`rope_freqs.weight`), one per rotated pair, on the host (the RoPE
+/// tables are built there); None when the file has none.
+pub(crate) fn read_rope_freqs<R>(
+    content: &Content,
+    reader: &mut R,
+    q: &mut impl FnMut(&str, &mut R) -> Result<QTensor>,
+    config: &LlamaConfig,
+) -> Result<Option<Vec<f32>>> {
+    if !content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Ok(None);
+    }
+    let f = load_vec(q("rope_freqs.weight", reader)?, &Device::Cpu)?;
+    if f.len() != config.rope_dims / 2 {
+        bail!("rope_freqs.weight has {} values, expected {}", f.len(), config.rope_dims / 2);
+    }
+    Ok(Some(f))
+}
+
 fn load_vec(t: QTensor, device: &Device) -> Result<Vec<f32>> {
     t.dequantize(device)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -197,7 +232,6 @@ fn load_vec(t: QTensor, device: &Device) -> Result<Vec<f32>> {
 impl Llama {
     /// Loads every tensor named the way llama.cpp's converter names them.
     pub fn load<R: std::io::Read + std::io::Seek>(content: &Content, reader: &mut R, device: &Device) -> Result<Self> {
-        let mut config = LlamaConfig::from_metadata(&content.metadata)?;
         let mut types = Vec::new();
         let mut q = |name: &str, r: &mut R| -> Result<QTensor> {
             let t = content.tensor(r, name, device)?;
@@ -206,12 +240,7 @@ impl Llama {
             }
             Ok(t)
         };
-        let tok = q("token_embd.weight", reader)?;
-        let (vocab, width) = tok.shape().dims2()?;
-        if width != config.n_embd {
-            bail!("token_embd.weight is {vocab}x{width}, expected width {}", config.n_embd);
-        }
-        config.vocab_size = vocab;
+        let (config, tok) = read_config_and_embedding(content, reader, &mut q)?;
         let embed = QRows::from_qtensor(&tok)?;
         let output = if content.tensor_infos.contains_key("output.weight") {
             Linear::new(q("output.weight", reader)?, device)?
@@ -283,15 +312,7 @@ impl Llama {
             };
             layers.push(layer);
         }
-        let rope_freqs = if content.tensor_infos.contains_key("rope_freqs.weight") {
-            let f = load_vec(q("rope_freqs.weight", reader)?, device)?;
-            if f.len() != config.rope_dims / 2 {
-                bail!("rope_freqs.weight has {} values, expected {}", f.len(), config.rope_dims / 2);
-            }
-            Some(f)
-        } else {
-            None
-        };
+        let rope_freqs = read_rope_freqs(content, reader, &mut q, &config)?;
         Ok(Self { config, embed, layers, norm, output, rope_freqs, weight_types: types })
     }
 

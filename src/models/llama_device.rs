@@ -14,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, bail};
 
 use super::families::{Activation, LlamaConfig};
-use super::llama::{Decoder, Logits, Step, rope_table};
+use super::llama::{Decoder, Logits, Step, read_config_and_embedding, read_rope_freqs, rope_table};
 
 /// Positions a sequence's cache grows by: the slab is copied once per this many tokens, and at most
 /// this many positions sit reserved but unused.
@@ -144,7 +144,6 @@ impl DeviceLlama {
         reader: &mut R,
         device: &Device,
     ) -> Result<Self> {
-        let mut config = LlamaConfig::from_metadata(&content.metadata)?;
         let mut types = Vec::new();
         let mut q = |name: &str, r: &mut R| -> Result<QTensor> {
             let t = content.tensor(r, name, device)?;
@@ -153,12 +152,7 @@ impl DeviceLlama {
             }
             Ok(t)
         };
-        let tok = q("token_embd.weight", reader)?;
-        let (vocab, width) = tok.shape().dims2()?;
-        if width != config.n_embd {
-            bail!("token_embd.weight is {vocab}x{width}, expected width {}", config.n_embd);
-        }
-        config.vocab_size = vocab;
+        let (config, tok) = read_config_and_embedding(content, reader, &mut q)?;
         let embed = tok.dequantize(device)?;
         let output = match content.tensor_infos.contains_key("output.weight") {
             true => QMatMul::from_qtensor(q("output.weight", reader)?)?,
@@ -221,15 +215,7 @@ impl DeviceLlama {
                 w_down: m("ffn_down")?,
             });
         }
-        let freqs = if content.tensor_infos.contains_key("rope_freqs.weight") {
-            let f = q("rope_freqs.weight", reader)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-            if f.len() != config.rope_dims / 2 {
-                bail!("rope_freqs.weight has {} values, expected {}", f.len(), config.rope_dims / 2);
-            }
-            Some(f)
-        } else {
-            None
-        };
+        let freqs = read_rope_freqs(content, reader, &mut q, &config)?;
         let rope = Rope::new(&config, config.rope_base, config.rope_freq_scale, freqs.as_deref(), device)?;
         let rope_swa = match config.window.iter().any(Option::is_some) {
             true => Some(Rope::new(&config, config.rope_base_swa, 1.0, freqs.as_deref(), device)?),
