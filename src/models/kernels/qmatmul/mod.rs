@@ -99,12 +99,8 @@ pub(crate) fn interleaved(c: usize, j: usize) -> usize {
     (j / 4) * 32 + c * 4 + j % 4
 }
 
-/// Activation rows per run of a tile: each row keeps eight f32x8 accumulators (ggml's lanes, see the
-/// kernels), so two rows' worth plus the scales fill AVX-512's 32 vector registers.
-pub(crate) const RUN: usize = 2;
-
 /// The tiling of our own kernels: rows in blocks of [`ROW_BLOCK`], and within a block, for each
-/// [`GROUP`] of columns in `cols`, runs of up to `N` rows (the kernel's choice; [`RUN`] for most). `dot(g, rows, tile)` fills `tile[i]`
+/// [`GROUP`] of columns in `cols`, runs of up to `N` rows (the kernel's choice). `dot(g, rows, tile)` fills `tile[i]`
 /// with row `rows[i]`'s results for columns `g * GROUP..`; this writes out the ones below `cols.end`
 /// (a matrix's last group is padded).
 pub(crate) fn eight_column_tiles<const N: usize>(

@@ -188,22 +188,8 @@ fn dot_portable(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; G
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::quad;
+    use super::super::x86::{by_rows, quad};
     use super::{GROUP, Group8, Q8_1Rows, RUN};
-
-    /// Calls `$run::<R>(..)` with the run of one to four rows as an array, so each run length gets its
-    /// own code with its accumulators in registers.
-    macro_rules! by_four {
-        ($run:ident, $wg:expr, $q:expr, $rows:expr, $tile:expr) => {
-            match *$rows {
-                [a] => $run::<1>($wg, $q, &[a], $tile),
-                [a, b] => $run::<2>($wg, $q, &[a, b], $tile),
-                [a, b, c] => $run::<3>($wg, $q, &[a, b, c], $tile),
-                [a, b, c, d] => $run::<4>($wg, $q, &[a, b, c, d], $tile),
-                _ => unreachable!("runs are one to four rows"),
-            }
-        };
-    }
 
     pub fn dot_avx2_entry(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
         #[target_feature(enable = "avx2,fma")]
@@ -221,7 +207,7 @@ mod x86 {
             }
         }
         // SAFETY: only selected when the CPU has AVX2 and FMA (models::cpu).
-        unsafe { by_four!(run, wg, q, rows, tile) }
+        unsafe { by_rows!(run, wg, q, rows, tile) }
     }
 
     pub fn dot_vnni_entry(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
@@ -231,7 +217,7 @@ mod x86 {
             unsafe { body(wg, q, rows, tile, |acc, w, x| _mm256_dpbusd_epi32(acc, w, x), |acc| acc) }
         }
         // SAFETY: only selected when the CPU has AVX-512 VNNI and VL besides AVX2 and FMA (models::cpu).
-        unsafe { by_four!(run, wg, q, rows, tile) }
+        unsafe { by_rows!(run, wg, q, rows, tile) }
     }
 
     /// `step(acc, w, x)` adds the u8 x i8 products of `w` and `x` to a column's integer accumulator and

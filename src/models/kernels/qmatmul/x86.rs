@@ -2,21 +2,21 @@
 //! `interleaved` in the parent module), and the activation quantizer. Each is `inline(always)` and only
 //! ever inlined into a function compiled for (and selected on) the features it uses.
 //!
-//! ggml's AVX2 dot products keep eight f32 lanes per column, lane `l` accumulating across blocks the
-//! integer sum of block values `4l..4l + 4`, and add the lanes at the end. In the repacked layout,
-//! weight vector `v` of a block holds exactly those four values of every column of a group, so a
-//! kernel keeps eight f32x8 accumulators per row (accumulator `v`, lane `c` = ggml's lane `v` of column
-//! `c`) and reproduces ggml's floats bit for bit, eight columns per instruction.
+//! In the repacked layout, weight vector `v` of a block holds values `4v..4v + 4` of every column of a
+//! group, so one instruction against four broadcast activation bytes gives eight columns' partial
+//! integer sums; a kernel adds a block's eight of them in integers and converts once per block.
 use std::arch::x86_64::*;
 
-/// Calls `$run::<[G,] R>(wg, q, rows, tile)` with the run of one or two rows as an array, so each run
+/// Calls `$run::<[G,] R>(wg, q, rows, tile)` with the run of one to four rows as an array, so each run
 /// length gets its own code with its accumulators in registers.
 macro_rules! by_rows {
     ($run:ident $(::<$g:ty>)?, $wg:expr, $q:expr, $rows:expr, $tile:expr) => {
         match *$rows {
             [a] => $run::<$($g,)? 1>($wg, $q, &[a], $tile),
             [a, b] => $run::<$($g,)? 2>($wg, $q, &[a, b], $tile),
-            _ => unreachable!("runs are one or two rows"),
+            [a, b, c] => $run::<$($g,)? 3>($wg, $q, &[a, b, c], $tile),
+            [a, b, c, d] => $run::<$($g,)? 4>($wg, $q, &[a, b, c, d], $tile),
+            _ => unreachable!("runs are one to four rows"),
         }
     };
 }
@@ -69,7 +69,8 @@ pub unsafe fn lane_sums_vnni(init: __m256i, w: __m256i, x: __m256i) -> __m256i {
 }
 
 /// ggml's `hsum_float_8` on eight accumulators at once (lane `c` of the result is column `c`'s sum):
-/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, the order in which it adds the lanes.
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, the order in which it adds the lanes. The
+/// K-quant kernels keep ggml's AVX2 lane order (Gemma's fidelity margin is thin, see `kquant`).
 #[inline(always)]
 pub unsafe fn hsum_lanes(a: &[__m256; 8]) -> __m256 {
     // SAFETY: see the module comment.
