@@ -428,12 +428,7 @@ impl Llama {
                     (parts.next().unwrap(), parts.next().unwrap())
                 }
             };
-            let act: Vec<f32> = match c.activation {
-                Activation::Silu => gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect(),
-                Activation::GeluTanh => {
-                    gate.iter().zip(&up).map(|(&g, &u)| super::kernels::ops::gelu_tanh_ggml(g) * u).collect()
-                }
-            };
+            let act = gated(&gate, &up, c.n_ff, c.activation);
             let mut down = layer.w_down.forward(act, total)?;
             if c.post_norms {
                 down = rms_norm(&down, &layer.post_ffn_norm, h, c.rms_eps);
@@ -476,13 +471,35 @@ impl Llama {
 
 /// RMSNorm per row as ggml computes it: the mean square in f64, then `x * (1/sqrt(mean + eps)) * w` in f32.
 fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(width) {
-        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum / width as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(&v, &g)| (v * scale) * g));
-    }
+    let mut out = vec![0f32; x.len()];
+    Team::global().rows(&mut out, width, &|r0, out| {
+        for (i, o) in out.chunks_exact_mut(width).enumerate() {
+            let row = &x[(r0 + i) * width..(r0 + i + 1) * width];
+            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (sum / width as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            o.iter_mut().zip(row.iter().zip(w)).for_each(|(o, (&v, &g))| *o = (v * scale) * g);
+        }
+    });
+    out
+}
+
+/// The feed-forward gate: `act(gate) * up`, element by element, rows spread over the team.
+fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    Team::global().rows(&mut out, width, &|r0, out| {
+        let at = r0 * width..r0 * width + out.len();
+        let (g, u) = (&gate[at.clone()], &up[at]);
+        match activation {
+            Activation::Silu => {
+                out.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u)
+            }
+            Activation::GeluTanh => out
+                .iter_mut()
+                .zip(g.iter().zip(u))
+                .for_each(|(o, (&g, &u))| *o = super::kernels::ops::gelu_tanh_ggml(g) * u),
+        }
+    });
     out
 }
 
@@ -527,16 +544,19 @@ impl RopeRows {
     fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, neox: bool) {
         let row_width = heads * head_dim;
         let half = self.half;
-        for (r, row) in x.chunks_exact_mut(row_width).enumerate() {
-            let cs = &self.table[r * half..(r + 1) * half];
-            for head in row.chunks_exact_mut(head_dim) {
-                for (i, &(cos, sin)) in cs.iter().enumerate() {
-                    let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos - x1 * sin;
-                    head[b] = x0 * sin + x1 * cos;
+        Team::global().rows(x, row_width, &|r0, part| {
+            for (i, row) in part.chunks_exact_mut(row_width).enumerate() {
+                let r = r0 + i;
+                let cs = &self.table[r * half..(r + 1) * half];
+                for head in row.chunks_exact_mut(head_dim) {
+                    for (i, &(cos, sin)) in cs.iter().enumerate() {
+                        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                        let (x0, x1) = (head[a], head[b]);
+                        head[a] = x0 * cos - x1 * sin;
+                        head[b] = x0 * sin + x1 * cos;
+                    }
                 }
             }
-        }
+        });
     }
 }

@@ -22,7 +22,7 @@ pub fn causal(
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
         return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, window, out) };
     }
-    causal_generic(q, k, v, start, n_head, n_kv, head_dim, window, out)
+    causal_generic(q, k, v, start, n_head, n_kv, head_dim, window, out, scores_generic)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -39,7 +39,89 @@ unsafe fn causal_avx2(
     window: usize,
     out: &mut [f32],
 ) {
-    causal_generic(q, k, v, start, n_head, n_kv, hd, window, out)
+    if !hd.is_multiple_of(8) {
+        return causal_generic(q, k, v, start, n_head, n_kv, hd, window, out, scores_generic);
+    }
+    // SAFETY: this function is compiled for AVX2 and FMA, which `scores_avx2` needs.
+    causal_generic(q, k, v, start, n_head, n_kv, hd, window, out, |qh, k, kvw, off, keys, scale, scores| unsafe {
+        scores_avx2(qh, k, kvw, off, keys, scale, scores)
+    })
+}
+
+/// Eight keys' scores at once, the same bits as [`dot`] gives each: lane `i` of key `t`'s accumulator
+/// takes the same FMAs in the same order, and an 8x8 transpose lets one vector add per lane position
+/// fold the eight lanes of eight keys in `dot`'s order (lane 0, then + lane 1, ...), instead of eight
+/// horizontal sums. Needs `qh.len() % 8 == 0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(
+    qh: &[f32],
+    k: &[f32],
+    kv_width: usize,
+    off: usize,
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
+    use std::arch::x86_64::*;
+    let hd = qh.len();
+    assert!(hd.is_multiple_of(8) && keys.end * kv_width <= k.len() && off + hd <= kv_width);
+    let mut t = keys.start;
+    // SAFETY: every load reads 8 floats of `qh` (c + 8 <= hd) or of key row `t + j < keys.end` at
+    // `off + c`, within `k` (checked above).
+    unsafe {
+        while t + 8 <= keys.end {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in (0..hd).step_by(8) {
+                let qv = _mm256_loadu_ps(qh.as_ptr().add(c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let kv = _mm256_loadu_ps(k.as_ptr().add((t + j) * kv_width + off + c));
+                    *acc = _mm256_fmadd_ps(qv, kv, *acc);
+                }
+            }
+            let [r0, r1, r2, r3, r4, r5, r6, r7] = acc;
+            let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+            let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+            let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+            let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+            let (s0, s1) = (_mm256_shuffle_ps::<0x44>(t0, t2), _mm256_shuffle_ps::<0xEE>(t0, t2));
+            let (s2, s3) = (_mm256_shuffle_ps::<0x44>(t1, t3), _mm256_shuffle_ps::<0xEE>(t1, t3));
+            let (s4, s5) = (_mm256_shuffle_ps::<0x44>(t4, t6), _mm256_shuffle_ps::<0xEE>(t4, t6));
+            let (s6, s7) = (_mm256_shuffle_ps::<0x44>(t5, t7), _mm256_shuffle_ps::<0xEE>(t5, t7));
+            // Lane j of `lane[i]` is key t + j's accumulator lane i.
+            let lane = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            let sum = lane[1..].iter().fold(lane[0], |s, &l| _mm256_add_ps(s, l));
+            let mut eight = [0f32; 8];
+            _mm256_storeu_ps(eight.as_mut_ptr(), _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+            scores.extend_from_slice(&eight);
+            t += 8;
+        }
+    }
+    scores_generic(qh, k, kv_width, off, t..keys.end, scale, scores);
+}
+
+/// Appends `dot(qh, key t) * scale` for every key `t` in `keys` (`off`: the head's offset in a key row).
+#[inline(always)]
+fn scores_generic(
+    qh: &[f32],
+    k: &[f32],
+    kv_width: usize,
+    off: usize,
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
+    let hd = qh.len();
+    scores.extend(keys.map(|t| dot(qh, &k[t * kv_width + off..t * kv_width + off + hd]) * scale));
 }
 
 #[inline(always)]
@@ -53,7 +135,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    let mut s = acc.iter().sum::<f32>();
+    // Lane 0, then + lane 1, and so on (what `scores_avx2` reproduces eight keys at a time).
+    let mut s = acc[1..].iter().fold(acc[0], |s, &x| s + x);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
@@ -72,6 +155,7 @@ fn causal_generic(
     hd: usize,
     window: usize,
     out: &mut [f32],
+    scores_of: impl Fn(&[f32], &[f32], usize, usize, std::ops::Range<usize>, f32, &mut Vec<f32>),
 ) {
     let q_width = n_head * hd;
     let kv_width = n_kv * hd;
@@ -86,12 +170,8 @@ fn causal_generic(
             let kvh = head / group;
             let qh = &q[j * q_width + head * hd..j * q_width + (head + 1) * hd];
             scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for t in first..visible {
-                let s = dot(qh, &k[t * kv_width + kvh * hd..t * kv_width + (kvh + 1) * hd]) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
+            scores_of(qh, k, kv_width, kvh * hd, first..visible, scale, &mut scores);
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             // ggml sums the exponentials in double precision.
             let mut sum = 0f64;
             for s in scores.iter_mut() {
@@ -135,5 +215,29 @@ mod tests {
         // A window of one: each row sees only itself.
         causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, 1, &mut both);
         assert_eq!(both, [10.0, 20.0, 30.0, 40.0]);
+    }
+
+    /// The AVX2 scores (eight keys at a time) are the generic code's bits, for rows that see key counts
+    /// of every remainder mod 8, with grouped heads and a window.
+    #[test]
+    fn avx2_is_the_generic_code_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::models::kernels::cpu::features().avx2_fma {
+            let (n_head, n_kv, hd, len) = (6, 2, 16, 37);
+            let val = |i: usize, m: usize| ((i * m % 1009) as f32 / 1009.0 - 0.5) * 3.0;
+            let k: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 7919)).collect();
+            let v: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 104_729)).collect();
+            for (start, window) in [(0, usize::MAX), (20, usize::MAX), (5, 11)] {
+                let n = len - start;
+                let q: Vec<f32> = (0..n * n_head * hd).map(|i| val(i, 31337)).collect();
+                let mut want = vec![0f32; n * n_head * hd];
+                causal_generic(&q, &k, &v, start, n_head, n_kv, hd, window, &mut want, scores_generic);
+                let mut got = vec![0f32; n * n_head * hd];
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { causal_avx2(&q, &k, &v, start, n_head, n_kv, hd, window, &mut got) };
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "start {start} window {window}");
+            }
+        }
     }
 }

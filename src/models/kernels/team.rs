@@ -152,6 +152,30 @@ impl Team {
     }
 }
 
+impl Team {
+    /// `f(first_row, rows_out)` over `out` (rows of `width`) in runs of whole rows, spread over the team
+    /// when there are enough rows to pay for a region (a prompt, a batch) and on the caller otherwise (a
+    /// decode step's one row). Each row is computed the same way whichever run it lands in, so the split
+    /// never changes a bit.
+    pub fn rows(&self, out: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        assert!(width > 0 && out.len().is_multiple_of(width), "{} values in rows of {width}", out.len());
+        let rows = out.len() / width;
+        // Below ~16k values a region's hand-off costs about what the work does.
+        if self.workers == 0 || rows < 2 || out.len() < 16 * 1024 {
+            f(0, out);
+            return;
+        }
+        let per = rows.div_ceil(self.threads() * 4).max(1);
+        let tasks = rows.div_ceil(per);
+        let parts = Disjoint::new(out);
+        self.run(tasks, &|t| {
+            let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+            // SAFETY: task `t` alone gets rows r0..r1.
+            f(r0, unsafe { parts.range(r0 * width..r1 * width) })
+        });
+    }
+}
+
 /// A buffer that the tasks of one region write in disjoint ranges.
 pub struct Disjoint<'a, T> {
     ptr: *mut T,
