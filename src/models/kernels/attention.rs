@@ -121,7 +121,11 @@ fn scores_generic(
     scores: &mut Vec<f32>,
 ) {
     let hd = qh.len();
-    scores.extend(keys.map(|t| dot(qh, &k[t * kv_width + off..t * kv_width + off + hd]) * scale));
+    // A plain loop, not `extend(map)`: the iterator's fold is a function of its own, compiled without the
+    // caller's AVX2+FMA, where `mul_add` became a call to libm's fmaf per element.
+    for t in keys {
+        scores.push(dot(qh, &k[t * kv_width + off..t * kv_width + off + hd]) * scale);
+    }
 }
 
 #[inline(always)]
