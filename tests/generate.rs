@@ -3,7 +3,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Server;
+use common::{LONG_PROMPT, Server};
 use omnibus::server::pb::generate_response::Kind;
 use omnibus::server::pb::{self, ChatMessage, GenerateRequest, SamplingParams};
 use serde::Deserialize;
@@ -199,7 +199,7 @@ async fn a_client_that_hangs_up_frees_its_sequence() {
 /// A stream that has sent two tokens is dropped: the server's running sequences go back to none.
 async fn hang_up_frees_its_sequence(server: &Server) {
     let mut client = server.client().await;
-    let mut stream = client.generate(greedy("Tell me a very long story about", 2000)).await.unwrap().into_inner();
+    let mut stream = client.generate(greedy(LONG_PROMPT, 2000)).await.unwrap().into_inner();
     for _ in 0..2 {
         stream.message().await.unwrap().unwrap();
     }
@@ -212,7 +212,7 @@ async fn hang_up_frees_its_sequence(server: &Server) {
 async fn a_deadline_mid_stream_ends_it_with_deadline_exceeded() {
     let server = Server::start(&[]).await;
     let mut client = server.client_without_timer();
-    let mut req = Request::new(greedy("Tell me a very long story about", 2000));
+    let mut req = Request::new(greedy(LONG_PROMPT, 2000));
     req.set_timeout(Duration::from_millis(1500));
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let mut tokens = 0;
@@ -232,7 +232,7 @@ async fn a_deadline_mid_stream_ends_it_with_deadline_exceeded() {
 async fn a_full_waiting_room_answers_resource_exhausted() {
     let server = Server::start(&["--max-running-seqs", "1", "--max-waiting", "1"]).await;
     let client = server.client().await;
-    let mut running_stream = client.clone().generate(greedy("Count to a thousand:", 2000)).await.unwrap().into_inner();
+    let mut running_stream = client.clone().generate(greedy(LONG_PROMPT, 2000)).await.unwrap().into_inner();
     running_stream.message().await.unwrap().unwrap();
     let _waiting = client.clone().generate(greedy("Waiting", 10)).await.unwrap().into_inner();
     let status = client.clone().generate(greedy("One too many", 10)).await.unwrap_err();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, sample};
+use common::{LONG_PROMPT, Server, sample};
 use omnibus::server::pb::{self, GenerateRequest, PredictRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::metadata::MetadataValue;
@@ -166,7 +166,7 @@ async fn a_stream_ends_at_its_deadline_from_the_server() {
     let mut client = server.client_without_timer();
     // The connection first, so that the clock below starts when the call does, as a caller's timer would.
     client.predict(predict(&["connect"])).await.unwrap();
-    let mut req = Request::new(generate("Tell me a very long story about", 2000));
+    let mut req = Request::new(generate(LONG_PROMPT, 2000));
     req.set_timeout(Duration::from_millis(700));
     let started = Instant::now();
     let stream = client.generate(req).await.unwrap().into_inner();
@@ -265,7 +265,7 @@ async fn a_reader_that_never_reads_is_released_at_its_deadline() {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let body = prost::Message::encode_to_vec(&generate("Tell me a long story", 500));
+    let body = prost::Message::encode_to_vec(&generate(LONG_PROMPT, 500));
     let req = http::Request::post("/omnibus.v1.Inference/Generate")
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, sample};
+use common::{LONG_PROMPT, Server, sample};
 use omnibus::server::pb::generate_response::Kind;
 use omnibus::server::pb::{self, GenerateRequest, PredictRequest};
 use tonic::{Code, Request};
@@ -134,7 +134,7 @@ async fn sigterm_lets_a_running_stream_finish_refuses_new_calls_and_exits_zero()
 async fn after_the_grace_period_what_remains_ends_with_unavailable() {
     let mut server = Server::start(&["--shutdown-grace", "300ms"]).await;
     let client = server.client().await;
-    let mut stream = client.clone().generate(greedy("Tell me a very long story", 2000)).await.unwrap().into_inner();
+    let mut stream = client.clone().generate(greedy(LONG_PROMPT, 2000)).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
     server.terminate();
     let (n, result) = drain(stream).await;

@@ -12,6 +12,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// A prompt whose greedy continuation runs long (SmolLM2 counts on past 400 tokens), for tests that need
+/// a stream still running when they act: a story prompt used before ended after 15 tokens once the
+/// kernels' float order changed, and its EOS ended the test's stream early.
+pub const LONG_PROMPT: &str = "Count from 1 to 1000, separated by commas: 1, 2, 3,";
+
 pub fn model_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
     assert!(

@@ -107,7 +107,9 @@ def running():
     models = list_models(cls["ListModelsRequest"](), timeout=10).models
     return [m for m in models if m.name.startswith("SmolLM2")][0].load.running
 
-stream = generate(cls["GenerateRequest"](prompt="Tell me a long story about", max_new_tokens=2000), timeout=120)
+# Greedy SmolLM2 keeps counting past 400 tokens: no end of sequence cuts these streams short.
+LONG = "Count from 1 to 1000, separated by commas: 1, 2, 3,"
+stream = generate(cls["GenerateRequest"](prompt=LONG, max_new_tokens=2000), timeout=120)
 for _ in range(3):
     next(stream)
 check(running() == 1, "the long stream is running")
@@ -120,7 +122,7 @@ check(running() == 0, "cancelling halfway freed the sequence")
 # timer would say just "Deadline Exceeded".
 started = time.time()
 try:
-    for _ in generate(cls["GenerateRequest"](prompt="Tell me a very long story about", max_new_tokens=2000),
+    for _ in generate(cls["GenerateRequest"](prompt=LONG, max_new_tokens=2000),
                       timeout=0.8):
         pass
     check(False, "a 2000-token stream with a 0.8 s deadline must not finish")
