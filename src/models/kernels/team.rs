@@ -150,9 +150,7 @@ impl Team {
             resume_unwind(p);
         }
     }
-}
 
-impl Team {
     /// `f(first_row, rows_out)` over `out` (rows of `width`) in runs of whole rows, spread over the team
     /// when there are enough rows to pay for a region (a prompt, a batch) and on the caller otherwise (a
     /// decode step's one row). Each row is computed the same way whichever run it lands in, so the split
@@ -238,6 +236,22 @@ fn worker(s: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `rows` hands every row to exactly one run, with its true index, split or not.
+    #[test]
+    fn rows_see_their_own_index_whether_split_or_not() {
+        let team = Team::new(3);
+        for (rows, width) in [(1, 8), (3, 8), (1000, 24), (257, 64)] {
+            let mut out = vec![-1f32; rows * width];
+            team.rows(&mut out, width, &|r0, part| {
+                for (i, row) in part.chunks_exact_mut(width).enumerate() {
+                    row.iter_mut().for_each(|v| *v += 1.0 + (r0 + i) as f32);
+                }
+            });
+            let want: Vec<f32> = (0..rows).flat_map(|r| std::iter::repeat_n(r as f32, width)).collect();
+            assert_eq!(out, want, "{rows} rows of {width}");
+        }
+    }
 
     #[test]
     fn every_task_runs_exactly_once_across_many_regions() {
