@@ -8,3 +8,4 @@ pub mod ops;
 pub mod qmatmul;
 pub mod sgemm;
 pub mod team;
+pub(crate) mod vexp;
