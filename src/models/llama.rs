@@ -360,7 +360,8 @@ impl Llama {
             let xn = rms_norm(&x, &layer.attn_norm, h, c.rms_eps);
             let (mut q, mut k, mut v) = match &layer.qkv {
                 Qkv::Split { q, k, v } => {
-                    (q.forward(xn.clone(), total)?, k.forward(xn.clone(), total)?, v.forward(xn, total)?)
+                    let mut out = QMatrix::forward_many(&[&q.0, &k.0, &v.0], &xn, total).into_iter();
+                    (out.next().unwrap(), out.next().unwrap(), out.next().unwrap())
                 }
                 Qkv::Fused(w) => {
                     let mut parts = split_rows(&w.forward(xn, total)?, &[q_dim, kv_dim, kv_dim]).into_iter();
@@ -388,21 +389,43 @@ impl Llama {
                 spans.push((row, s.cache.len));
                 row += n;
             }
-            let mut tasks = Vec::new();
+            let mut tasks = Vec::new(); // (sequence, rows j0..j1, heads)
             for (si, s) in steps.iter().enumerate() {
                 for j0 in (0..s.tokens.len()).step_by(ATTENTION_ROWS) {
-                    tasks.push((si, j0, (j0 + ATTENTION_ROWS).min(s.tokens.len())));
+                    tasks.push((si, j0, (j0 + ATTENTION_ROWS).min(s.tokens.len()), 0..c.n_head));
                 }
+            }
+            // Too few tasks to keep every thread busy (one or two decoding sequences): one row's heads
+            // are independent, so each head of a one-row task becomes a task of its own. A head's
+            // arithmetic is the same wherever it runs: no bit changes.
+            let team = Team::global();
+            if tasks.len() < 2 * team.threads() {
+                tasks = tasks
+                    .into_iter()
+                    .flat_map(|(si, j0, j1, heads)| -> Vec<_> {
+                        if j1 - j0 == 1 {
+                            heads.map(|h| (si, j0, j1, h..h + 1)).collect()
+                        } else {
+                            vec![(si, j0, j1, heads)]
+                        }
+                    })
+                    .collect();
             }
             let out = Disjoint::new(&mut attn);
             let steps_ref = &*steps;
-            Team::global().run(tasks.len(), &|t| {
-                let (si, j0, j1) = tasks[t];
+            team.run(tasks.len(), &|t| {
+                let (si, j0, j1, ref heads) = tasks[t];
                 let (row0, start) = spans[si];
                 let cache = &steps_ref[si].cache;
                 let rows = (row0 + j0) * q_dim..(row0 + j1) * q_dim;
-                // SAFETY: tasks cover disjoint row ranges of `attn`.
-                let o = unsafe { out.range(rows.clone()) };
+                // Whole rows, or one row's heads: either way a contiguous part of `attn`.
+                let outs = if heads.len() == c.n_head {
+                    rows.clone()
+                } else {
+                    rows.start + heads.start * c.head_dim..rows.start + heads.end * c.head_dim
+                };
+                // SAFETY: tasks cover disjoint rows, or disjoint heads of one row, of `attn`.
+                let o = unsafe { out.range(outs) };
                 super::kernels::attention::causal(
                     &q[rows],
                     &cache.k[li],
@@ -412,6 +435,7 @@ impl Llama {
                     c.n_kv_head,
                     c.head_dim,
                     window.unwrap_or(usize::MAX),
+                    heads.clone(),
                     o,
                 );
             });
@@ -422,7 +446,10 @@ impl Llama {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);
             let (gate, up) = match &layer.gate_up {
-                GateUp::Split { gate, up } => (gate.forward(xn.clone(), total)?, up.forward(xn, total)?),
+                GateUp::Split { gate, up } => {
+                    let mut out = QMatrix::forward_many(&[&gate.0, &up.0], &xn, total).into_iter();
+                    (out.next().unwrap(), out.next().unwrap())
+                }
                 GateUp::Fused(w) => {
                     let mut parts = split_rows(&w.forward(xn, total)?, &[c.n_ff, c.n_ff]).into_iter();
                     (parts.next().unwrap(), parts.next().unwrap())
@@ -491,9 +518,7 @@ fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<
         let at = r0 * width..r0 * width + out.len();
         let (g, u) = (&gate[at.clone()], &up[at]);
         match activation {
-            Activation::Silu => {
-                out.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u)
-            }
+            Activation::Silu => super::kernels::vexp::swiglu(g, u, out),
             Activation::GeluTanh => out
                 .iter_mut()
                 .zip(g.iter().zip(u))

@@ -1,10 +1,12 @@
 //! Causal self-attention over one sequence's f32 KV cache, for any mix of new rows (a prompt chunk or one
 //! decoded token), with grouped-query heads. Plain loops over contiguous rows, built for AVX2+FMA at run
 //! time where the CPU has it.
+use std::ops::Range;
 
 /// `q`: the new rows, `n x (n_head * head_dim)`; `k`, `v`: the cache including the new rows,
 /// `len x (n_kv * head_dim)`; `start`: the position of the first new row; `window`: a row at position
-/// `p` sees positions `p - window + 1 ..= p` (`usize::MAX`: all). Writes `n x (n_head * head_dim)`.
+/// `p` sees positions `p - window + 1 ..= p` (`usize::MAX`: all). Only `heads` are computed (so one
+/// row's heads can be spread over threads): `out` is `n x (heads.len() * head_dim)`.
 #[allow(clippy::too_many_arguments)]
 pub fn causal(
     q: &[f32],
@@ -15,14 +17,15 @@ pub fn causal(
     n_kv: usize,
     head_dim: usize,
     window: usize,
+    heads: Range<usize>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::features().avx2_fma {
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-        return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, window, out) };
+        return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, window, heads, out) };
     }
-    causal_generic(q, k, v, start, n_head, n_kv, head_dim, window, out, scores_generic)
+    causal_generic(q, k, v, start, n_head, n_kv, head_dim, window, heads, out, scores_generic, weighted_sum_generic)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -37,15 +40,77 @@ unsafe fn causal_avx2(
     n_kv: usize,
     hd: usize,
     window: usize,
+    heads: Range<usize>,
     out: &mut [f32],
 ) {
     if !hd.is_multiple_of(8) {
-        return causal_generic(q, k, v, start, n_head, n_kv, hd, window, out, scores_generic);
+        return causal_generic(
+            q,
+            k,
+            v,
+            start,
+            n_head,
+            n_kv,
+            hd,
+            window,
+            heads,
+            out,
+            scores_generic,
+            weighted_sum_generic,
+        );
     }
-    // SAFETY: this function is compiled for AVX2 and FMA, which `scores_avx2` needs.
-    causal_generic(q, k, v, start, n_head, n_kv, hd, window, out, |qh, k, kvw, off, keys, scale, scores| unsafe {
-        scores_avx2(qh, k, kvw, off, keys, scale, scores)
-    })
+    // SAFETY: this function is compiled for AVX2 and FMA, which `scores_avx2` and `weighted_sum_avx2` need.
+    causal_generic(
+        q,
+        k,
+        v,
+        start,
+        n_head,
+        n_kv,
+        hd,
+        window,
+        heads,
+        out,
+        |qh, k, kvw, off, keys, scale, scores| unsafe { scores_avx2(qh, k, kvw, off, keys, scale, scores) },
+        |o, v, kvw, off, first, probs, inv| unsafe { weighted_sum_avx2(o, v, kvw, off, first, probs, inv) },
+    )
+}
+
+/// [`weighted_sum_generic`] with the output held in registers, 64 values (eight vectors) at a time,
+/// instead of loaded and stored again for every key: each output value takes the same FMAs in the same
+/// key order, so the same bits. Needs `o.len() % 8 == 0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2(
+    o: &mut [f32],
+    v: &[f32],
+    kv_width: usize,
+    off: usize,
+    first: usize,
+    probs: &[f32],
+    inv: f32,
+) {
+    use std::arch::x86_64::*;
+    let hd = o.len();
+    assert!(hd.is_multiple_of(8) && (first + probs.len()) * kv_width <= v.len() && off + hd <= kv_width);
+    for c0 in (0..hd).step_by(64) {
+        let lanes = (hd - c0).min(64) / 8;
+        // SAFETY: vector `i < lanes` of key row `t < first + probs.len()` reads 8 floats at
+        // `off + c0 + 8i + 8 <= off + hd`, inside `v` (checked above); the stores stay inside `o`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (t, &p) in (first..).zip(probs) {
+                let p = _mm256_set1_ps(p * inv);
+                let row = v.as_ptr().add(t * kv_width + off + c0);
+                for (i, acc) in acc.iter_mut().enumerate().take(lanes) {
+                    *acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(row.add(8 * i)), *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(lanes) {
+                _mm256_storeu_ps(o.as_mut_ptr().add(c0 + 8 * i), *acc);
+            }
+        }
+    }
 }
 
 /// Eight keys' scores at once, the same bits as [`dot`] gives each: lane `i` of key `t`'s accumulator
@@ -128,6 +193,21 @@ fn scores_generic(
     }
 }
 
+/// `o = sum over keys t of (probs[t - first] * inv) * v[t]` (the head's `off..off + o.len()` of each
+/// value row), one FMA per key in key order, from zero.
+#[inline(always)]
+fn weighted_sum_generic(o: &mut [f32], v: &[f32], kv_width: usize, off: usize, first: usize, probs: &[f32], inv: f32) {
+    let hd = o.len();
+    o.fill(0.0);
+    for (t, &p) in (first..).zip(probs) {
+        let p = p * inv;
+        let vt = &v[t * kv_width + off..t * kv_width + off + hd];
+        for (oi, vi) in o.iter_mut().zip(vt) {
+            *oi = p.mul_add(*vi, *oi);
+        }
+    }
+}
+
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators: vectorizes, and keeps the sum order fixed whatever the batch.
@@ -158,40 +238,38 @@ fn causal_generic(
     n_kv: usize,
     hd: usize,
     window: usize,
+    heads: Range<usize>,
     out: &mut [f32],
     scores_of: impl Fn(&[f32], &[f32], usize, usize, std::ops::Range<usize>, f32, &mut Vec<f32>),
+    weighted_sum: impl Fn(&mut [f32], &[f32], usize, usize, usize, &[f32], f32),
 ) {
     let q_width = n_head * hd;
     let kv_width = n_kv * hd;
     let group = n_head / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let n = q.len() / q_width;
+    let o_width = heads.len() * hd;
+    assert_eq!(out.len(), n * o_width, "{n} rows of heads {heads:?}");
     let mut scores = Vec::with_capacity(start + n);
     for j in 0..n {
         let visible = start + j + 1;
         let first = visible.saturating_sub(window);
-        for head in 0..n_head {
+        for (oh, head) in heads.clone().enumerate() {
             let kvh = head / group;
             let qh = &q[j * q_width + head * hd..j * q_width + (head + 1) * hd];
             scores.clear();
             scores_of(qh, k, kv_width, kvh * hd, first..visible, scale, &mut scores);
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            // ggml sums the exponentials in double precision.
+            // ggml sums the exponentials in double precision. libm's expf, not the vectorized one the
+            // SwiGLU takes (`vexp`): that one here moved the fidelity run away from llama.cpp's.
             let mut sum = 0f64;
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s as f64;
             }
             let inv = (1.0 / sum) as f32;
-            let o = &mut out[j * q_width + head * hd..j * q_width + (head + 1) * hd];
-            o.fill(0.0);
-            for (t, &p) in (first..visible).zip(scores.iter()) {
-                let p = p * inv;
-                let vt = &v[t * kv_width + kvh * hd..t * kv_width + (kvh + 1) * hd];
-                for (oi, vi) in o.iter_mut().zip(vt) {
-                    *oi = p.mul_add(*vi, *oi);
-                }
-            }
+            let o = &mut out[j * o_width + oh * hd..j * o_width + (oh + 1) * hd];
+            weighted_sum(o, v, kv_width, kvh * hd, first, &scores, inv);
         }
     }
 }
@@ -207,17 +285,17 @@ mod tests {
         let v = [10.0, 20.0, 30.0, 40.0];
         let mut out = [0.0; 2];
         let all = usize::MAX;
-        causal(&[0.0, 0.0], &k[..2], &v[..2], 0, 1, 1, 2, all, &mut out);
+        causal(&[0.0, 0.0], &k[..2], &v[..2], 0, 1, 1, 2, all, 0..1, &mut out);
         assert_eq!(out, [10.0, 20.0]);
         // Equal scores at position 1: the mean of both values.
-        causal(&[0.0, 0.0], &k, &v, 1, 1, 1, 2, all, &mut out);
+        causal(&[0.0, 0.0], &k, &v, 1, 1, 1, 2, all, 0..1, &mut out);
         assert_eq!(out, [20.0, 30.0]);
         // Two new rows at once equal the two computed one by one (row 0 must not see row 1).
         let mut both = [0.0; 4];
-        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, all, &mut both);
+        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, all, 0..1, &mut both);
         assert_eq!(both, [10.0, 20.0, 20.0, 30.0]);
         // A window of one: each row sees only itself.
-        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, 1, &mut both);
+        causal(&[0.0, 0.0, 0.0, 0.0], &k, &v, 0, 1, 1, 2, 1, 0..1, &mut both);
         assert_eq!(both, [10.0, 20.0, 30.0, 40.0]);
     }
 
@@ -235,13 +313,49 @@ mod tests {
                 let n = len - start;
                 let q: Vec<f32> = (0..n * n_head * hd).map(|i| val(i, 31337)).collect();
                 let mut want = vec![0f32; n * n_head * hd];
-                causal_generic(&q, &k, &v, start, n_head, n_kv, hd, window, &mut want, scores_generic);
+                let all = 0..n_head;
+                causal_generic(
+                    &q,
+                    &k,
+                    &v,
+                    start,
+                    n_head,
+                    n_kv,
+                    hd,
+                    window,
+                    all.clone(),
+                    &mut want,
+                    scores_generic,
+                    weighted_sum_generic,
+                );
                 let mut got = vec![0f32; n * n_head * hd];
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { causal_avx2(&q, &k, &v, start, n_head, n_kv, hd, window, &mut got) };
+                unsafe { causal_avx2(&q, &k, &v, start, n_head, n_kv, hd, window, all, &mut got) };
                 let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "start {start} window {window}");
             }
         }
+    }
+
+    /// One row's heads computed in parts (as a decode step spreads them over threads) are the whole
+    /// row's bits, on whichever path this CPU takes.
+    #[test]
+    fn a_row_split_by_heads_is_the_whole_row() {
+        let (n_head, n_kv, hd, len) = (9, 3, 64, 21);
+        let val = |i: usize, m: usize| ((i * m % 1009) as f32 / 1009.0 - 0.5) * 3.0;
+        let k: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 7919)).collect();
+        let v: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 104_729)).collect();
+        let q: Vec<f32> = (0..n_head * hd).map(|i| val(i, 31337)).collect();
+        let mut whole = vec![0f32; n_head * hd];
+        causal(&q, &k, &v, len - 1, n_head, n_kv, hd, usize::MAX, 0..n_head, &mut whole);
+        let mut parts = vec![0f32; n_head * hd];
+        for heads in [0..4, 4..5, 5..9] {
+            let o = &mut parts[heads.start * hd..heads.end * hd];
+            causal(&q, &k, &v, len - 1, n_head, n_kv, hd, usize::MAX, heads, o);
+        }
+        assert_eq!(
+            whole.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+            parts.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

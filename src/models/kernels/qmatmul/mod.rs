@@ -151,6 +151,58 @@ pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> 
     out
 }
 
+/// `f16::from_f32(x).to_f32()`: `x` rounded to the nearest half-precision value, ties to even, inline.
+/// The activation quantizers round two scales per 32-value block this way; through `half` each was a
+/// call with a CPU-feature check (and the Q8_1 sum's product a software f16 multiply): 5% of a
+/// 16-row decode step.
+#[inline(always)]
+pub(crate) fn f16_round(x: f32) -> f32 {
+    let a = x.abs();
+    let r = if a.is_nan() {
+        return x;
+    } else if a >= 65520.0 {
+        // Halfway between f16's largest value (65504) and the next power of two: ties to even go up.
+        f32::INFINITY
+    } else if a < 6.103_515_6e-5 {
+        // f16's subnormals are multiples of 2^-24, the spacing of f32 values in [0.5, 1): adding 0.5
+        // rounds to one of them (ties to even), and subtracting it again is exact.
+        (a + 0.5) - 0.5
+    } else {
+        // Keep 10 of the 23 mantissa bits, rounding to nearest even; a carry moves into the exponent.
+        let b = a.to_bits();
+        f32::from_bits((b + 0xFFF + ((b >> 13) & 1)) & !0x1FFF)
+    };
+    r.copysign(x)
+}
+
+/// [`matmul`] for several matrices of one type over the same `x`: one quantization (a kernel's
+/// activation blocks depend only on its type and `x`), one region whose tasks are column chunks of every
+/// matrix.
+fn matmul_many<K: Kernel>(kernels: &[&K], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+    let k = kernels[0].in_features();
+    assert!(kernels.iter().all(|m| m.in_features() == k), "matrices of different input widths");
+    assert_eq!(x.len(), rows * k, "activations are {} values, expected {rows} x {k}", x.len());
+    let act = kernels[0].quantize(x, rows);
+    let mut outs: Vec<Vec<f32>> = kernels.iter().map(|m| vec![f32::NAN; rows * m.out_features()]).collect();
+    let views: Vec<Out> = outs.iter_mut().zip(kernels).map(|(o, m)| Out::new(o, rows, m.out_features())).collect();
+    let team = Team::global();
+    let chunk = column_chunk(kernels.iter().map(|m| m.out_features()).sum(), team.threads());
+    let tasks: Vec<(usize, Range<usize>)> = kernels
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            let n = m.out_features();
+            (0..n).step_by(chunk).map(move |c0| (i, c0..(c0 + chunk).min(n)))
+        })
+        .collect();
+    team.run(tasks.len(), &|t| {
+        let (i, ref cols) = tasks[t];
+        kernels[i].columns(&act, rows, cols.clone(), &views[i])
+    });
+    drop(views);
+    outs
+}
+
 /// Maps `x`, cut into whole `unit`s of values, through `f` (which appends what it makes of its chunk),
 /// with the chunks spread over the team from 8K values (a batch of 8 rows of 1536) up: activation quantization is linear in
 /// the input and stays off the critical path of a 256-token prefill only when it is parallel too.
@@ -381,6 +433,31 @@ impl QMatrix {
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         each!(self, m => matmul(m, x, rows))
     }
+
+    /// Each matrix's `forward` of the same `x` (Q, K and V; gate and up). Matrices of one weight type,
+    /// the usual case, share one quantization of `x` and one parallel region: a decode step had
+    /// quantized each layer's input five times and paid for five regions, two of them only 192 columns
+    /// wide. Every result is the bits its own `forward` gives (the same activation blocks, the same
+    /// kernel per column).
+    pub fn forward_many(mats: &[&QMatrix], x: &[f32], rows: usize) -> Vec<Vec<f32>> {
+        macro_rules! same_type {
+            ($($v:ident),*) => {
+                match &mats.first().map(|m| &m.0) {
+                    $(Some(Inner::$v(_)) => mats
+                        .iter()
+                        .map(|m| if let Inner::$v(k) = &m.0 { Some(k) } else { None })
+                        .collect::<Option<Vec<_>>>()
+                        .map(|ks| matmul_many(&ks, x, rows)),)*
+                    None => Some(Vec::new()),
+                }
+            };
+        }
+        let shared = same_type!(
+            Q4_1, Q4_0Own, Q8_0Own, Q5_0Own, Q4KOwn, Q5KOwn, Q6KOwn, Q4_0, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K,
+            Q8K, F16, BF16, F32
+        );
+        shared.unwrap_or_else(|| mats.iter().map(|m| m.forward(x, rows)).collect())
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +466,29 @@ mod tests {
     use candle_core::{Device, Module, Tensor};
 
     use super::*;
+
+    #[test]
+    fn f16_round_is_half_s_conversion() {
+        let check = |x: f32| {
+            let want = f16::from_f32(x).to_f32();
+            let got = f16_round(x);
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{x:e}: {got:e} vs {want:e}");
+        };
+        // A stride through every bit pattern, then the edges: f16's subnormal, normal and overflow limits
+        // and the values either side of them.
+        (0..=u32::MAX / 7919).for_each(|i| check(f32::from_bits(i * 7919)));
+        for e in [5.960_464_5e-8, 6.103_515_6e-5, 65504.0, 65519.0, 65520.0, 65536.0, 1.0, 0.0] {
+            for d in -3i32..=3 {
+                let x = f32::from_bits((e as f32).to_bits().wrapping_add_signed(d));
+                check(x);
+                check(-x);
+            }
+        }
+        // Exact ties in both ranges: 1 + 2^-11 (to even: 1), 1 + 3 * 2^-11 (to even: up), 2^-25 (to 0).
+        for x in [1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 2f32.powi(-25), 3.0 * 2f32.powi(-25)] {
+            check(x);
+        }
+    }
 
     /// Every weight type GGUF files carry that has a kernel here.
     const TYPES: [GgmlDType; 12] = [

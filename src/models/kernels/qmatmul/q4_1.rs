@@ -19,7 +19,7 @@ use candle_core::{Result, bail};
 use half::f16;
 
 use super::q8_0::round_half_away;
-use super::{GROUP, Kernel, Out, interleaved};
+use super::{GROUP, Kernel, Out, f16_round, interleaved};
 use crate::models::kernels::cpu;
 
 const QK: usize = 32;
@@ -123,15 +123,14 @@ fn quantize_q8_1(x: &[f32]) -> Q8_1Rows {
             if simd {
                 // SAFETY: the CPU has AVX2 and FMA; the chunk holds 32 values.
                 let (qs, sum, amax) = unsafe { super::x86::quantize_block(xs) };
-                let dh = f16::from_f32(amax / 127.0);
-                out.push(Q8_1Block { qs, d: dh.to_f32(), s: (f16::from_f32(sum as f32) * dh).to_f32() });
+                let d = f16_round(amax / 127.0);
+                out.push(Q8_1Block { qs, d, s: f16_round(f16_round(sum as f32) * d) });
                 continue;
             }
             let _ = simd;
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let dh = f16::from_f32(d);
             let mut qs = [0i8; 32];
             let mut sum = 0i32;
             for j in 0..16 {
@@ -139,7 +138,9 @@ fn quantize_q8_1(x: &[f32]) -> Q8_1Rows {
                 qs[j + 16] = round_half_away(xs[j + 16] * id) as i8;
                 sum += qs[j] as i32 + qs[j + 16] as i32;
             }
-            out.push(Q8_1Block { qs, d: dh.to_f32(), s: (f16::from_f32(sum as f32) * dh).to_f32() });
+            // As `half` computes `f16(sum) * f16(d)`: in f32, rounded to f16 again.
+            let dh = f16_round(d);
+            out.push(Q8_1Block { qs, d: dh, s: f16_round(f16_round(sum as f32) * dh) });
         }
     })
 }

@@ -60,7 +60,7 @@ pub fn quantize_q8_0(x: &[f32], offset: i32) -> Q8_0Rows {
     let simd = cpu::features().avx2_fma;
     let block = |qs: [i8; 32], d: f32| {
         let corr = std::array::from_fn(|v| -offset * qs[4 * v..4 * v + 4].iter().map(|&q| q as i32).sum::<i32>());
-        Q8_0Block { qs, d: f16::from_f32(d).to_f32(), corr }
+        Q8_0Block { qs, d: super::f16_round(d), corr }
     };
     super::par_map_units(x, QK, |x, out| {
         out.reserve(x.len() / QK);
