@@ -18,7 +18,7 @@ pub(super) fn weights(
     entry: &Entry,
     root: &Path,
     devices: &[Device],
-    prefill_chunk: usize,
+    prefill_chunk: Option<usize>,
 ) -> Result<Loading, RegistryError> {
     let before = crate::resources::resident_bytes().unwrap_or(0);
     let mut loaded = match entry.kind {
@@ -81,7 +81,7 @@ fn load_generator(
     entry: &Entry,
     root: &Path,
     devices: &[Device],
-    prefill_chunk: usize,
+    prefill_chunk: Option<usize>,
 ) -> Result<LoadedGen, RegistryError> {
     let (name, path) = (entry.name.clone(), entry.path.as_path());
     let mut engines = Vec::with_capacity(devices.len());
