@@ -518,7 +518,12 @@ fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<
         let at = r0 * width..r0 * width + out.len();
         let (g, u) = (&gate[at.clone()], &up[at]);
         match activation {
-            Activation::Silu => super::kernels::vexp::swiglu(g, u, out),
+            // libm's expf, one element at a time: llama.cpp's vectorized exponential here (tried) moved
+            // greedy SmolLM2 off llama.cpp's tokens on a test prompt and the fidelity run farther away
+            // (mean KLD 0.002293 -> 0.002326), for ~2% of a 16-row step.
+            Activation::Silu => {
+                out.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u)
+            }
             Activation::GeluTanh => out
                 .iter_mut()
                 .zip(g.iter().zip(u))

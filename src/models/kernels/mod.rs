@@ -8,4 +8,3 @@ pub mod ops;
 pub mod qmatmul;
 pub mod sgemm;
 pub mod team;
-pub(crate) mod vexp;
