@@ -589,7 +589,10 @@ def write(out: Path, results):
             "most 21-24 GB/s on this machine (a read-only AVX2 loop over 1 GB), so no one-row step can take less "
             "than ~4.0-4.6 ms: 1.8x llama-bench's single-stream decode would need every byte streamed at the "
             "machine's full read bandwidth with no compute. The per-row part is the integer products, at "
-            "~125 GMAC/s on two cores.",
+            "~125 GMAC/s on two cores. (A later day, this host ran the same bench ~25% slower for the builds "
+            "before and after the shared quantization alike, x1 ~8 ms and x16 ~40 ms: the figures above are the "
+            "quieter day's. In a 16-row served step's profile the activation quantization fell from 5.5% to 2.7% "
+            "of the samples.)",
             "",
             "| what | omnibus | llama.cpp |",
             "|---|---|---|",
