@@ -21,7 +21,7 @@ pub fn causal(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::features().avx2_fma {
+    if super::cpu::features().avx2_fma && head_dim.is_multiple_of(8) {
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
         return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, window, heads, out) };
     }
@@ -43,22 +43,7 @@ unsafe fn causal_avx2(
     heads: Range<usize>,
     out: &mut [f32],
 ) {
-    if !hd.is_multiple_of(8) {
-        return causal_generic(
-            q,
-            k,
-            v,
-            start,
-            n_head,
-            n_kv,
-            hd,
-            window,
-            heads,
-            out,
-            scores_generic,
-            weighted_sum_generic,
-        );
-    }
+    assert!(hd.is_multiple_of(8), "head size {hd}: the AVX2 path takes whole vectors");
     // SAFETY: this function is compiled for AVX2 and FMA, which `scores_avx2` and `weighted_sum_avx2` need.
     causal_generic(
         q,
