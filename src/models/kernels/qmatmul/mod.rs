@@ -79,6 +79,8 @@ pub(crate) trait Kernel: Sync {
     type Act: Sync;
     fn out_features(&self) -> usize;
     fn in_features(&self) -> usize;
+    /// Depends only on the kernel's type and `x` (its input width), never on one matrix's weights:
+    /// matrices of one type over the same input share the result (`matmul_many`).
     fn quantize(&self, x: &[f32], rows: usize) -> Self::Act;
     /// Writes `out[r][c]` for every row `r` and every column `c` in `cols`.
     fn columns(&self, act: &Self::Act, rows: usize, cols: Range<usize>, out: &Out);
@@ -136,19 +138,7 @@ fn column_chunk(n: usize, threads: usize) -> usize {
 }
 
 pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> {
-    let (n, k) = (kernel.out_features(), kernel.in_features());
-    assert_eq!(x.len(), rows * k, "activations are {} values, expected {rows} x {k}", x.len());
-    let act = kernel.quantize(x, rows);
-    // Poisoned: an element no task wrote stays NaN and fails every comparison downstream.
-    let mut out = vec![f32::NAN; rows * n];
-    let o = Out::new(&mut out, rows, n);
-    let team = Team::global();
-    let chunk = column_chunk(n, team.threads());
-    team.run(n.div_ceil(chunk), &|t| {
-        let c0 = t * chunk;
-        kernel.columns(&act, rows, c0..(c0 + chunk).min(n), &o)
-    });
-    out
+    matmul_many(&[kernel], x, rows).pop().expect("one matrix, one result")
 }
 
 /// `f16::from_f32(x).to_f32()`: `x` rounded to the nearest half-precision value, ties to even, inline.
@@ -183,6 +173,7 @@ fn matmul_many<K: Kernel>(kernels: &[&K], x: &[f32], rows: usize) -> Vec<Vec<f32
     assert!(kernels.iter().all(|m| m.in_features() == k), "matrices of different input widths");
     assert_eq!(x.len(), rows * k, "activations are {} values, expected {rows} x {k}", x.len());
     let act = kernels[0].quantize(x, rows);
+    // Poisoned: an element no task wrote stays NaN and fails every comparison downstream.
     let mut outs: Vec<Vec<f32>> = kernels.iter().map(|m| vec![f32::NAN; rows * m.out_features()]).collect();
     let views: Vec<Out> = outs.iter_mut().zip(kernels).map(|(o, m)| Out::new(o, rows, m.out_features())).collect();
     let team = Team::global();
