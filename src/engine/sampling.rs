@@ -25,15 +25,25 @@ impl Rng {
     }
 }
 
-/// The first index of the largest value (ties go to the lower id, as llama.cpp's argmax does).
+/// The first index of the largest value (ties go to the lower id, as llama.cpp's argmax does; NaNs are
+/// never chosen unless every value is one, then 0).
+///
+/// Two passes the compiler vectorizes: the maximum over sixteen lanes, then the first index holding it.
+/// The one-pass loop (compare with the best so far, remember its index) does not vectorize; over
+/// SmolLM2's 49,152 logits it cost ~40 µs a sequence, on the engine thread while the compute team
+/// waits: 1.6% of a 16-row decode step.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let max = lanes.into_iter().chain(tail.iter().copied()).fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    logits.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 /// log softmax(logits)[id], computed stably.
@@ -129,6 +139,37 @@ mod tests {
         let all: f64 = top_logprobs(&l, 5).iter().map(|t| (t.1 as f64).exp()).sum();
         assert!((all - 1.0).abs() < 1e-6);
         assert!(top_logprobs(&l, 0).is_empty());
+    }
+
+    /// The vectorized argmax is the one-pass scan's choice: ties (across lanes and the tail) go low,
+    /// infinities count, NaNs are skipped.
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let scan = |l: &[f32]| {
+            let mut best: Option<usize> = None;
+            for (i, &x) in l.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|b| x > l[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0) as u32
+        };
+        let mut rng = Rng::new(3);
+        for len in [1usize, 15, 16, 17, 33, 49_152] {
+            for trial in 0..20 {
+                // Few distinct values, so ties are common, some of them between a lane and the tail.
+                let mut l: Vec<f32> = (0..len).map(|_| (rng.next_f64() * 8.0).floor() as f32 - 4.0).collect();
+                match trial % 4 {
+                    1 => l[rng.next_u64() as usize % len] = f32::NAN,
+                    2 => l[rng.next_u64() as usize % len] = f32::INFINITY,
+                    3 => l.iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+                    _ => {}
+                }
+                assert_eq!(argmax(&l), scan(&l), "len {len} trial {trial}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0, 2.0]), 2);
+        assert_eq!(argmax(&[f32::NAN; 40]), 0);
     }
 
     #[test]
