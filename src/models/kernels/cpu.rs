@@ -13,7 +13,8 @@ pub const CAP_VAR: &str = "OMNIBUS_CPU_FEATURES";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Features {
-    /// AVX2 and FMA: the x86 paths of every hand-written kernel here.
+    /// AVX2, FMA and F16C (every AVX2 CPU has the other two): the x86 paths of every hand-written
+    /// kernel here.
     pub avx2_fma: bool,
     /// AVX-512 F (with AVX2 and FMA): 16-wide f32 for the encoder's matrix products.
     pub avx512f: bool,
@@ -85,7 +86,7 @@ pub fn detect() -> Features {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let avx2_fma = has!("avx2") && has!("fma");
+        let avx2_fma = has!("avx2") && has!("fma") && has!("f16c");
         let avx512f = avx2_fma && has!("avx512f");
         Features { avx2_fma, avx512f, avx512_vnni: avx512f && has!("avx512vnni") && has!("avx512vl") }
     }
