@@ -10,6 +10,8 @@
 //! KV cache is f32, RMSNorm accumulates in f64, and RoPE angles are built by repeated f32
 //! multiplication as ggml builds them. Every row's result depends only on its own sequence, so a
 //! sequence decodes to the same tokens alone or in any batch.
+use std::sync::OnceLock;
+
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, bail};
@@ -411,6 +413,10 @@ impl Llama {
                     })
                     .collect();
             }
+            // Longest first (keys x rows x heads), so the region does not end on one long sequence's task
+            // while the other threads wait: at 16 decode rows of mixed lengths, the wait at the end of
+            // each region was a few percent of the step. Order never changes a task's arithmetic.
+            tasks.sort_by_key(|(si, j0, j1, heads)| std::cmp::Reverse((spans[*si].1 + j1) * (j1 - j0) * heads.len()));
             let out = Disjoint::new(&mut attn);
             let steps_ref = &*steps;
             team.run(tasks.len(), &|t| {
@@ -489,8 +495,20 @@ impl Llama {
         let xn = rms_norm(&head_rows, &self.norm, h, c.rms_eps);
         let logits = self.output.forward(xn, n_head_rows)?;
         let vocab = c.vocab_size;
-        for (i, first, take) in wanted {
-            out[i] = Some(logits[first * vocab..(first + take) * vocab].to_vec());
+        if let [(i, 0, _)] = wanted[..] {
+            // One sequence asked (single-stream decode, a prompt): its rows are the whole buffer.
+            out[i] = Some(logits);
+            return Ok(out);
+        }
+        // Each sequence's rows into a vector of its own, one task per sequence: 16 rows' logits are
+        // 3 MB, and copying them on the engine thread alone left the team idle for ~2% of the step.
+        let parts: Vec<OnceLock<Vec<f32>>> = wanted.iter().map(|_| OnceLock::new()).collect();
+        Team::global().run(wanted.len(), &|t| {
+            let (_, first, take) = wanted[t];
+            let _ = parts[t].set(logits[first * vocab..(first + take) * vocab].to_vec());
+        });
+        for ((i, _, _), part) in wanted.iter().zip(parts) {
+            out[*i] = part.into_inner();
         }
         Ok(out)
     }
@@ -502,13 +520,33 @@ fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
     Team::global().rows(&mut out, width, &|r0, out| {
         for (i, o) in out.chunks_exact_mut(width).enumerate() {
             let row = &x[(r0 + i) * width..(r0 + i + 1) * width];
-            let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
-            let mean = (sum / width as f64) as f32;
+            let mean = (sum_of_squares(row) / width as f64) as f32;
             let scale = 1.0 / (mean + eps).sqrt();
             o.iter_mut().zip(row.iter().zip(w)).for_each(|(o, (&v, &g))| *o = (v * scale) * g);
         }
     });
     out
+}
+
+/// The sum of a row's squares (each squared in f32, as ggml does) in f64: eight running sums added
+/// pairwise at the end, in a fixed order. ggml keeps one running sum; its chain of dependent f64 adds
+/// was ~0.8 µs a 576-wide row, on the engine thread alone at 16 rows (too few values for a team region)
+/// while the team waited. f64's 29 spare bits make the f32 mean the same but for a rounding boundary
+/// crossed about once in a million rows, well inside the fidelity contract.
+fn sum_of_squares(row: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += (v * v) as f64;
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for &v in tail {
+        sum += (v * v) as f64;
+    }
+    sum
 }
 
 /// The feed-forward gate: `act(gate) * up`, element by element, rows spread over the team.
@@ -588,5 +626,41 @@ impl RopeRows {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The eight-lane sum of squares gives ggml's one-running-sum mean in f32 (rows of every width
+    /// class: below eight, a tail, whole lanes; values across many magnitudes), and a row's result does
+    /// not depend on the rows normalized with it.
+    #[test]
+    fn rms_norm_matches_the_running_sum() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut differ = 0;
+        let mut total = 0;
+        for width in [1usize, 7, 8, 13, 64, 576, 2048] {
+            let rows = 200;
+            let x: Vec<f32> =
+                (0..rows * width).map(|_| ((next() - 0.5) * 10f64.powf(next() * 8.0 - 4.0)) as f32).collect();
+            let w: Vec<f32> = (0..width).map(|_| next() as f32 + 0.5).collect();
+            let all = rms_norm(&x, &w, width, 1e-5);
+            for r in 0..rows {
+                let row = &x[r * width..(r + 1) * width];
+                let running: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+                total += 1;
+                differ += usize::from((sum_of_squares(row) / width as f64) as f32 != (running / width as f64) as f32);
+                assert_eq!(rms_norm(row, &w, width, 1e-5), all[r * width..(r + 1) * width], "width {width} row {r}");
+            }
+        }
+        assert!(differ * 1000 <= total, "{differ} of {total} means differ from the running sum's");
     }
 }
