@@ -581,6 +581,16 @@ def write(out: Path, results):
             "rows up, so long prompts lose nothing, while clients that arrive together start streaming one after "
             "another instead of all waiting for the whole wave's prompts (the time to first token at 16 clients).",
             "",
+            "Work the team waits on is the other lever at 2 cores: in a 16-row served step's profile the second "
+            "thread spun ~13% of the time while the engine thread worked alone (filling outputs with NaN, "
+            "copying each sequence's logits, a scalar argmax, RMSNorm's serial f64 sum) or finished a region's "
+            "last task. Release builds now leave outputs unwritten until the tasks fill them (debug and test "
+            "builds still poison them), logits are copied on the team, argmax and the sum of squares vectorize, "
+            "regions from four rows up are cut into sixteen tasks a thread, and attention runs its longest tasks "
+            "first. Q4_1's repacked scales stay f16 (one exact `vcvtph2ps` per eight), so a one-row step streams "
+            "the file's 66 MB of layers, not 80. Only the eight-lane sum of squares can move a bit (an f32 mean "
+            "about one row in a million); the fidelity rows kept their figures.",
+            "",
             "Where the figures stop (`cargo bench --bench hot_paths -- 'smollm2 decode step'`, 2026-12-03): a "
             "decode step of one row takes 6.2 ms, eight rows 18.2 ms and sixteen 31.9 ms: ~1.7 ms per row beside "
             "a fixed ~4.5 ms, so 8 streams cap near 2.7x one in the engine (the served ratio above is higher "
