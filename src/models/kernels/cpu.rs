@@ -13,8 +13,8 @@ pub const CAP_VAR: &str = "OMNIBUS_CPU_FEATURES";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Features {
-    /// AVX2, FMA and F16C (every AVX2 CPU has the other two): the x86 paths of every hand-written
-    /// kernel here.
+    /// AVX2 with FMA and F16C (Intel's and AMD's AVX2 CPUs all have both): the x86 paths of every
+    /// hand-written kernel here.
     pub avx2_fma: bool,
     /// AVX-512 F (with AVX2 and FMA): 16-wide f32 for the encoder's matrix products.
     pub avx512f: bool,
