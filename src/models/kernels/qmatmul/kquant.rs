@@ -383,7 +383,7 @@ fn ggml_order<F: Format>(wg: &[Group8], q: &Q8KRows, r: usize, c: usize) -> f32 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{hsum_lanes, nibbles, quad};
+    use super::super::x86::{hsum_lanes, nibbles, prefetch_ahead, quad};
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
     pub fn select<F: Format>() -> DotFn {
@@ -471,6 +471,7 @@ mod x86 {
                 let mut acc_m = [[_mm256_setzero_ps(); 4]; R];
                 let mut summs = [_mm256_setzero_ps(); R];
                 for (b, w) in wg.iter().enumerate() {
+                    prefetch_ahead(w);
                     let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
                     let scales: [__m256i; 16] = std::array::from_fn(|t| doubled(&w.sc[t]));
                     let d = _mm256_loadu_ps(w.d.as_ptr());

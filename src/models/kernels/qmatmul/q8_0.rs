@@ -283,7 +283,9 @@ fn dot_portable<W: Q8Weights>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[us
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{by_rows, bytes, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles, quad};
+    use super::super::x86::{
+        by_rows, bytes, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles, prefetch_ahead, quad,
+    };
     use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
     use crate::models::kernels::cpu;
 
@@ -433,6 +435,7 @@ mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 8]; R];
             for (b, w) in wg.iter().enumerate() {
+                prefetch_ahead(w);
                 let d = _mm256_loadu_ps(w.d.as_ptr());
                 let mut dd = [_mm256_setzero_ps(); R];
                 for i in 0..R {
@@ -468,6 +471,7 @@ mod x86 {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, w) in wg.iter().enumerate() {
+                prefetch_ahead(w);
                 let mut isum = [_mm256_setzero_si256(); R];
                 for v in 0..8 {
                     for (i, isum) in isum.iter_mut().enumerate() {

@@ -22,6 +22,24 @@ macro_rules! by_rows {
 }
 pub(crate) use by_rows;
 
+/// How far ahead of the block being multiplied the kernels ask for weights, in bytes. A task walks its
+/// groups' blocks in memory order, so this is a fixed distance along one stream. Without it the
+/// instructions that consume each block's first load held a third of the Q4_1 kernel's samples at
+/// eight rows on an AVX-512 Xeon (waiting on memory, not on arithmetic).
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Prefetches the cache lines of the `T` that lies [`PREFETCH_AHEAD`] bytes past `w` (the weight blocks
+/// of a matrix are one array, so that is a later block of the same task, or the next task's first).
+/// A prefetch past the end of the array is harmless: it never faults.
+#[inline(always)]
+pub fn prefetch_ahead<T>(w: &T) {
+    let p = (w as *const T as *const i8).wrapping_add(PREFETCH_AHEAD);
+    for line in (0..std::mem::size_of::<T>()).step_by(64) {
+        // SAFETY: SSE is part of x86-64; a prefetch reads nothing architecturally and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line)) };
+    }
+}
+
 /// The four activation bytes that pair with weight vector `v` (block values `4v..4v + 4`), in every
 /// 32-bit lane.
 #[inline(always)]
