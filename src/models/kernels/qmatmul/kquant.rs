@@ -383,11 +383,28 @@ fn ggml_order<F: Format>(wg: &[Group8], q: &Q8KRows, r: usize, c: usize) -> f32 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{hsum_lanes, nibbles, prefetch_ahead, quad};
+    use super::super::x86::{by_rows, hsum_lanes, nibbles, prefetch_ahead, quad};
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
     pub fn select<F: Format>() -> DotFn {
-        avx2::<F>
+        if crate::models::kernels::cpu::features().avx512_vnni { vnni::<F> } else { avx2::<F> }
+    }
+
+    /// The AVX2 kernel with `vpdpwssd` (AVX-512 VNNI) multiplying the pair sums by the scale and adding
+    /// them in one instruction instead of `vpmaddwd` and `vpaddd`: the same exact integers.
+    pub fn vnni<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
+        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+        unsafe fn run<F: Format, const R: usize>(
+            wg: &[Group8],
+            q: &Q8KRows,
+            rows: &[usize; R],
+            tile: &mut [[f32; GROUP]; RUN],
+        ) {
+            // SAFETY: compiled for AVX-512 VNNI and VL besides AVX2 and FMA.
+            unsafe { body::<F, R>(wg, q, rows, tile, |sumi, scale, p| _mm256_dpwssd_epi32(sumi, scale, p)) }
+        }
+        // SAFETY: selected only where the CPU has AVX-512 VNNI and VL (and AVX2, FMA: `supported()`).
+        unsafe { by_rows!(run::<F>, wg, q, rows, tile) }
     }
 
     /// Weight vector `v` (values `4v..4v + 4` of every column) of chunk `s`, as unsigned bytes.
@@ -464,6 +481,26 @@ mod x86 {
             rows: &[usize; R],
             tile: &mut [[f32; GROUP]; RUN],
         ) {
+            // SAFETY: compiled for AVX2 and FMA.
+            unsafe {
+                body::<F, R>(wg, q, rows, tile, |sumi, scale, p| _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p)))
+            }
+        }
+        // SAFETY: the kernel is built only where `supported()` (AVX2 and FMA) holds.
+        unsafe { by_rows!(run::<F>, wg, q, rows, tile) }
+    }
+
+    /// The kernel's body for either path: `scaled(sumi, scale, p)` adds the i16 pair sums `p` times
+    /// their sub-block scales to the i32 lanes `sumi`.
+    #[inline(always)]
+    unsafe fn body<F: Format, const R: usize>(
+        wg: &[Group8],
+        q: &Q8KRows,
+        rows: &[usize; R],
+        tile: &mut [[f32; GROUP]; RUN],
+        scaled: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        {
             let kb = wg.len();
             // SAFETY: compiled for AVX2+FMA; loads read whole arrays.
             unsafe {
@@ -483,8 +520,7 @@ mod x86 {
                             let scale = scales[2 * s + v / 4];
                             for i in 0..R {
                                 let x = quad(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
-                                let p = _mm256_maddubs_epi16(wv, x);
-                                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(scale, p));
+                                sumi[i] = scaled(sumi[i], scale, _mm256_maddubs_epi16(wv, x));
                             }
                         }
                         if F::OFFSET != 0 {
@@ -533,16 +569,6 @@ mod x86 {
                 }
             }
         }
-        // SAFETY: the kernel is built only where `supported()` (AVX2 and FMA) holds.
-        unsafe {
-            match *rows {
-                [a] => run::<F, 1>(wg, q, &[a], tile),
-                [a, b] => run::<F, 2>(wg, q, &[a, b], tile),
-                [a, b, c] => run::<F, 3>(wg, q, &[a, b, c], tile),
-                [a, b, c, d] => run::<F, 4>(wg, q, &[a, b, c, d], tile),
-                _ => unreachable!("runs are one to four rows"),
-            }
-        }
     }
 }
 
@@ -559,7 +585,7 @@ mod tests {
 
     use super::*;
 
-    /// The AVX2 kernel gives the scalar reference's floats bit for bit (same integers, same order), on a
+    /// The AVX2 and VNNI kernels give the scalar reference's floats bit for bit (same integers, same order), on a
     /// matrix with a padded group and runs of two rows and of one; and the decoded values times the
     /// scales are candle's own dequantization.
     fn check<F: Format>() {
@@ -594,12 +620,25 @@ mod tests {
         let q = quantize_q8_k(&xs);
         for g in 0..n.div_ceil(GROUP) {
             let wg = &m.groups[g * kb..(g + 1) * kb];
-            for run in [&[0, 1, 2, 3][..], &[1, 4, 0], &[2, 3], &[4]] {
-                let mut got = [[0f32; GROUP]; RUN];
-                x86::avx2::<F>(wg, &q, run, &mut got);
-                for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                    let want = ggml_order::<F>(wg, &q, run[i], c);
-                    assert_eq!(got[i][c].to_bits(), want.to_bits(), "{:?} group {g} row {} col {c}", F::DTYPE, run[i]);
+            // Every x86 path this CPU has, whatever the cap: the VNNI one must give the same bits.
+            let mut paths: Vec<(&str, DotFn)> = vec![("avx2", x86::avx2::<F>)];
+            if cpu::detect().avx512_vnni {
+                paths.push(("vnni", x86::vnni::<F>));
+            }
+            for (path, dot) in paths {
+                for run in [&[0, 1, 2, 3][..], &[1, 4, 0], &[2, 3], &[4]] {
+                    let mut got = [[0f32; GROUP]; RUN];
+                    dot(wg, &q, run, &mut got);
+                    for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                        let want = ggml_order::<F>(wg, &q, run[i], c);
+                        assert_eq!(
+                            got[i][c].to_bits(),
+                            want.to_bits(),
+                            "{:?} {path}: group {g} row {} col {c}",
+                            F::DTYPE,
+                            run[i]
+                        );
+                    }
                 }
             }
         }
