@@ -502,7 +502,8 @@ mod x86 {
     ) {
         {
             let kb = wg.len();
-            // SAFETY: compiled for AVX2+FMA; loads read whole arrays.
+            // SAFETY: inlined only into `avx2` and `vnni`'s functions, compiled for AVX2+FMA (and VNNI);
+            // loads read whole arrays.
             unsafe {
                 let mut acc = [[_mm256_setzero_ps(); 8]; R];
                 let mut acc_m = [[_mm256_setzero_ps(); 4]; R];
@@ -585,9 +586,9 @@ mod tests {
 
     use super::*;
 
-    /// The AVX2 and VNNI kernels give the scalar reference's floats bit for bit (same integers, same order), on a
-    /// matrix with a padded group and runs of two rows and of one; and the decoded values times the
-    /// scales are candle's own dequantization.
+    /// The AVX2 and VNNI kernels give the scalar reference's floats bit for bit (same integers, same
+    /// order), on a matrix with a padded group and runs of two rows and of one; and the decoded values
+    /// times the scales are candle's own dequantization.
     fn check<F: Format>() {
         if !supported() {
             return;
