@@ -500,74 +500,72 @@ mod x86 {
         tile: &mut [[f32; GROUP]; RUN],
         scaled: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
-        {
-            let kb = wg.len();
-            // SAFETY: inlined only into `avx2` and `vnni`'s functions, compiled for AVX2+FMA (and VNNI);
-            // loads read whole arrays.
-            unsafe {
-                let mut acc = [[_mm256_setzero_ps(); 8]; R];
-                let mut acc_m = [[_mm256_setzero_ps(); 4]; R];
-                let mut summs = [_mm256_setzero_ps(); R];
-                for (b, w) in wg.iter().enumerate() {
-                    prefetch_ahead(w);
-                    let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
-                    let scales: [__m256i; 16] = std::array::from_fn(|t| doubled(&w.sc[t]));
-                    let d = _mm256_loadu_ps(w.d.as_ptr());
-                    let dd: [__m256; R] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_set1_ps(a[i].d), d));
-                    for v in 0..8 {
-                        let mut sumi = [_mm256_setzero_si256(); R];
-                        for s in 0..8 {
-                            let wv = unsigned::<F>(w, s, v);
-                            let scale = scales[2 * s + v / 4];
-                            for i in 0..R {
-                                let x = quad(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
-                                sumi[i] = scaled(sumi[i], scale, _mm256_maddubs_epi16(wv, x));
-                            }
-                        }
-                        if F::OFFSET != 0 {
-                            let sc = paired(bytes(&w.sc[2 * v]), bytes(&w.sc[2 * v + 1]), true);
-                            for i in 0..R {
-                                let sub = _mm256_madd_epi16(sc, _mm256_set1_epi32(a[i].pair16[v]));
-                                sumi[i] = _mm256_sub_epi32(sumi[i], _mm256_slli_epi32(sub, 5));
-                            }
-                        }
+        let kb = wg.len();
+        // SAFETY: inlined only into `avx2` and `vnni`'s functions, compiled for AVX2+FMA (and VNNI);
+        // loads read whole arrays.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 8]; R];
+            let mut acc_m = [[_mm256_setzero_ps(); 4]; R];
+            let mut summs = [_mm256_setzero_ps(); R];
+            for (b, w) in wg.iter().enumerate() {
+                prefetch_ahead(w);
+                let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
+                let scales: [__m256i; 16] = std::array::from_fn(|t| doubled(&w.sc[t]));
+                let d = _mm256_loadu_ps(w.d.as_ptr());
+                let dd: [__m256; R] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_set1_ps(a[i].d), d));
+                for v in 0..8 {
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for s in 0..8 {
+                        let wv = unsigned::<F>(w, s, v);
+                        let scale = scales[2 * s + v / 4];
                         for i in 0..R {
-                            acc[i][v] = _mm256_fmadd_ps(dd[i], _mm256_cvtepi32_ps(sumi[i]), acc[i][v]);
+                            let x = quad(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
+                            sumi[i] = scaled(sumi[i], scale, _mm256_maddubs_epi16(wv, x));
                         }
                     }
-                    if F::OFFSET == 0 {
-                        let dmin = _mm256_loadu_ps(w.dmin.as_ptr());
+                    if F::OFFSET != 0 {
+                        let sc = paired(bytes(&w.sc[2 * v]), bytes(&w.sc[2 * v + 1]), true);
                         for i in 0..R {
-                            let dm = _mm256_mul_ps(_mm256_set1_ps(-a[i].d), dmin);
-                            let mut total = _mm256_setzero_si256();
-                            for (t, lane) in acc_m[i].iter_mut().enumerate() {
-                                let m = paired(&w.m[2 * t], &w.m[2 * t + 1], false);
-                                let prod = _mm256_madd_epi16(m, _mm256_set1_epi32(a[i].pair32[t]));
-                                if F::HI == 1 {
-                                    total = _mm256_add_epi32(total, prod);
-                                } else {
-                                    *lane = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(prod), *lane);
-                                }
-                            }
+                            let sub = _mm256_madd_epi16(sc, _mm256_set1_epi32(a[i].pair16[v]));
+                            sumi[i] = _mm256_sub_epi32(sumi[i], _mm256_slli_epi32(sub, 5));
+                        }
+                    }
+                    for i in 0..R {
+                        acc[i][v] = _mm256_fmadd_ps(dd[i], _mm256_cvtepi32_ps(sumi[i]), acc[i][v]);
+                    }
+                }
+                if F::OFFSET == 0 {
+                    let dmin = _mm256_loadu_ps(w.dmin.as_ptr());
+                    for i in 0..R {
+                        let dm = _mm256_mul_ps(_mm256_set1_ps(-a[i].d), dmin);
+                        let mut total = _mm256_setzero_si256();
+                        for (t, lane) in acc_m[i].iter_mut().enumerate() {
+                            let m = paired(&w.m[2 * t], &w.m[2 * t + 1], false);
+                            let prod = _mm256_madd_epi16(m, _mm256_set1_epi32(a[i].pair32[t]));
                             if F::HI == 1 {
-                                summs[i] = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(total), summs[i]);
+                                total = _mm256_add_epi32(total, prod);
+                            } else {
+                                *lane = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(prod), *lane);
                             }
+                        }
+                        if F::HI == 1 {
+                            summs[i] = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(total), summs[i]);
                         }
                     }
                 }
-                for i in 0..R {
-                    let mut sum = hsum_lanes(&acc[i]);
-                    if F::OFFSET == 0 {
-                        let m = &acc_m[i];
-                        let extra = if F::HI == 1 {
-                            summs[i]
-                        } else {
-                            _mm256_add_ps(_mm256_add_ps(m[0], m[2]), _mm256_add_ps(m[1], m[3]))
-                        };
-                        sum = _mm256_add_ps(sum, extra);
-                    }
-                    _mm256_storeu_ps(tile[i].as_mut_ptr(), sum);
+            }
+            for i in 0..R {
+                let mut sum = hsum_lanes(&acc[i]);
+                if F::OFFSET == 0 {
+                    let m = &acc_m[i];
+                    let extra = if F::HI == 1 {
+                        summs[i]
+                    } else {
+                        _mm256_add_ps(_mm256_add_ps(m[0], m[2]), _mm256_add_ps(m[1], m[3]))
+                    };
+                    sum = _mm256_add_ps(sum, extra);
                 }
+                _mm256_storeu_ps(tile[i].as_mut_ptr(), sum);
             }
         }
     }
