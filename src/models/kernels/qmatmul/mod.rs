@@ -82,6 +82,8 @@ impl Out {
                 // A whole group, the common case: a fixed-size copy the compiler keeps in registers. The
                 // general copy was a call to libc's memmove per 32 bytes, ~2% of a 16-row decode step.
                 (dst as *mut [f32; GROUP]).write_unaligned(*(vals.as_ptr() as *const [f32; GROUP]));
+            } else if vals.len() == 2 * GROUP {
+                (dst as *mut [f32; 2 * GROUP]).write_unaligned(*(vals.as_ptr() as *const [f32; 2 * GROUP]));
             } else {
                 std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, vals.len())
             }
@@ -125,14 +127,27 @@ pub(crate) fn eight_column_tiles<const N: usize>(
     rows: usize,
     cols: Range<usize>,
     out: &Out,
-    mut dot: impl FnMut(usize, &[usize], &mut [[f32; GROUP]; N]),
+    dot: impl FnMut(usize, &[usize], &mut [[f32; GROUP]; N]),
 ) {
-    assert_eq!(cols.start % GROUP, 0, "column chunks start on a group");
-    let mut tile = [[0f32; GROUP]; N];
+    column_tiles::<N, GROUP>(rows, cols, out, dot)
+}
+
+/// [`eight_column_tiles`] over tiles of `W` columns (a multiple of [`GROUP`]): `dot(g, rows, tile)`
+/// fills columns `g * GROUP..g * GROUP + W`, that is groups `g..g + W / GROUP`, of which those past the
+/// matrix's last group are never written out. Task chunks are whole multiples of 16 columns
+/// ([`column_chunk`]), so a 16-column tile never straddles two tasks.
+pub(crate) fn column_tiles<const N: usize, const W: usize>(
+    rows: usize,
+    cols: Range<usize>,
+    out: &Out,
+    mut dot: impl FnMut(usize, &[usize], &mut [[f32; W]; N]),
+) {
+    assert!(W % GROUP == 0 && cols.start % W == 0, "column chunks start on a tile");
+    let mut tile = [[0f32; W]; N];
     for rb in (0..rows).step_by(ROW_BLOCK) {
         let re = (rb + ROW_BLOCK).min(rows);
-        for c0 in cols.clone().step_by(GROUP) {
-            let width = (cols.end - c0).min(GROUP);
+        for c0 in cols.clone().step_by(W) {
+            let width = (cols.end - c0).min(W);
             for r0 in (rb..re).step_by(N) {
                 let run: [usize; N] = std::array::from_fn(|i| r0 + i);
                 let run = &run[..(re - r0).min(N)];
