@@ -35,12 +35,14 @@ const RUN: usize = 4;
 
 /// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to), and the
 /// offset correction of each lane: `-offset * (qs[4v] + .. + qs[4v + 3])` for the weight type's
-/// [`Q8Weights::OFFSET`].
+/// [`Q8Weights::OFFSET`], and of the whole block (their sum), which the VNNI kernels start a block's
+/// integer sum at so that its eight `vpdpbusd` form one chain with no adds between them.
 #[derive(Clone, Copy)]
 pub struct Q8_0Block {
     qs: [i8; 32],
     d: f32,
     corr: [i32; 8],
+    corr_all: i32,
 }
 
 /// Activations quantized to Q8_0, one row after another, as candle's `BlockQ8_0::from_float` does.
@@ -59,8 +61,9 @@ pub(crate) fn round_half_away(v: f32) -> f32 {
 pub fn quantize_q8_0(x: &[f32], offset: i32) -> Q8_0Rows {
     let simd = cpu::features().avx2_fma;
     let block = |qs: [i8; 32], d: f32| {
-        let corr = std::array::from_fn(|v| -offset * qs[4 * v..4 * v + 4].iter().map(|&q| q as i32).sum::<i32>());
-        Q8_0Block { qs, d: super::f16_round(d), corr }
+        let corr: [i32; 8] =
+            std::array::from_fn(|v| -offset * qs[4 * v..4 * v + 4].iter().map(|&q| q as i32).sum::<i32>());
+        Q8_0Block { qs, d: super::f16_round(d), corr, corr_all: corr.iter().sum() }
     };
     super::par_map_units(x, QK, |x, out| {
         out.reserve(x.len() / QK);
@@ -253,8 +256,18 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
     }
 
     fn columns(&self, q: &Q8_0Rows, rows: usize, cols: Range<usize>, out: &Out) {
-        let dot: DotFn<W::Packed> = x86::select::<W>();
         let kb = self.kb;
+        #[cfg(target_arch = "x86_64")]
+        if cpu::features().avx512_vnni && !W::LANE_ORDER {
+            let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
+            // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
+            // are past `n` and never written out.
+            super::column_tiles(rows, cols, out, |g, run, tile| {
+                x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
+            });
+            return;
+        }
+        let dot: DotFn<W::Packed> = x86::select::<W>();
         super::eight_column_tiles(rows, cols, out, |g, run, tile| {
             dot(&self.groups[g * kb..(g + 1) * kb], q, run, tile)
         });
@@ -295,6 +308,22 @@ mod x86 {
         unsafe fn unsigned(p: &Self::Packed, v: usize) -> __m256i;
         /// Per column, the exact integer dot of the four values with `x`'s (AVX2).
         unsafe fn lane_sums_avx2(p: &Self::Packed, v: usize, x: &Q8_0Block) -> __m256i;
+        /// [`Unpack::unsigned`] of two groups' blocks, `a`'s in the low half (AVX-512 BW).
+        #[inline(always)]
+        unsafe fn unsigned_pair(a: &Self::Packed, b: &Self::Packed, v: usize) -> __m512i {
+            // SAFETY: inlined only into AVX-512 functions.
+            unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(Self::unsigned(a, v)), Self::unsigned(b, v)) }
+        }
+    }
+
+    /// Chunk `v` of two groups' blocks in one register, `a`'s in the low half.
+    #[inline(always)]
+    unsafe fn chunk_pair(a: *const u8, b: *const u8, v: usize) -> __m512i {
+        // SAFETY: inlined only into AVX-512 functions; callers pass 32-byte chunks inside their blocks.
+        unsafe {
+            let load = |p: *const u8| _mm256_loadu_si256(p.add(32 * v) as *const __m256i);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(a)), load(b))
+        }
     }
 
     impl Unpack for [i8; 32] {
@@ -302,6 +331,12 @@ mod x86 {
         unsafe fn unsigned(p: &[u8; 256], v: usize) -> __m256i {
             // SAFETY: inlined only into AVX2 functions.
             unsafe { _mm256_xor_si256(bytes(p, v), _mm256_set1_epi8(-128)) }
+        }
+        #[inline(always)]
+        unsafe fn unsigned_pair(a: &[u8; 256], b: &[u8; 256], v: usize) -> __m512i {
+            assert!(v < 8);
+            // SAFETY: inlined only into AVX-512 functions; chunk `v` is inside both arrays (checked above).
+            unsafe { _mm512_xor_si512(chunk_pair(a.as_ptr(), b.as_ptr(), v), _mm512_set1_epi8(-128)) }
         }
         #[inline(always)]
         unsafe fn lane_sums_avx2(p: &[u8; 256], v: usize, x: &Q8_0Block) -> __m256i {
@@ -344,6 +379,16 @@ mod x86 {
         unsafe fn unsigned(p: &[u8; 128], v: usize) -> __m256i {
             // SAFETY: inlined only into AVX2 functions.
             unsafe { nibbles(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn unsigned_pair(a: &[u8; 128], b: &[u8; 128], v: usize) -> __m512i {
+            assert!(v < 8);
+            // SAFETY: inlined only into AVX-512 functions; chunk `v % 4` is inside both arrays.
+            unsafe {
+                let p = chunk_pair(a.as_ptr(), b.as_ptr(), v % 4);
+                let p = if v < 4 { p } else { _mm512_srli_epi16::<4>(p) };
+                _mm512_and_si512(p, _mm512_set1_epi8(0x0F))
+            }
         }
         #[inline(always)]
         unsafe fn lane_sums_avx2(p: &[u8; 128], v: usize, x: &Q8_0Block) -> __m256i {
@@ -398,12 +443,25 @@ mod x86 {
             rows: &[usize; R],
             tile: &mut [[f32; GROUP]; RUN],
         ) {
-            let sums = |p: &W::Packed, v: usize, x: &Q8_0Block| {
-                // SAFETY: called only below, in this function compiled for AVX-512 VNNI and VL.
-                unsafe { lane_sums_vnni(_mm256_set1_epi32(x.corr[v]), W::unsigned(p, v), quad(&x.qs, v)) }
-            };
             // SAFETY: compiled for AVX-512 VNNI and VL.
-            unsafe { if W::LANE_ORDER { body_lanes(wg, q, rows, tile, sums) } else { body(wg, q, rows, tile, sums) } }
+            unsafe {
+                if W::LANE_ORDER {
+                    let sums = |p: &W::Packed, v: usize, x: &Q8_0Block| {
+                        lane_sums_vnni(_mm256_set1_epi32(x.corr[v]), W::unsigned(p, v), quad(&x.qs, v))
+                    };
+                    body_lanes(wg, q, rows, tile, sums)
+                } else {
+                    // One chain of eight `vpdpbusd` from the block's whole correction, with no adds.
+                    body_chain(
+                        wg,
+                        q,
+                        rows,
+                        tile,
+                        |x| _mm256_set1_epi32(x.corr_all),
+                        |acc, p, v, x| lane_sums_vnni(acc, W::unsigned(p, v), quad(&x.qs, v)),
+                    )
+                }
+            }
         }
         // SAFETY: selected only when the CPU has AVX-512 VNNI and VL (tests check first too).
         unsafe {
@@ -450,6 +508,105 @@ mod x86 {
             }
             for i in 0..R {
                 _mm256_storeu_ps(tile[i].as_mut_ptr(), hsum_lanes(&acc[i]));
+            }
+        }
+    }
+
+    /// [`body`] with a block's integer sum started at `init(x)` and advanced by `step(acc, weights, v, x)`
+    /// for each weight vector `v`, in place of adding the vectors' sums together.
+    #[inline(always)]
+    unsafe fn body_chain<P, const R: usize, const T: usize>(
+        wg: &[Group8<P>],
+        q: &Q8_0Rows,
+        rows: &[usize; R],
+        tile: &mut [[f32; GROUP]; T],
+        init: impl Fn(&Q8_0Block) -> __m256i,
+        step: impl Fn(__m256i, &P, usize, &Q8_0Block) -> __m256i,
+    ) {
+        let kb = wg.len();
+        // SAFETY: inlined only into the `target_feature` functions above; loads read whole arrays.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, w) in wg.iter().enumerate() {
+                prefetch_ahead(w);
+                let mut isum: [__m256i; R] = std::array::from_fn(|i| init(&q[rows[i] * kb + b]));
+                for v in 0..8 {
+                    for (i, isum) in isum.iter_mut().enumerate() {
+                        *isum = step(*isum, &w.qs, v, &q[rows[i] * kb + b]);
+                    }
+                }
+                let d = _mm256_loadu_ps(w.d.as_ptr());
+                for i in 0..R {
+                    let dd = _mm256_mul_ps(d, _mm256_set1_ps(q[rows[i] * kb + b].d));
+                    acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(isum[i]), dd));
+                }
+            }
+            for i in 0..R {
+                _mm256_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+            }
+        }
+    }
+
+    /// Two adjacent groups (16 columns) at once in 512-bit registers, for the types summed as one
+    /// integer per block (not [`Q8Weights::LANE_ORDER`]): group `a`'s columns in the low half of every
+    /// vector, `b`'s in the high half. Per column it is [`body_chain`]'s arithmetic, operation for
+    /// operation, so the same bits, with one `vpdpbusd` doing 64 products instead of 32 (a Sapphire
+    /// Rapids core issues 512-bit ones as fast as 256-bit ones).
+    pub fn pair_vnni<W: Unpack>(
+        a: &[Group8<W::Packed>],
+        b: &[Group8<W::Packed>],
+        q: &Q8_0Rows,
+        rows: &[usize],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+    ) {
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn run<W: Unpack, const R: usize>(
+            a: &[Group8<W::Packed>],
+            b: &[Group8<W::Packed>],
+            q: &Q8_0Rows,
+            rows: &[usize; R],
+            tile: &mut [[f32; 2 * GROUP]; RUN],
+        ) {
+            assert!(a.len() == b.len() && !W::LANE_ORDER);
+            let kb = a.len();
+            // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); R];
+                for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
+                    prefetch_ahead(wa);
+                    prefetch_ahead(wb);
+                    let x = |i: usize| &q[rows[i] * kb + k];
+                    let mut isum: [__m512i; R] = std::array::from_fn(|i| _mm512_set1_epi32(x(i).corr_all));
+                    for v in 0..8 {
+                        let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
+                        for (i, isum) in isum.iter_mut().enumerate() {
+                            let quad = _mm512_set1_epi32((x(i).qs.as_ptr().add(4 * v) as *const i32).read_unaligned());
+                            *isum = _mm512_dpbusd_epi32(*isum, w, quad);
+                        }
+                    }
+                    let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                        _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(wa.d.as_ptr()))),
+                        _mm256_castps_pd(_mm256_loadu_ps(wb.d.as_ptr())),
+                    ));
+                    for i in 0..R {
+                        let dd = _mm512_mul_ps(d, _mm512_set1_ps(x(i).d));
+                        acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dd));
+                    }
+                }
+                for i in 0..R {
+                    _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+                }
+            }
+        }
+        // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
+        // (models::cpu's `avx512_vnni`).
+        unsafe {
+            match *rows {
+                [r0] => run::<W, 1>(a, b, q, &[r0], tile),
+                [r0, r1] => run::<W, 2>(a, b, q, &[r0, r1], tile),
+                [r0, r1, r2] => run::<W, 3>(a, b, q, &[r0, r1, r2], tile),
+                [r0, r1, r2, r3] => run::<W, 4>(a, b, q, &[r0, r1, r2, r3], tile),
+                _ => unreachable!("runs are one to four rows"),
             }
         }
     }
@@ -546,6 +703,19 @@ mod tests {
             for run in [&[0, 1, 2, 3][..], &[4, 5, 6], &[2, 3], &[6]] {
                 let mut generic = [[0f32; GROUP]; RUN];
                 dot_portable::<W>(wg, &q, run, &mut generic);
+                if cpu::features().avx512_vnni && !W::LANE_ORDER {
+                    // The 16-column kernel, with this group in either half (its neighbour, or itself when
+                    // it is the last, in the other).
+                    let other = &m.groups[((g + 1) % n.div_ceil(GROUP)) * kb..][..kb];
+                    for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
+                        let mut got = [[0f32; 2 * GROUP]; RUN];
+                        x86::pair_vnni::<W>(a, b, &q, run, &mut got);
+                        for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                            let (got, want) = (got[i][half * GROUP + c], generic[i][c]);
+                            assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} pair half {half} group {g} col {c}");
+                        }
+                    }
+                }
                 for (name, dot) in &paths {
                     let mut got = [[0f32; GROUP]; RUN];
                     dot(wg, &q, run, &mut got);
