@@ -258,12 +258,17 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
     fn columns(&self, q: &Q8_0Rows, rows: usize, cols: Range<usize>, out: &Out) {
         let kb = self.kb;
         #[cfg(target_arch = "x86_64")]
-        if cpu::features().avx512_vnni && !W::LANE_ORDER {
+        if cpu::features().avx512_vnni {
             let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
             // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
             // are past `n` and never written out.
             super::column_tiles(rows, cols, out, |g, run, tile| {
-                x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
+                let (a, b) = (blocks(g), blocks((g + 1).min(groups - 1)));
+                if W::LANE_ORDER {
+                    x86::pair_lanes_vnni::<W>(a, b, q, run, tile)
+                } else {
+                    x86::pair_vnni::<W>(a, b, q, run, tile)
+                }
             });
             return;
         }
@@ -363,6 +368,23 @@ mod x86 {
                     _mm256_srl_epi16(h, _mm_cvtsi32_si128(v as i32 - 4))
                 };
                 _mm256_or_si256(nibbles(&p.nib, v), _mm256_and_si256(h, _mm256_set1_epi8(0x10)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn unsigned_pair(a: &super::Q5Packed, b: &super::Q5Packed, v: usize) -> __m512i {
+            assert!(v < 8);
+            // SAFETY: inlined only into AVX-512 functions; the loads read chunk `v % 4` of both nibble
+            // arrays and both 32-byte bit planes.
+            unsafe {
+                let lo = chunk_pair(a.nib.as_ptr(), b.nib.as_ptr(), v % 4);
+                let lo = _mm512_and_si512(if v < 4 { lo } else { _mm512_srli_epi16::<4>(lo) }, _mm512_set1_epi8(0x0F));
+                let h = chunk_pair(a.hi.as_ptr(), b.hi.as_ptr(), 0);
+                let h = if v <= 4 {
+                    _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - v as i32))
+                } else {
+                    _mm512_srl_epi16(h, _mm_cvtsi32_si128(v as i32 - 4))
+                };
+                _mm512_or_si512(lo, _mm512_and_si512(h, _mm512_set1_epi8(0x10)))
             }
         }
         #[inline(always)]
@@ -611,6 +633,70 @@ mod x86 {
         }
     }
 
+    /// [`pair_vnni`] for the [`Q8Weights::LANE_ORDER`] types: [`body_lanes`]' arithmetic, operation for
+    /// operation per column (eight f32 lane accumulators per row, added as `hsum_float_8` adds them), on
+    /// two groups at once. Two rows at a time: their sixteen accumulators fill half of AVX-512's 32
+    /// registers.
+    pub fn pair_lanes_vnni<W: Unpack>(
+        a: &[Group8<W::Packed>],
+        b: &[Group8<W::Packed>],
+        q: &Q8_0Rows,
+        rows: &[usize],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+    ) {
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn run<W: Unpack, const R: usize>(
+            a: &[Group8<W::Packed>],
+            b: &[Group8<W::Packed>],
+            q: &Q8_0Rows,
+            rows: &[usize; R],
+            tile: &mut [[f32; 2 * GROUP]; RUN],
+        ) {
+            assert!(a.len() == b.len());
+            let kb = a.len();
+            // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 8]; R];
+                for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
+                    prefetch_ahead(wa);
+                    prefetch_ahead(wb);
+                    let x = |i: usize| &q[rows[i] * kb + k];
+                    let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                        _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(wa.d.as_ptr()))),
+                        _mm256_castps_pd(_mm256_loadu_ps(wb.d.as_ptr())),
+                    ));
+                    let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(x(i).d)));
+                    for v in 0..8 {
+                        let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let quad = _mm512_set1_epi32((x(i).qs.as_ptr().add(4 * v) as *const i32).read_unaligned());
+                            let sums = _mm512_dpbusd_epi32(_mm512_set1_epi32(x(i).corr[v]), w, quad);
+                            acc[v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sums), acc[v]);
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    let even = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
+                    let odd = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
+                    _mm512_storeu_ps(tile[i].as_mut_ptr(), _mm512_add_ps(even, odd));
+                }
+            }
+        }
+        // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
+        // (models::cpu's `avx512_vnni`).
+        unsafe {
+            for (k, two) in rows.chunks(2).enumerate() {
+                let mut part = [[0f32; 2 * GROUP]; RUN];
+                match *two {
+                    [r0] => run::<W, 1>(a, b, q, &[r0], &mut part),
+                    [r0, r1] => run::<W, 2>(a, b, q, &[r0, r1], &mut part),
+                    _ => unreachable!("chunks of two"),
+                }
+                tile[2 * k..2 * k + two.len()].copy_from_slice(&part[..two.len()]);
+            }
+        }
+    }
+
     /// `lane_sums(weights, v, x)`: per column, lane `v`'s exact integer sum against activation block `x`.
     /// Loops over `v` outside the rows, so a weight vector is unpacked once for the run (the compiler
     /// hoists the rows' shared part of `lane_sums`); the lanes are summed in i32, so a block costs a row
@@ -703,15 +789,21 @@ mod tests {
             for run in [&[0, 1, 2, 3][..], &[4, 5, 6], &[2, 3], &[6]] {
                 let mut generic = [[0f32; GROUP]; RUN];
                 dot_portable::<W>(wg, &q, run, &mut generic);
-                if cpu::features().avx512_vnni && !W::LANE_ORDER {
+                if cpu::features().avx512_vnni {
                     // The 16-column kernel, with this group in either half (its neighbour, or itself when
                     // it is the last, in the other).
                     let other = &m.groups[((g + 1) % n.div_ceil(GROUP)) * kb..][..kb];
                     for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
                         let mut got = [[0f32; 2 * GROUP]; RUN];
-                        x86::pair_vnni::<W>(a, b, &q, run, &mut got);
+                        if W::LANE_ORDER {
+                            x86::pair_lanes_vnni::<W>(a, b, &q, run, &mut got);
+                        } else {
+                            x86::pair_vnni::<W>(a, b, &q, run, &mut got);
+                        }
                         for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                            let (got, want) = (got[i][half * GROUP + c], generic[i][c]);
+                            let want =
+                                if W::LANE_ORDER { ggml_avx2_order::<W>(wg, &q, run[i], c) } else { generic[i][c] };
+                            let got = got[i][half * GROUP + c];
                             assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} pair half {half} group {g} col {c}");
                         }
                     }
