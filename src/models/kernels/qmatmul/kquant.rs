@@ -158,9 +158,14 @@ pub struct Q8KBlock {
 
 pub type Q8KRows = Vec<Q8KBlock>;
 
-/// ggml's `nearest_int` (round half to even).
+/// ggml's `nearest_int` (round half to even), as ggml computes it: adding 1.5 * 2^23 leaves no bits
+/// below the units, so the addition itself rounds (to nearest, ties to even), and subtracting it again
+/// is exact, for |v| < 2^22 (the quantizer's values are within +-127.5). `f32::round_ties_even` was a
+/// call to libm's `rintf` per value on baseline x86-64 (no SSE4.1): 3% of a Q4_K_M prefill.
+#[inline(always)]
 fn nearest_int(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    const MAGIC: f32 = 12_582_912.0;
+    ((v + MAGIC) - MAGIC) as i32
 }
 
 fn pair(a: i16, b: i16) -> i32 {
@@ -640,6 +645,17 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        for i in -3_000_000..3_000_000 {
+            let v = i as f32 * 0.000_05;
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
+        }
+        for v in [0.5f32, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -127.5, 127.49999, 0.499_999_97, -0.499_999_97] {
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
         }
     }
 
