@@ -313,8 +313,18 @@ impl<F: Format> Kernel for KMatrix<F> {
     }
 
     fn columns(&self, q: &Q8KRows, rows: usize, cols: Range<usize>, out: &Out) {
-        let dot: DotFn = x86::select::<F>();
         let kb = self.kb;
+        #[cfg(target_arch = "x86_64")]
+        if cpu::features().avx512_vnni {
+            let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
+            // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
+            // are past `n` and never written out.
+            super::column_tiles(rows, cols, out, |g, run, tile| {
+                x86::pair_vnni::<F>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
+            });
+            return;
+        }
+        let dot: DotFn = x86::select::<F>();
         super::eight_column_tiles(rows, cols, out, |g, run, tile| {
             dot(&self.groups[g * kb..(g + 1) * kb], q, run, tile)
         });
@@ -388,7 +398,7 @@ fn ggml_order<F: Format>(wg: &[Group8], q: &Q8KRows, r: usize, c: usize) -> f32 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{by_rows, hsum_lanes, nibbles, prefetch_ahead, quad};
+    use super::super::x86::{by_rows, chunk_pair, f32_pair, hsum_lanes, nibbles, nibbles_pair, prefetch_ahead, quad, quad512};
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
     pub fn select<F: Format>() -> DotFn {
@@ -442,6 +452,170 @@ mod x86 {
                     };
                     _mm256_or_si256(lo, _mm256_and_si256(h, _mm256_set1_epi8(0x30)))
                 }
+            }
+        }
+    }
+
+    /// [`unsigned`] of two groups' super-blocks, `a`'s columns in the low half (AVX-512 BW).
+    #[inline(always)]
+    unsafe fn unsigned_pair<F: Format>(a: &Group8, b: &Group8, s: usize, v: usize) -> __m512i {
+        // SAFETY: inlined only into AVX-512 functions; the loads read whole arrays.
+        unsafe {
+            let lo = nibbles_pair(&a.nib[s], &b.nib[s], v);
+            match F::HI {
+                0 => lo,
+                1 => {
+                    let h = chunk_pair(&a.hi[s][0], &b.hi[s][0], 0);
+                    let h = if v <= 4 {
+                        _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - v as i32))
+                    } else {
+                        _mm512_srl_epi16(h, _mm_cvtsi32_si128(v as i32 - 4))
+                    };
+                    _mm512_or_si512(lo, _mm512_and_si512(h, _mm512_set1_epi8(0x10)))
+                }
+                _ => {
+                    let h = chunk_pair(&a.hi[s][v / 4], &b.hi[s][v / 4], 0);
+                    let u = (v % 4) as i32;
+                    let h = if u <= 2 {
+                        _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - 2 * u))
+                    } else {
+                        _mm512_srl_epi16(h, _mm_cvtsi32_si128(2 * u - 4))
+                    };
+                    _mm512_or_si512(lo, _mm512_and_si512(h, _mm512_set1_epi8(0x30)))
+                }
+            }
+        }
+    }
+
+    /// [`doubled`] for two groups: lanes 0..8 `(a_c, a_c)`, lanes 8..16 `(b_c, b_c)`.
+    #[inline(always)]
+    unsafe fn doubled_pair(a: &[i8; GROUP], b: &[i8; GROUP]) -> __m512i {
+        // SAFETY: inlined only into AVX-512 functions; reads two 8-byte arrays.
+        unsafe {
+            let x = _mm_unpacklo_epi64(
+                _mm_loadl_epi64(a.as_ptr() as *const __m128i),
+                _mm_loadl_epi64(b.as_ptr() as *const __m128i),
+            );
+            _mm512_cvtepi8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x, x), _mm_unpacklo_epi8(x, x)))
+        }
+    }
+
+    /// [`paired`] for two groups: lanes 0..8 `(a1_c, a2_c)`, lanes 8..16 `(b1_c, b2_c)`.
+    #[inline(always)]
+    unsafe fn paired_pair(a: [&[u8; GROUP]; 2], b: [&[u8; GROUP]; 2], signed: bool) -> __m512i {
+        // SAFETY: inlined only into AVX-512 functions; reads four 8-byte arrays.
+        unsafe {
+            let l = |x: &[u8; GROUP]| _mm_loadl_epi64(x.as_ptr() as *const __m128i);
+            let x = _mm256_set_m128i(_mm_unpacklo_epi8(l(b[0]), l(b[1])), _mm_unpacklo_epi8(l(a[0]), l(a[1])));
+            if signed { _mm512_cvtepi8_epi16(x) } else { _mm512_cvtepu8_epi16(x) }
+        }
+    }
+
+    /// Two adjacent groups (16 columns) at once in 512-bit registers, `a`'s columns in the low half of
+    /// every vector: [`body`]'s arithmetic with `vpdpwssd`, operation for operation per column (ggml's
+    /// eight lanes and its float order), so the same bits, with each instruction doing twice the
+    /// products (a Sapphire Rapids core issues 512-bit ones as fast as 256-bit ones).
+    pub fn pair_vnni<F: Format>(
+        a: &[Group8],
+        b: &[Group8],
+        q: &Q8KRows,
+        rows: &[usize],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+    ) {
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn run<F: Format, const R: usize>(
+            wa: &[Group8],
+            wb: &[Group8],
+            q: &Q8KRows,
+            rows: &[usize; R],
+            tile: &mut [[f32; 2 * GROUP]; RUN],
+        ) {
+            assert_eq!(wa.len(), wb.len());
+            let kb = wa.len();
+            // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; loads read whole arrays.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 8]; R];
+                let mut acc_m = [[_mm512_setzero_ps(); 4]; R];
+                let mut summs = [_mm512_setzero_ps(); R];
+                for (b, (wa, wb)) in wa.iter().zip(wb).enumerate() {
+                    prefetch_ahead(wa);
+                    prefetch_ahead(wb);
+                    let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
+                    let scales: [__m512i; 16] = std::array::from_fn(|t| doubled_pair(&wa.sc[t], &wb.sc[t]));
+                    let d = f32_pair(&wa.d, &wb.d);
+                    let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_set1_ps(a[i].d), d));
+                    for v in 0..8 {
+                        let mut sumi = [_mm512_setzero_si512(); R];
+                        for s in 0..8 {
+                            let wv = unsigned_pair::<F>(wa, wb, s, v);
+                            let scale = scales[2 * s + v / 4];
+                            for i in 0..R {
+                                let x = quad512(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
+                                sumi[i] = _mm512_dpwssd_epi32(sumi[i], scale, _mm512_maddubs_epi16(wv, x));
+                            }
+                        }
+                        if F::OFFSET != 0 {
+                            let sc = paired_pair(
+                                [bytes(&wa.sc[2 * v]), bytes(&wa.sc[2 * v + 1])],
+                                [bytes(&wb.sc[2 * v]), bytes(&wb.sc[2 * v + 1])],
+                                true,
+                            );
+                            for i in 0..R {
+                                let sub = _mm512_madd_epi16(sc, _mm512_set1_epi32(a[i].pair16[v]));
+                                sumi[i] = _mm512_sub_epi32(sumi[i], _mm512_slli_epi32::<5>(sub));
+                            }
+                        }
+                        for i in 0..R {
+                            acc[i][v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sumi[i]), acc[i][v]);
+                        }
+                    }
+                    if F::OFFSET == 0 {
+                        let dmin = f32_pair(&wa.dmin, &wb.dmin);
+                        for i in 0..R {
+                            let dm = _mm512_mul_ps(_mm512_set1_ps(-a[i].d), dmin);
+                            let mut total = _mm512_setzero_si512();
+                            for (t, lane) in acc_m[i].iter_mut().enumerate() {
+                                let m = paired_pair([&wa.m[2 * t], &wa.m[2 * t + 1]], [&wb.m[2 * t], &wb.m[2 * t + 1]], false);
+                                let prod = _mm512_madd_epi16(m, _mm512_set1_epi32(a[i].pair32[t]));
+                                if F::HI == 1 {
+                                    total = _mm512_add_epi32(total, prod);
+                                } else {
+                                    *lane = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(prod), *lane);
+                                }
+                            }
+                            if F::HI == 1 {
+                                summs[i] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(total), summs[i]);
+                            }
+                        }
+                    }
+                }
+                for i in 0..R {
+                    let l = &acc[i];
+                    let even = _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6]));
+                    let odd = _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7]));
+                    let mut sum = _mm512_add_ps(even, odd);
+                    if F::OFFSET == 0 {
+                        let m = &acc_m[i];
+                        let extra = if F::HI == 1 {
+                            summs[i]
+                        } else {
+                            _mm512_add_ps(_mm512_add_ps(m[0], m[2]), _mm512_add_ps(m[1], m[3]))
+                        };
+                        sum = _mm512_add_ps(sum, extra);
+                    }
+                    _mm512_storeu_ps(tile[i].as_mut_ptr(), sum);
+                }
+            }
+        }
+        // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
+        // (models::cpu's `avx512_vnni`).
+        unsafe {
+            match *rows {
+                [r0] => run::<F, 1>(a, b, q, &[r0], tile),
+                [r0, r1] => run::<F, 2>(a, b, q, &[r0, r1], tile),
+                [r0, r1, r2] => run::<F, 3>(a, b, q, &[r0, r1, r2], tile),
+                [r0, r1, r2, r3] => run::<F, 4>(a, b, q, &[r0, r1, r2, r3], tile),
+                _ => unreachable!("runs are one to four rows"),
             }
         }
     }
@@ -628,6 +802,22 @@ mod tests {
             let mut paths: Vec<(&str, DotFn)> = vec![("avx2", x86::avx2::<F>)];
             if cpu::detect().avx512_vnni {
                 paths.push(("vnni", x86::vnni::<F>));
+            }
+            if cpu::detect().avx512_vnni {
+                // The 16-column kernel, with this group in either half (its neighbour, or itself when it is
+                // the last, in the other).
+                let other = &m.groups[((g + 1) % n.div_ceil(GROUP)) * kb..][..kb];
+                for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
+                    for run in [&[0, 1, 2, 3][..], &[1, 4, 0], &[2, 3], &[4]] {
+                        let mut got = [[0f32; 2 * GROUP]; RUN];
+                        x86::pair_vnni::<F>(a, b, &q, run, &mut got);
+                        for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                            let want = ggml_order::<F>(wg, &q, run[i], c);
+                            let got = got[i][half * GROUP + c];
+                            assert_eq!(got.to_bits(), want.to_bits(), "{:?} pair half {half}: group {g} col {c}", F::DTYPE);
+                        }
+                    }
+                }
             }
             for (path, dot) in paths {
                 for run in [&[0, 1, 2, 3][..], &[1, 4, 0], &[2, 3], &[4]] {

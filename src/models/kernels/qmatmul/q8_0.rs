@@ -302,7 +302,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::x86::{
-        by_rows, bytes, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles, prefetch_ahead, quad,
+        by_rows, bytes, chunk_pair, f32_pair, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles, nibbles_pair,
+        prefetch_ahead, quad, quad512,
     };
     use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
     use crate::models::kernels::cpu;
@@ -321,15 +322,6 @@ mod x86 {
         }
     }
 
-    /// Chunk `v` of two groups' blocks in one register, `a`'s in the low half.
-    #[inline(always)]
-    unsafe fn chunk_pair(a: *const u8, b: *const u8, v: usize) -> __m512i {
-        // SAFETY: inlined only into AVX-512 functions; callers pass 32-byte chunks inside their blocks.
-        unsafe {
-            let load = |p: *const u8| _mm256_loadu_si256(p.add(32 * v) as *const __m256i);
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(a)), load(b))
-        }
-    }
 
     impl Unpack for [i8; 32] {
         #[inline(always)]
@@ -339,9 +331,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn unsigned_pair(a: &[u8; 256], b: &[u8; 256], v: usize) -> __m512i {
-            assert!(v < 8);
-            // SAFETY: inlined only into AVX-512 functions; chunk `v` is inside both arrays (checked above).
-            unsafe { _mm512_xor_si512(chunk_pair(a.as_ptr(), b.as_ptr(), v), _mm512_set1_epi8(-128)) }
+            // SAFETY: inlined only into AVX-512 functions.
+            unsafe { _mm512_xor_si512(chunk_pair(a, b, v), _mm512_set1_epi8(-128)) }
         }
         #[inline(always)]
         unsafe fn lane_sums_avx2(p: &[u8; 256], v: usize, x: &Q8_0Block) -> __m256i {
@@ -372,13 +363,10 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn unsigned_pair(a: &super::Q5Packed, b: &super::Q5Packed, v: usize) -> __m512i {
-            assert!(v < 8);
-            // SAFETY: inlined only into AVX-512 functions; the loads read chunk `v % 4` of both nibble
-            // arrays and both 32-byte bit planes.
+            // SAFETY: inlined only into AVX-512 functions.
             unsafe {
-                let lo = chunk_pair(a.nib.as_ptr(), b.nib.as_ptr(), v % 4);
-                let lo = _mm512_and_si512(if v < 4 { lo } else { _mm512_srli_epi16::<4>(lo) }, _mm512_set1_epi8(0x0F));
-                let h = chunk_pair(a.hi.as_ptr(), b.hi.as_ptr(), 0);
+                let lo = nibbles_pair(&a.nib, &b.nib, v);
+                let h = chunk_pair(&a.hi, &b.hi, 0);
                 let h = if v <= 4 {
                     _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - v as i32))
                 } else {
@@ -404,13 +392,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn unsigned_pair(a: &[u8; 128], b: &[u8; 128], v: usize) -> __m512i {
-            assert!(v < 8);
-            // SAFETY: inlined only into AVX-512 functions; chunk `v % 4` is inside both arrays.
-            unsafe {
-                let p = chunk_pair(a.as_ptr(), b.as_ptr(), v % 4);
-                let p = if v < 4 { p } else { _mm512_srli_epi16::<4>(p) };
-                _mm512_and_si512(p, _mm512_set1_epi8(0x0F))
-            }
+            // SAFETY: inlined only into AVX-512 functions.
+            unsafe { nibbles_pair(a, b, v) }
         }
         #[inline(always)]
         unsafe fn lane_sums_avx2(p: &[u8; 128], v: usize, x: &Q8_0Block) -> __m256i {
@@ -602,14 +585,11 @@ mod x86 {
                     for v in 0..8 {
                         let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
                         for (i, isum) in isum.iter_mut().enumerate() {
-                            let quad = _mm512_set1_epi32((x(i).qs.as_ptr().add(4 * v) as *const i32).read_unaligned());
+                            let quad = quad512(&x(i).qs, v);
                             *isum = _mm512_dpbusd_epi32(*isum, w, quad);
                         }
                     }
-                    let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                        _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(wa.d.as_ptr()))),
-                        _mm256_castps_pd(_mm256_loadu_ps(wb.d.as_ptr())),
-                    ));
+                    let d = f32_pair(&wa.d, &wb.d);
                     for i in 0..R {
                         let dd = _mm512_mul_ps(d, _mm512_set1_ps(x(i).d));
                         acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dd));
@@ -661,15 +641,12 @@ mod x86 {
                     prefetch_ahead(wa);
                     prefetch_ahead(wb);
                     let x = |i: usize| &q[rows[i] * kb + k];
-                    let d = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                        _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(wa.d.as_ptr()))),
-                        _mm256_castps_pd(_mm256_loadu_ps(wb.d.as_ptr())),
-                    ));
+                    let d = f32_pair(&wa.d, &wb.d);
                     let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(x(i).d)));
                     for v in 0..8 {
                         let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
                         for (i, acc) in acc.iter_mut().enumerate() {
-                            let quad = _mm512_set1_epi32((x(i).qs.as_ptr().add(4 * v) as *const i32).read_unaligned());
+                            let quad = quad512(&x(i).qs, v);
                             let sums = _mm512_dpbusd_epi32(_mm512_set1_epi32(x(i).corr[v]), w, quad);
                             acc[v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sums), acc[v]);
                         }

@@ -63,6 +63,51 @@ pub unsafe fn nibbles(qs: &[u8; 128], v: usize) -> __m256i {
     }
 }
 
+/// Chunk `v` (32 bytes) of two groups' blocks in one 512-bit register, `a`'s in the low half: the
+/// 16-column kernels' weight vector for two adjacent groups (AVX-512).
+#[inline(always)]
+pub unsafe fn chunk_pair(a: &[u8], b: &[u8], v: usize) -> __m512i {
+    assert!(32 * (v + 1) <= a.len().min(b.len()));
+    // SAFETY: reads chunk `v` of both slices (checked above); see the module comment.
+    unsafe {
+        let load = |p: &[u8]| _mm256_loadu_si256(p.as_ptr().add(32 * v) as *const __m256i);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(load(a)), load(b))
+    }
+}
+
+/// [`nibbles`] of two groups' blocks, `a`'s in the low half (AVX-512 BW).
+#[inline(always)]
+pub unsafe fn nibbles_pair(a: &[u8; 128], b: &[u8; 128], v: usize) -> __m512i {
+    assert!(v < 8);
+    // SAFETY: see the module comment.
+    unsafe {
+        let p = chunk_pair(a, b, v % 4);
+        let p = if v < 4 { p } else { _mm512_srli_epi16::<4>(p) };
+        _mm512_and_si512(p, _mm512_set1_epi8(0x0F))
+    }
+}
+
+/// Eight f32 of each of two groups in one register, `a`'s in the low half.
+#[inline(always)]
+pub unsafe fn f32_pair(a: &[f32; 8], b: &[f32; 8]) -> __m512 {
+    // SAFETY: reads both 8-value arrays; see the module comment.
+    unsafe {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(a.as_ptr()))),
+            _mm256_castps_pd(_mm256_loadu_ps(b.as_ptr())),
+        ))
+    }
+}
+
+/// The four activation bytes that pair with weight vector `v`, in every 32-bit lane of a 512-bit
+/// register.
+#[inline(always)]
+pub unsafe fn quad512(x: &[i8; 32], v: usize) -> __m512i {
+    assert!(v < 8);
+    // SAFETY: reads 4 of the array's 32 bytes (checked above); see the module comment.
+    unsafe { _mm512_set1_epi32((x.as_ptr().add(4 * v) as *const i32).read_unaligned()) }
+}
+
 /// Weight vector `v` of a group's 8-bit block: chunk `v`, column values `4v..4v + 4`.
 #[inline(always)]
 pub unsafe fn bytes(qs: &[u8; 256], v: usize) -> __m256i {
