@@ -398,7 +398,9 @@ fn ggml_order<F: Format>(wg: &[Group8], q: &Q8KRows, r: usize, c: usize) -> f32 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{by_rows, chunk_pair, f32_pair, hsum_lanes, nibbles, nibbles_pair, prefetch_ahead, quad, quad512};
+    use super::super::x86::{
+        by_rows, chunk_pair, f32_pair, hsum_lanes, nibbles, nibbles_pair, prefetch_ahead, quad, quad512,
+    };
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
     pub fn select<F: Format>() -> DotFn {
@@ -575,7 +577,11 @@ mod x86 {
                             let dm = _mm512_mul_ps(_mm512_set1_ps(-a[i].d), dmin);
                             let mut total = _mm512_setzero_si512();
                             for (t, lane) in acc_m[i].iter_mut().enumerate() {
-                                let m = paired_pair([&wa.m[2 * t], &wa.m[2 * t + 1]], [&wb.m[2 * t], &wb.m[2 * t + 1]], false);
+                                let m = paired_pair(
+                                    [&wa.m[2 * t], &wa.m[2 * t + 1]],
+                                    [&wb.m[2 * t], &wb.m[2 * t + 1]],
+                                    false,
+                                );
                                 let prod = _mm512_madd_epi16(m, _mm512_set1_epi32(a[i].pair32[t]));
                                 if F::HI == 1 {
                                     total = _mm512_add_epi32(total, prod);
@@ -814,7 +820,12 @@ mod tests {
                         for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
                             let want = ggml_order::<F>(wg, &q, run[i], c);
                             let got = got[i][half * GROUP + c];
-                            assert_eq!(got.to_bits(), want.to_bits(), "{:?} pair half {half}: group {g} col {c}", F::DTYPE);
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{:?} pair half {half}: group {g} col {c}",
+                                F::DTYPE
+                            );
                         }
                     }
                 }

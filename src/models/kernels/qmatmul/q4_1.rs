@@ -210,7 +210,7 @@ fn dot_portable(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; G
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{by_rows, prefetch_ahead, quad};
+    use super::super::x86::{by_rows, half_pair, half8, prefetch_ahead, quad};
     use super::{GROUP, Group8, Q8_1Rows, RUN};
 
     pub fn dot_avx2_entry(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
@@ -279,11 +279,7 @@ mod x86 {
                             isum[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[i], lo, quad(c)), hi, quad(c + 4));
                         }
                     }
-                    let half = |ha: &[u16; GROUP], hb: &[u16; GROUP]| {
-                        let h = |h: &[u16; GROUP]| _mm_loadu_si128(h.as_ptr() as *const __m128i);
-                        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(ha)), h(hb)))
-                    };
-                    let (d, m) = (half(&wa.d, &wb.d), half(&wa.m, &wb.m));
+                    let (d, m) = (half_pair(&wa.d, &wb.d), half_pair(&wa.m, &wb.m));
                     for i in 0..R {
                         let x = &q[rows[i] * kb + k];
                         let sumi = _mm512_cvtepi32_ps(isum[i]);
@@ -341,8 +337,7 @@ mod x86 {
                         isum[i] = step(step(isum[i], lo, quad(x, c)), hi, quad(x, c + 4));
                     }
                 }
-                let half = |h: &[u16; GROUP]| _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i));
-                let (d, m) = (half(&w.d), half(&w.m));
+                let (d, m) = (half8(&w.d), half8(&w.m));
                 for i in 0..R {
                     let a = &q[rows[i] * kb + b];
                     let sumi = _mm256_cvtepi32_ps(finish(isum[i]));

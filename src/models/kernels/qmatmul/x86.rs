@@ -99,6 +99,23 @@ pub unsafe fn f32_pair(a: &[f32; 8], b: &[f32; 8]) -> __m512 {
     }
 }
 
+/// Eight f16 (as their bits) converted to f32 (exact; F16C).
+#[inline(always)]
+pub unsafe fn half8(h: &[u16; 8]) -> __m256 {
+    // SAFETY: reads the 16-byte array; see the module comment.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i)) }
+}
+
+/// Eight f16 of each of two groups converted to f32 in one register, `a`'s in the low half (exact).
+#[inline(always)]
+pub unsafe fn half_pair(a: &[u16; 8], b: &[u16; 8]) -> __m512 {
+    // SAFETY: reads both 16-byte arrays; see the module comment.
+    unsafe {
+        let h = |h: &[u16; 8]| _mm_loadu_si128(h.as_ptr() as *const __m128i);
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(h(a)), h(b)))
+    }
+}
+
 /// The four activation bytes that pair with weight vector `v`, in every 32-bit lane of a 512-bit
 /// register.
 #[inline(always)]
