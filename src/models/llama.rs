@@ -552,7 +552,7 @@ fn sum_of_squares(row: &[f32]) -> f64 {
 /// The feed-forward gate: `act(gate) * up`, element by element, rows spread over the team.
 fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<f32> {
     let mut out = vec![0f32; gate.len()];
-    Team::global().rows(&mut out, width, &|r0, out| {
+    Team::global().rows_from(2048, &mut out, width, &|r0, out| {
         let at = r0 * width..r0 * width + out.len();
         let (g, u) = (&gate[at.clone()], &up[at]);
         match activation {
