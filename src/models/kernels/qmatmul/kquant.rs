@@ -16,7 +16,9 @@
 //! ggml takes them. (A first version summed each super-block into one exact integer: more precise, but
 //! farther from llama.cpp: Gemma 3's mean KL divergence against it rose 2%, past llama.cpp's own f16-KV
 //! bound.) A column's result never depends on the rows beside it.
-//! x86-64 with AVX2 and FMA only; elsewhere these types go through candle's per-block `vec_dot`.
+//! x86-64 only: AVX2 and FMA, eight columns per instruction, or on AVX-512 VNNI CPUs two groups (16
+//! columns) per 512-bit register, chosen at run time; elsewhere these types go through candle's
+//! per-block `vec_dot`.
 use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -403,25 +405,9 @@ mod x86 {
     };
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
+    /// The 8-column kernel: AVX-512 VNNI CPUs take the 16-column one instead (`columns`).
     pub fn select<F: Format>() -> DotFn {
-        if crate::models::kernels::cpu::features().avx512_vnni { vnni::<F> } else { avx2::<F> }
-    }
-
-    /// The AVX2 kernel with `vpdpwssd` (AVX-512 VNNI) multiplying the pair sums by the scale and adding
-    /// them in one instruction instead of `vpmaddwd` and `vpaddd`: the same exact integers.
-    pub fn vnni<F: Format>(wg: &[Group8], q: &Q8KRows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
-        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-        unsafe fn run<F: Format, const R: usize>(
-            wg: &[Group8],
-            q: &Q8KRows,
-            rows: &[usize; R],
-            tile: &mut [[f32; GROUP]; RUN],
-        ) {
-            // SAFETY: compiled for AVX-512 VNNI and VL besides AVX2 and FMA.
-            unsafe { body::<F, R>(wg, q, rows, tile, |sumi, scale, p| _mm256_dpwssd_epi32(sumi, scale, p)) }
-        }
-        // SAFETY: selected only where the CPU has AVX-512 VNNI and VL (and AVX2, FMA: `supported()`).
-        unsafe { by_rows!(run::<F>, wg, q, rows, tile) }
+        avx2::<F>
     }
 
     /// Weight vector `v` (values `4v..4v + 4` of every column) of chunk `s`, as unsigned bytes.
@@ -675,7 +661,7 @@ mod x86 {
         unsafe { by_rows!(run::<F>, wg, q, rows, tile) }
     }
 
-    /// The kernel's body for either path: `scaled(sumi, scale, p)` adds the i16 pair sums `p` times
+    /// The AVX2 kernel's body: `scaled(sumi, scale, p)` adds the i16 pair sums `p` times
     /// their sub-block scales to the i32 lanes `sumi`.
     #[inline(always)]
     unsafe fn body<F: Format, const R: usize>(
@@ -686,8 +672,7 @@ mod x86 {
         scaled: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
         let kb = wg.len();
-        // SAFETY: inlined only into `avx2` and `vnni`'s functions, compiled for AVX2+FMA (and VNNI);
-        // loads read whole arrays.
+        // SAFETY: inlined only into `avx2`'s function, compiled for AVX2+FMA; loads read whole arrays.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 8]; R];
             let mut acc_m = [[_mm256_setzero_ps(); 4]; R];
@@ -769,7 +754,7 @@ mod tests {
 
     use super::*;
 
-    /// The AVX2 and VNNI kernels give the scalar reference's floats bit for bit (same integers, same
+    /// The AVX2 and 16-column VNNI kernels give the scalar reference's floats bit for bit (same integers, same
     /// order), on a matrix with a padded group and runs of two rows and of one; and the decoded values
     /// times the scales are candle's own dequantization.
     fn check<F: Format>() {
@@ -805,10 +790,7 @@ mod tests {
         for g in 0..n.div_ceil(GROUP) {
             let wg = &m.groups[g * kb..(g + 1) * kb];
             // Every x86 path this CPU has, whatever the cap: the VNNI one must give the same bits.
-            let mut paths: Vec<(&str, DotFn)> = vec![("avx2", x86::avx2::<F>)];
-            if cpu::detect().avx512_vnni {
-                paths.push(("vnni", x86::vnni::<F>));
-            }
+            let paths: Vec<(&str, DotFn)> = vec![("avx2", x86::avx2::<F>)];
             if cpu::detect().avx512_vnni {
                 // The 16-column kernel, with this group in either half (its neighbour, or itself when it is
                 // the last, in the other).

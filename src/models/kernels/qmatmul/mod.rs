@@ -6,10 +6,10 @@
 //! Numerics are ggml's: activations are quantized per block to the type each weight type dots with
 //! (Q8_1 for Q4_1; Q8_0 for Q4_0/Q5_x/Q8_0; Q8_K for the K-quants), the block dot products are integer,
 //! and blocks accumulate in f32. Q4_1 (candle's dot is scalar), Q8_0, Q5_0 (scalar in candle too) and
-//! Q4_0 have their own kernels here (AVX-512 VNNI or AVX2, chosen at run time, on weights repacked eight
-//! columns to a register), and so do Q4_K, Q5_K and Q6_K (AVX2, see `kquant`); every other type, and
-//! these off x86, uses candle's per-block `vec_dot` (AVX2 at run time on x86-64, NEON on arm64) inside
-//! our tiling and threads. This is the CPU's only matrix-product path for GGUF weights; on CUDA the
+//! Q4_0 have their own kernels here (AVX2, or AVX-512 VNNI with two groups of eight columns per 512-bit
+//! register, chosen at run time, on weights repacked eight columns to a group), and so do Q4_K, Q5_K and
+//! Q6_K (see `kquant`); every other type, and these off x86, uses candle's per-block `vec_dot` (AVX2 at
+//! run time on x86-64, NEON on arm64) inside our tiling and threads. This is the CPU's only matrix-product path for GGUF weights; on CUDA the
 //! model keeps candle's `QMatMul` (see `llama::Linear`).
 mod kquant;
 mod q4_1;

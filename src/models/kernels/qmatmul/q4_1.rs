@@ -173,11 +173,8 @@ type DotFn = fn(&[Group8], &Q8_1Rows, &[usize], &mut [[f32; GROUP]; RUN]);
 fn select_dot() -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
-        let f = cpu::features();
-        if f.avx512_vnni {
-            return x86::dot_vnni_entry;
-        }
-        if f.avx2_fma {
+        // AVX-512 VNNI CPUs take the 16-column kernel instead (`columns`).
+        if cpu::features().avx2_fma {
             return x86::dot_avx2_entry;
         }
     }
@@ -229,16 +226,6 @@ mod x86 {
             }
         }
         // SAFETY: only selected when the CPU has AVX2, FMA and F16C (models::cpu).
-        unsafe { by_rows!(run, wg, q, rows, tile) }
-    }
-
-    pub fn dot_vnni_entry(wg: &[Group8], q: &Q8_1Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-        unsafe fn run<const R: usize>(wg: &[Group8], q: &Q8_1Rows, rows: &[usize; R], tile: &mut [[f32; GROUP]; RUN]) {
-            // SAFETY: compiled for AVX-512 VNNI and VL (and F16C).
-            unsafe { body(wg, q, rows, tile, |acc, w, x| _mm256_dpbusd_epi32(acc, w, x), |acc| acc) }
-        }
-        // SAFETY: only selected when the CPU has AVX-512 VNNI and VL besides AVX2, FMA and F16C (models::cpu).
         unsafe { by_rows!(run, wg, q, rows, tile) }
     }
 
@@ -429,7 +416,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn pair_kernel_agrees() {
-        if !cpu::features().avx512_vnni {
+        if !cpu::detect().avx512_vnni {
             return;
         }
         let dev = Device::Cpu;
@@ -465,9 +452,6 @@ mod tests {
             let f = cpu::features();
             if f.avx2_fma {
                 paths.push(("avx2", x86::dot_avx2_entry));
-            }
-            if f.avx512_vnni {
-                paths.push(("vnni", x86::dot_vnni_entry));
             }
         }
         paths

@@ -34,7 +34,7 @@ const RUN: usize = 4;
 
 /// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to), and the
 /// offset correction of each lane: `-offset * (qs[4v] + .. + qs[4v + 3])` for the weight type's
-/// [`Q8Weights::OFFSET`], and of the whole block (their sum), which the VNNI kernels start a block's
+/// [`Q8Weights::OFFSET`], and of the whole block (their sum), which the VNNI kernel starts a block's
 /// integer sum at so that its eight `vpdpbusd` form one chain with no adds between them.
 #[derive(Clone, Copy)]
 pub struct Q8_0Block {
@@ -311,11 +311,10 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::x86::{
-        by_rows, bytes, chunk_pair, half_pair, half8, hsum_lanes, lane_sums_avx2, lane_sums_vnni, nibbles,
-        nibbles_pair, prefetch_ahead, quad, quad512,
+        by_rows, bytes, chunk_pair, half_pair, half8, hsum_lanes, lane_sums_avx2, nibbles, nibbles_pair,
+        prefetch_ahead, quad, quad512,
     };
     use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
-    use crate::models::kernels::cpu;
 
     /// Weight vector `v` of a packed block (column values `4v..4v + 4`) in registers, per path.
     pub trait Unpack: Q8Weights {
@@ -410,9 +409,9 @@ mod x86 {
         }
     }
 
+    /// The 8-column kernel: AVX-512 VNNI CPUs take the 16-column ones instead (`columns`).
     pub fn select<W: Unpack>() -> DotFn<W::Packed> {
-        let f = cpu::features();
-        if f.avx512_vnni { vnni::<W> } else { avx2::<W> }
+        avx2::<W>
     }
 
     pub fn avx2<W: Unpack>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
@@ -441,49 +440,6 @@ mod x86 {
                     let mut one = [[0f32; GROUP]; RUN];
                     run::<W, 1>(wg, q, &[r], &mut one);
                     tile[i] = one[0];
-                }
-            } else {
-                by_rows!(run::<W>, wg, q, rows, tile)
-            }
-        }
-    }
-
-    pub fn vnni<W: Unpack>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[usize], tile: &mut [[f32; GROUP]; RUN]) {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-        unsafe fn run<W: Unpack, const R: usize>(
-            wg: &[Group8<W::Packed>],
-            q: &Q8_0Rows,
-            rows: &[usize; R],
-            tile: &mut [[f32; GROUP]; RUN],
-        ) {
-            // SAFETY: compiled for AVX-512 VNNI and VL.
-            unsafe {
-                if W::LANE_ORDER {
-                    let sums = |p: &W::Packed, v: usize, x: &Q8_0Block| {
-                        lane_sums_vnni(_mm256_set1_epi32(x.corr[v]), W::unsigned(p, v), quad(&x.qs, v))
-                    };
-                    body_lanes(wg, q, rows, tile, sums)
-                } else {
-                    // One chain of eight `vpdpbusd` from the block's whole correction, with no adds.
-                    body_chain(
-                        wg,
-                        q,
-                        rows,
-                        tile,
-                        |x| _mm256_set1_epi32(x.corr_all),
-                        |acc, p, v, x| lane_sums_vnni(acc, W::unsigned(p, v), quad(&x.qs, v)),
-                    )
-                }
-            }
-        }
-        // SAFETY: selected only when the CPU has AVX-512 VNNI and VL (tests check first too).
-        unsafe {
-            if W::LANE_ORDER {
-                // Two rows at a time: their sixteen accumulators and the scales fill AVX-512's 32 registers.
-                for (k, pair) in rows.chunks(2).enumerate() {
-                    let mut two = [[0f32; GROUP]; RUN];
-                    by_rows!(run::<W>, wg, q, pair, &mut two);
-                    tile[2 * k..2 * k + pair.len()].copy_from_slice(&two[..pair.len()]);
                 }
             } else {
                 by_rows!(run::<W>, wg, q, rows, tile)
@@ -521,41 +477,6 @@ mod x86 {
             }
             for i in 0..R {
                 _mm256_storeu_ps(tile[i].as_mut_ptr(), hsum_lanes(&acc[i]));
-            }
-        }
-    }
-
-    /// [`body`] with a block's integer sum started at `init(x)` and advanced by `step(acc, weights, v, x)`
-    /// for each weight vector `v`, in place of adding the vectors' sums together.
-    #[inline(always)]
-    unsafe fn body_chain<P, const R: usize, const T: usize>(
-        wg: &[Group8<P>],
-        q: &Q8_0Rows,
-        rows: &[usize; R],
-        tile: &mut [[f32; GROUP]; T],
-        init: impl Fn(&Q8_0Block) -> __m256i,
-        step: impl Fn(__m256i, &P, usize, &Q8_0Block) -> __m256i,
-    ) {
-        let kb = wg.len();
-        // SAFETY: inlined only into the `target_feature` functions above; loads read whole arrays.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (b, w) in wg.iter().enumerate() {
-                prefetch_ahead(w);
-                let mut isum: [__m256i; R] = std::array::from_fn(|i| init(&q[rows[i] * kb + b]));
-                for v in 0..8 {
-                    for (i, isum) in isum.iter_mut().enumerate() {
-                        *isum = step(*isum, &w.qs, v, &q[rows[i] * kb + b]);
-                    }
-                }
-                let d = half8(&w.d);
-                for i in 0..R {
-                    let dd = _mm256_mul_ps(d, _mm256_set1_ps(q[rows[i] * kb + b].d));
-                    acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(isum[i]), dd));
-                }
-            }
-            for i in 0..R {
-                _mm256_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
             }
         }
     }
@@ -765,17 +686,14 @@ mod tests {
         let xs = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let q = quantize_q8_0(&xs, W::OFFSET);
         let kb = k / QK;
-        let mut paths: Vec<(&str, DotFn<W::Packed>)> = vec![("avx2", x86::avx2::<W>)];
-        if cpu::features().avx512_vnni {
-            paths.push(("vnni", x86::vnni::<W>));
-        }
+        let paths: Vec<(&str, DotFn<W::Packed>)> = vec![("avx2", x86::avx2::<W>)];
         for g in 0..n.div_ceil(GROUP) {
             let wg = &m.groups[g * kb..(g + 1) * kb];
             for run in [&[0, 1, 2, 3][..], &[4, 5, 6], &[2, 3], &[6]] {
                 let mut generic = [[0f32; GROUP]; RUN];
                 dot_portable::<W>(wg, &q, run, &mut generic);
-                if cpu::features().avx512_vnni {
-                    // The 16-column kernel, with this group in either half (its neighbour, or itself when
+                if cpu::detect().avx512_vnni {
+                    // The 16-column kernel (whatever the cap: it is what this CPU runs), with this group in either half (its neighbour, or itself when
                     // it is the last, in the other).
                     let other = &m.groups[((g + 1) % n.div_ceil(GROUP)) * kb..][..kb];
                     for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {

@@ -141,13 +141,6 @@ pub unsafe fn lane_sums_avx2(w: __m256i, x: __m256i) -> __m256i {
     unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
 }
 
-/// `init` plus the same sums in one AVX-512 VNNI instruction (`vpdpbusd`, exact in i32).
-#[inline(always)]
-pub unsafe fn lane_sums_vnni(init: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    // SAFETY: see the module comment.
-    unsafe { _mm256_dpbusd_epi32(init, w, x) }
-}
-
 /// ggml's `hsum_float_8` on eight accumulators at once (lane `c` of the result is column `c`'s sum):
 /// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, the order in which it adds the lanes. The
 /// K-quant kernels keep ggml's AVX2 lane order (Gemma's fidelity margin is thin, see `kquant`).
