@@ -580,9 +580,9 @@ def write(out: Path, results):
             "parallel regions of tens of microseconds each, and rayon's sleep/wake cost a third of a step), and each "
             "weight column is applied to every activation row of the batch while it is in L1. Q4_1, Q4_0 and Q8_0 "
             "(the output head) have our own kernels: at load every group of eight output columns is repacked so "
-            "that one 32-byte load holds four bytes of each, and one `vpdpbusd` (AVX-512 VNNI; on AVX2 "
-            "`vpmaddubsw`, chosen at run time) advances eight columns at once, each unpacked register serving four "
-            "rows. A block's 32 products are summed as one exact integer (AVX2: in i16, which the 4-bit weights "
+            "that one 32-byte load holds four bytes of each, and one `vpmaddubsw` (AVX2) advances eight columns "
+            "at once, or one 512-bit `vpdpbusd` (AVX-512 VNNI, chosen at run time) sixteen, each unpacked "
+            "register serving four rows. A block's 32 products are summed as one exact integer (AVX2: in i16, which the 4-bit weights "
             "keep below 32767) and converted once: ggml's portable order, the same bits on every path, where "
             "ggml's AVX2 build converts and multiplies-adds eight lanes per block (1.55-1.75x slower kernels, "
             "same run). The fidelity contract (the table below) allows the change of float order; the K-quants "
@@ -613,19 +613,35 @@ def write(out: Path, results):
             "Prefetch (2026-12-03, first run on an AVX-512 Xeon): a served 8-stream profile on that machine put a "
             "third of the Q4_1 kernel's samples on the instructions that consume each block's first weight load: "
             "the kernels waited on memory, not on arithmetic. Every dot kernel now asks for the weights 4 KiB "
-            "ahead of the block it multiplies (512 B to 8 KiB tried; 4-8 KiB best), and the Q4_1 VNNI kernel "
-            "keeps four integer accumulators a row instead of one chain of `vpdpbusd`. No bit changes. Same-run "
+            "ahead of the block it multiplies (512 B to 8 KiB tried; 4-8 KiB best). (Four integer accumulators a "
+            "row in the Q4_1 VNNI kernel instead of one chain of `vpdpbusd` were tried beside it: no faster, 528 "
+            "vs 508 tok/s at 8 streams.) No bit changes. Same-run "
             "served A/Bs, SmolLM2 Q4_1: one stream 160 -> ~240 tok/s and 8 streams 435 -> ~499 on the VNNI path; "
             "capped to AVX2 (`OMNIBUS_CPU_FEATURES=avx2`) 146 -> ~237 and 372 -> 455; the Q4_K_M file's one "
             "stream 114 -> 155.",
             "",
-            "Where the figures stop: a one-row step now streams the 96 MB of weights (66 MB of Q4_1 layers, the "
-            "30 MB Q8_0 head) in ~3.5 ms, about 27 GB/s. Each further row adds ~1.4-1.7 ms of integer products, "
-            "which the tiling already shares four rows to an unpacked weight register, so 8 streams give ~2.2x "
-            "one: the batching gain fell because the one-row step got faster, not because eight rows got slower. "
-            "(On the AMD EPYC host of the earlier runs, AVX2 only and before prefetch, "
-            "`cargo bench --bench hot_paths -- 'smollm2 decode step'` gave 6.2 ms for one row, 18.2 ms for eight "
-            "and 31.9 ms for sixteen.)",
+            "512-bit kernels (2026-12-03, same Xeon): a microbenchmark here issues 512-bit `vpdpbusd` as fast as "
+            "256-bit ones (0.155 vs 0.134 ns each, twelve independent chains), so on AVX-512 VNNI CPUs every "
+            "repacked kernel (Q4_1, Q8_0, Q4_0, Q5_0 in its lane order, and the K-quants in theirs) takes two "
+            "adjacent groups, 16 columns, per register: per column the same operations as the 8-column kernels, "
+            "so the same bits (unit tests, and `omnibus compare` against the previous release: mean KLD 0). "
+            "Kernel bench, 1536x512 x 64 rows, same binary capped: Q4_1 197 us (AVX2 path 370), Q5_0 388 (900), "
+            "Q4_K 362 (505), Q6_K 438 (575). Same-run served A/Bs: SmolLM2 Q4_1 at 8 streams 570 -> 636 tok/s "
+            "and its 256-token prefill 968 -> 1176; the Q4_K_M file's prefill (mostly Q5_0: its 576-wide rows "
+            "are not whole K-quant super-blocks) 600 -> 707, and 755 after rounding the Q8_K activations without "
+            "a libm call. The Q8_0/Q4_0/Q5_0 scales now stay f16 as Q4_1's do, which Gemma 3's 178 MB Q8_0 "
+            "output head (over half of its one-stream step, memory-bound) felt: 85 -> 92 tok/s. The SiLU gate "
+            "is spread over the team from two rows, and mimalloc keeps freed memory 10 s instead of 1 s before "
+            "returning it (the server took ~2,800 page faults a second at 8 streams, none after).",
+            "",
+            "Where the figures stop: a one-row step streams the 96 MB of weights (66 MB of Q4_1 layers, the "
+            "30 MB Q8_0 head) at 31-34 GB/s (inter-token p50 2.8-3.1 ms in that day's A/Bs). At 8 rows the step is bound by the products, and the "
+            "Q4_1 kernel, at ~40% of it, spends as many instructions on each block's f32 scaling (convert, two "
+            "multiplies and an add for the scale, a multiply and an add for the minimum) as on its eight "
+            "`vpdpbusd`; ggml's order fixes those, and fusing them (FMA) would move bits. The 30 MB output head "
+            "is memory-bound at every row count. (On the AMD EPYC host of the earlier runs, AVX2 only and before "
+            "prefetch, `cargo bench --bench hot_paths -- 'smollm2 decode step'` gave 6.2 ms for one row, 18.2 ms "
+            "for eight and 31.9 ms for sixteen.)",
             "",
             "| what | omnibus | llama.cpp |",
             "|---|---|---|",

@@ -142,7 +142,7 @@ pub(crate) fn column_tiles<const N: usize, const W: usize>(
     out: &Out,
     mut dot: impl FnMut(usize, &[usize], &mut [[f32; W]; N]),
 ) {
-    assert!(W % GROUP == 0 && cols.start % W == 0, "column chunks start on a tile");
+    assert!(W.is_multiple_of(GROUP) && cols.start.is_multiple_of(W), "column chunks start on a tile");
     let mut tile = [[0f32; W]; N];
     for rb in (0..rows).step_by(ROW_BLOCK) {
         let re = (rb + ROW_BLOCK).min(rows);
