@@ -632,7 +632,9 @@ def write(out: Path, results):
             "a libm call. The Q8_0/Q4_0/Q5_0 scales now stay f16 as Q4_1's do, which Gemma 3's 178 MB Q8_0 "
             "output head (over half of its one-stream step, memory-bound) felt: 85 -> 92 tok/s. The SiLU gate "
             "is spread over the team from two rows, and mimalloc keeps freed memory 10 s instead of 1 s before "
-            "returning it (the server took ~2,800 page faults a second at 8 streams, none after).",
+            "returning it (the server took ~2,800 page faults a second at 8 streams, none after). That is why the "
+            "resident memory below, taken right after load, rose: load-time buffers now go back 10 s later (here "
+            "338 MiB at ready and 308 MiB 13 s later; the build before, 314 and 310).",
             "",
             "Where the figures stop: a one-row step streams the 96 MB of weights (66 MB of Q4_1 layers, the "
             "30 MB Q8_0 head) at 31-34 GB/s (inter-token p50 2.8-3.1 ms in that day's A/Bs). At 8 rows the step is bound by the products, and the "
