@@ -601,15 +601,7 @@ mod x86 {
         }
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
         // (models::cpu's `avx512_vnni`).
-        unsafe {
-            match *rows {
-                [r0] => run::<F, 1>(a, b, q, &[r0], tile),
-                [r0, r1] => run::<F, 2>(a, b, q, &[r0, r1], tile),
-                [r0, r1, r2] => run::<F, 3>(a, b, q, &[r0, r1, r2], tile),
-                [r0, r1, r2, r3] => run::<F, 4>(a, b, q, &[r0, r1, r2, r3], tile),
-                _ => unreachable!("runs are one to four rows"),
-            }
-        }
+        unsafe { by_rows!(run::<F>(a, b, q), rows, tile) }
     }
 
     /// Eight i8 (one per column) as i16 pairs `(x_c, x_c)`, one per 32-bit lane: what `vpmaddwd`

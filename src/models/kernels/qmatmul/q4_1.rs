@@ -281,15 +281,7 @@ mod x86 {
         }
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2, FMA and F16C
         // (models::cpu's `avx512_vnni`).
-        unsafe {
-            match *rows {
-                [r0] => run::<1>(a, b, q, &[r0], tile),
-                [r0, r1] => run::<2>(a, b, q, &[r0, r1], tile),
-                [r0, r1, r2] => run::<3>(a, b, q, &[r0, r1, r2], tile),
-                [r0, r1, r2, r3] => run::<4>(a, b, q, &[r0, r1, r2, r3], tile),
-                _ => unreachable!("runs are one to four rows"),
-            }
-        }
+        unsafe { by_rows!(run(a, b, q), rows, tile) }
     }
 
     /// `step(acc, w, x)` adds the u8 x i8 products of `w` and `x` to a column's integer accumulator and

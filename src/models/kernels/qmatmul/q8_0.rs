@@ -531,15 +531,7 @@ mod x86 {
         }
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
         // (models::cpu's `avx512_vnni`).
-        unsafe {
-            match *rows {
-                [r0] => run::<W, 1>(a, b, q, &[r0], tile),
-                [r0, r1] => run::<W, 2>(a, b, q, &[r0, r1], tile),
-                [r0, r1, r2] => run::<W, 3>(a, b, q, &[r0, r1, r2], tile),
-                [r0, r1, r2, r3] => run::<W, 4>(a, b, q, &[r0, r1, r2, r3], tile),
-                _ => unreachable!("runs are one to four rows"),
-            }
-        }
+        unsafe { by_rows!(run::<W>(a, b, q), rows, tile) }
     }
 
     /// [`pair_vnni`] for the [`Q8Weights::LANE_ORDER`] types: [`body_lanes`]' arithmetic, operation for

@@ -8,14 +8,18 @@
 use std::arch::x86_64::*;
 
 /// Calls `$run::<[G,] R>(wg, q, rows, tile)` with the run of one to four rows as an array, so each run
-/// length gets its own code with its accumulators in registers.
+/// length gets its own code with its accumulators in registers. The second form passes any leading
+/// arguments: `by_rows!(run::<G>(a, b, q), rows, tile)` calls `run::<G, R>(a, b, q, rows, tile)`.
 macro_rules! by_rows {
     ($run:ident $(::<$g:ty>)?, $wg:expr, $q:expr, $rows:expr, $tile:expr) => {
+        by_rows!($run $(::<$g>)? ($wg, $q), $rows, $tile)
+    };
+    ($run:ident $(::<$g:ty>)? ($($arg:expr),*), $rows:expr, $tile:expr) => {
         match *$rows {
-            [a] => $run::<$($g,)? 1>($wg, $q, &[a], $tile),
-            [a, b] => $run::<$($g,)? 2>($wg, $q, &[a, b], $tile),
-            [a, b, c] => $run::<$($g,)? 3>($wg, $q, &[a, b, c], $tile),
-            [a, b, c, d] => $run::<$($g,)? 4>($wg, $q, &[a, b, c, d], $tile),
+            [a] => $run::<$($g,)? 1>($($arg,)* &[a], $tile),
+            [a, b] => $run::<$($g,)? 2>($($arg,)* &[a, b], $tile),
+            [a, b, c] => $run::<$($g,)? 3>($($arg,)* &[a, b, c], $tile),
+            [a, b, c, d] => $run::<$($g,)? 4>($($arg,)* &[a, b, c, d], $tile),
             _ => unreachable!("runs are one to four rows"),
         }
     };
