@@ -272,12 +272,7 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
             // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
             // are past `n` and never written out.
             super::column_tiles(rows, cols, out, |g, run, tile| {
-                let (a, b) = (blocks(g), blocks((g + 1).min(groups - 1)));
-                if W::LANE_ORDER {
-                    x86::pair_lanes_vnni::<W>(a, b, q, run, tile)
-                } else {
-                    x86::pair_vnni::<W>(a, b, q, run, tile)
-                }
+                x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
             });
             return;
         }
@@ -481,11 +476,11 @@ mod x86 {
         }
     }
 
-    /// Two adjacent groups (16 columns) at once in 512-bit registers, for the types summed as one
-    /// integer per block (not [`Q8Weights::LANE_ORDER`]): group `a`'s columns in the low half of every
-    /// vector, `b`'s in the high half. Per column it is [`body_chain`]'s arithmetic, operation for
-    /// operation, so the same bits, with one `vpdpbusd` doing 64 products instead of 32 (a Sapphire
-    /// Rapids core issues 512-bit ones as fast as 256-bit ones).
+    /// Two adjacent groups (16 columns) at once in 512-bit registers: group `a`'s columns in the low
+    /// half of every vector, `b`'s in the high half. Per column it is the 8-column kernel's arithmetic,
+    /// operation for operation ([`body`]'s one integer per block, or [`body_lanes`]' lanes for the
+    /// [`Q8Weights::LANE_ORDER`] types), so the same bits, with one `vpdpbusd` doing 64 products instead
+    /// of 32 (a Sapphire Rapids core issues 512-bit ones as fast as 256-bit ones).
     pub fn pair_vnni<W: Unpack>(
         a: &[Group8<W::Packed>],
         b: &[Group8<W::Packed>],
@@ -493,104 +488,98 @@ mod x86 {
         rows: &[usize],
         tile: &mut [[f32; 2 * GROUP]; RUN],
     ) {
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-        unsafe fn run<W: Unpack, const R: usize>(
-            a: &[Group8<W::Packed>],
-            b: &[Group8<W::Packed>],
-            q: &Q8_0Rows,
-            rows: &[usize; R],
-            tile: &mut [[f32; 2 * GROUP]; RUN],
-        ) {
-            assert!(a.len() == b.len() && !W::LANE_ORDER);
-            let kb = a.len();
-            // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
-            unsafe {
-                let mut acc = [_mm512_setzero_ps(); R];
-                for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
-                    prefetch_ahead(wa);
-                    prefetch_ahead(wb);
-                    let x = |i: usize| &q[rows[i] * kb + k];
-                    let mut isum: [__m512i; R] = std::array::from_fn(|i| _mm512_set1_epi32(x(i).corr_all));
-                    for v in 0..8 {
-                        let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
-                        for (i, isum) in isum.iter_mut().enumerate() {
-                            let quad = quad512(&x(i).qs, v);
-                            *isum = _mm512_dpbusd_epi32(*isum, w, quad);
-                        }
-                    }
-                    let d = half_pair(&wa.d, &wb.d);
-                    for i in 0..R {
-                        let dd = _mm512_mul_ps(d, _mm512_set1_ps(x(i).d));
-                        acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dd));
-                    }
-                }
-                for i in 0..R {
-                    _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
-                }
-            }
-        }
-        // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
-        // (models::cpu's `avx512_vnni`).
-        unsafe { by_rows!(run::<W>(a, b, q), rows, tile) }
-    }
-
-    /// [`pair_vnni`] for the [`Q8Weights::LANE_ORDER`] types: [`body_lanes`]' arithmetic, operation for
-    /// operation per column (eight f32 lane accumulators per row, added as `hsum_float_8` adds them), on
-    /// two groups at once. Two rows at a time: their sixteen accumulators fill half of AVX-512's 32
-    /// registers.
-    pub fn pair_lanes_vnni<W: Unpack>(
-        a: &[Group8<W::Packed>],
-        b: &[Group8<W::Packed>],
-        q: &Q8_0Rows,
-        rows: &[usize],
-        tile: &mut [[f32; 2 * GROUP]; RUN],
-    ) {
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-        unsafe fn run<W: Unpack, const R: usize>(
-            a: &[Group8<W::Packed>],
-            b: &[Group8<W::Packed>],
-            q: &Q8_0Rows,
-            rows: &[usize; R],
-            tile: &mut [[f32; 2 * GROUP]; RUN],
-        ) {
-            assert!(a.len() == b.len());
-            let kb = a.len();
-            // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
-            unsafe {
-                let mut acc = [[_mm512_setzero_ps(); 8]; R];
-                for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
-                    prefetch_ahead(wa);
-                    prefetch_ahead(wb);
-                    let x = |i: usize| &q[rows[i] * kb + k];
-                    let d = half_pair(&wa.d, &wb.d);
-                    let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(x(i).d)));
-                    for v in 0..8 {
-                        let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            let quad = quad512(&x(i).qs, v);
-                            let sums = _mm512_dpbusd_epi32(_mm512_set1_epi32(x(i).corr[v]), w, quad);
-                            acc[v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sums), acc[v]);
-                        }
-                    }
-                }
-                for (i, a) in acc.iter().enumerate() {
-                    let even = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
-                    let odd = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
-                    _mm512_storeu_ps(tile[i].as_mut_ptr(), _mm512_add_ps(even, odd));
-                }
-            }
-        }
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
         // (models::cpu's `avx512_vnni`).
         unsafe {
+            if !W::LANE_ORDER {
+                return by_rows!(sums::<W>(a, b, q), rows, tile);
+            }
+            // Two rows at a time: their sixteen lane accumulators fill half of AVX-512's 32 registers
+            // (four at a time spilled them: Gemma's prefill went 749-758 -> 673-682 tok/s).
             for (k, two) in rows.chunks(2).enumerate() {
                 let mut part = [[0f32; 2 * GROUP]; RUN];
                 match *two {
-                    [r0] => run::<W, 1>(a, b, q, &[r0], &mut part),
-                    [r0, r1] => run::<W, 2>(a, b, q, &[r0, r1], &mut part),
+                    [r0] => lanes::<W, 1>(a, b, q, &[r0], &mut part),
+                    [r0, r1] => lanes::<W, 2>(a, b, q, &[r0, r1], &mut part),
                     _ => unreachable!("chunks of two"),
                 }
                 tile[2 * k..2 * k + two.len()].copy_from_slice(&part[..two.len()]);
+            }
+        }
+    }
+
+    /// [`pair_vnni`] summing each block's 32 products as one integer.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn sums<W: Unpack, const R: usize>(
+        a: &[Group8<W::Packed>],
+        b: &[Group8<W::Packed>],
+        q: &Q8_0Rows,
+        rows: &[usize; R],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+    ) {
+        assert!(a.len() == b.len() && !W::LANE_ORDER);
+        let kb = a.len();
+        // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
+                prefetch_ahead(wa);
+                prefetch_ahead(wb);
+                let x = |i: usize| &q[rows[i] * kb + k];
+                let mut isum: [__m512i; R] = std::array::from_fn(|i| _mm512_set1_epi32(x(i).corr_all));
+                for v in 0..8 {
+                    let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
+                    for (i, isum) in isum.iter_mut().enumerate() {
+                        let quad = quad512(&x(i).qs, v);
+                        *isum = _mm512_dpbusd_epi32(*isum, w, quad);
+                    }
+                }
+                let d = half_pair(&wa.d, &wb.d);
+                for i in 0..R {
+                    let dd = _mm512_mul_ps(d, _mm512_set1_ps(x(i).d));
+                    acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dd));
+                }
+            }
+            for i in 0..R {
+                _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+            }
+        }
+    }
+
+    /// [`pair_vnni`] in ggml's AVX2 lane order: eight f32 lane accumulators per row, added as
+    /// `hsum_float_8` adds them.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn lanes<W: Unpack, const R: usize>(
+        a: &[Group8<W::Packed>],
+        b: &[Group8<W::Packed>],
+        q: &Q8_0Rows,
+        rows: &[usize; R],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+    ) {
+        assert!(a.len() == b.len());
+        let kb = a.len();
+        // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 8]; R];
+            for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
+                prefetch_ahead(wa);
+                prefetch_ahead(wb);
+                let x = |i: usize| &q[rows[i] * kb + k];
+                let d = half_pair(&wa.d, &wb.d);
+                let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(x(i).d)));
+                for v in 0..8 {
+                    let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let quad = quad512(&x(i).qs, v);
+                        let sums = _mm512_dpbusd_epi32(_mm512_set1_epi32(x(i).corr[v]), w, quad);
+                        acc[v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sums), acc[v]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let even = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
+                let odd = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
+                _mm512_storeu_ps(tile[i].as_mut_ptr(), _mm512_add_ps(even, odd));
             }
         }
     }
@@ -685,16 +674,12 @@ mod tests {
                 let mut generic = [[0f32; GROUP]; RUN];
                 dot_portable::<W>(wg, &q, run, &mut generic);
                 if cpu::detect().avx512_vnni {
-                    // The 16-column kernel (whatever the cap: it is what this CPU runs), with this group in either half (its neighbour, or itself when
-                    // it is the last, in the other).
+                    // The 16-column kernel (whatever the cap: it is what this CPU runs), with this group in
+                    // either half (its neighbour, or itself when it is the last, in the other).
                     let other = &m.groups[((g + 1) % n.div_ceil(GROUP)) * kb..][..kb];
                     for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
                         let mut got = [[0f32; 2 * GROUP]; RUN];
-                        if W::LANE_ORDER {
-                            x86::pair_lanes_vnni::<W>(a, b, &q, run, &mut got);
-                        } else {
-                            x86::pair_vnni::<W>(a, b, &q, run, &mut got);
-                        }
+                        x86::pair_vnni::<W>(a, b, &q, run, &mut got);
                         for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
                             let want =
                                 if W::LANE_ORDER { ggml_avx2_order::<W>(wg, &q, run[i], c) } else { generic[i][c] };
