@@ -3,13 +3,15 @@
 //! advances eight columns, and the f16 block scales are converted once at load. SmolLM2's output head
 //! is Q8_0: 49152 columns, a fifth of every decode step.
 //!
-//! Numerics: Q8_0 and Q4_0 are ggml's portable `ggml_vec_dot_q8_0_q8_0` / `_q4_0_`, bit for bit, on
-//! every path: each block's 32 products summed exactly as one integer, `sumf += sumi * (d_w * d_x)` in
+//! Numerics: Q8_0, Q4_0 and Q5_0 are ggml's portable `ggml_vec_dot_q8_0_q8_0` / `_q4_0_` / `_q5_0_`,
+//! bit for bit, on both SIMD paths: each block's 32 products summed exactly as one integer, `sumf += sumi * (d_w * d_x)` in
 //! f32 block after block. The SIMD paths sum a block's eight four-product lanes in i32 and convert once
 //! per block (ggml's AVX2 build converts and multiplies-adds every lane and adds the lanes at the end:
 //! eight times the float work, and a different float order, which the fidelity contract of
-//! `tests/fidelity.rs` allows), so with one accumulator per row a run is four rows. Q5_0 keeps ggml's
-//! AVX2 lane order (see [`Q8Weights::LANE_ORDER`]).
+//! `tests/fidelity.rs` allows), so with one accumulator per row a run is four rows. Q5_0 kept ggml's
+//! lane order until the lanes cost its kernel twice Q4_1's time; its blocks summed as integers moved
+//! Gemma 3's mean KLD from 0.004378 to 0.004475, inside the bound of 0.004482, where llama.cpp's own
+//! f32 run batched and one token at a time are 0.004115 apart.
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so the VNNI path feeds it the weights plus an offset
 //! (128 for Q8_0; Q4_0's nibbles are their values plus 8) and starts each lane at `-offset * (its four
@@ -95,12 +97,6 @@ pub trait Q8Weights: Send + Sync + 'static {
     const BYTES: usize;
     /// What makes the values unsigned bytes: 128 for Q8_0's i8; Q4_0's nibbles are their values plus 8.
     const OFFSET: i32;
-    /// Whether the SIMD paths keep ggml's AVX2 order (eight f32 lanes per column, each converted and
-    /// multiplied-added per block, added at the end) instead of one exact integer per block. Q5_0 does:
-    /// it sits in Gemma's Q4_K_M mix beside the K-quants, which keep that order too, and Gemma's fidelity
-    /// margin is thin (its blocks summed as integers moved Gemma's mean KLD from 0.004378 to 0.004475,
-    /// against a bound of 0.004482).
-    const LANE_ORDER: bool;
     /// One block of eight columns, their value bytes interleaved (`super::interleaved`).
     type Packed: Copy + Send + Sync;
     const ZERO: Self::Packed;
@@ -115,7 +111,6 @@ impl Q8Weights for [i8; 32] {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
     const BYTES: usize = 34;
     const OFFSET: i32 = 128;
-    const LANE_ORDER: bool = false;
     type Packed = [u8; 256];
     const ZERO: [u8; 256] = [0; 256];
     fn value(p: &[u8; 256], c: usize, j: usize) -> i8 {
@@ -132,7 +127,6 @@ impl Q8Weights for [u8; 16] {
     const DTYPE: GgmlDType = GgmlDType::Q4_0;
     const BYTES: usize = 18;
     const OFFSET: i32 = 8;
-    const LANE_ORDER: bool = false;
     type Packed = [u8; 128];
     const ZERO: [u8; 128] = [0; 128];
     fn value(p: &[u8; 128], c: usize, j: usize) -> i8 {
@@ -161,7 +155,6 @@ impl Q8Weights for [u32; 5] {
     const DTYPE: GgmlDType = GgmlDType::Q5_0;
     const BYTES: usize = 22;
     const OFFSET: i32 = 16;
-    const LANE_ORDER: bool = true;
     type Packed = Q5Packed;
     const ZERO: Q5Packed = Q5Packed { nib: [0; 128], hi: [0; 32] };
     fn value(p: &Q5Packed, c: usize, j: usize) -> i8 {
@@ -306,8 +299,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::x86::{
-        by_rows, bytes, chunk_pair, half_pair, half8, hsum_lanes, lane_sums_avx2, nibbles, nibbles_pair,
-        prefetch_ahead, quad, quad512,
+        by_rows, bytes, chunk_pair, half_pair, half8, lane_sums_avx2, nibbles, nibbles_pair, prefetch_ahead, quad,
+        quad512,
     };
     use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
 
@@ -418,69 +411,17 @@ mod x86 {
             tile: &mut [[f32; GROUP]; RUN],
         ) {
             // SAFETY: compiled for AVX2+FMA.
-            unsafe {
-                if W::LANE_ORDER {
-                    body_lanes(wg, q, rows, tile, |p, v, x| W::lane_sums_avx2(p, v, x))
-                } else {
-                    body(wg, q, rows, tile, |p, v, x| W::lane_sums_avx2(p, v, x))
-                }
-            }
+            unsafe { body(wg, q, rows, tile, |p, v, x| W::lane_sums_avx2(p, v, x)) }
         }
         // SAFETY: `select` (the only way here but tests, which check first) and `supported()` (the only
         // way to build this kernel) both require AVX2 and FMA.
-        unsafe {
-            if W::LANE_ORDER {
-                // One row at a time: sixteen registers hold one row's eight accumulators, not two rows'.
-                for (i, &r) in rows.iter().enumerate() {
-                    let mut one = [[0f32; GROUP]; RUN];
-                    run::<W, 1>(wg, q, &[r], &mut one);
-                    tile[i] = one[0];
-                }
-            } else {
-                by_rows!(run::<W>, wg, q, rows, tile)
-            }
-        }
-    }
-
-    /// ggml's AVX2 order: eight f32 accumulators per row (accumulator `v`, lane `c` = ggml's lane `v` of
-    /// column `c`), added at the end as `hsum_float_8` adds them. For [`Q8Weights::LANE_ORDER`] types.
-    #[inline(always)]
-    unsafe fn body_lanes<P, const R: usize, const T: usize>(
-        wg: &[Group8<P>],
-        q: &Q8_0Rows,
-        rows: &[usize; R],
-        tile: &mut [[f32; GROUP]; T],
-        lane_sums: impl Fn(&P, usize, &Q8_0Block) -> __m256i,
-    ) {
-        let kb = wg.len();
-        // SAFETY: inlined only into the `target_feature` functions above; loads read whole arrays.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 8]; R];
-            for (b, w) in wg.iter().enumerate() {
-                prefetch_ahead(w);
-                let d = half8(&w.d);
-                let mut dd = [_mm256_setzero_ps(); R];
-                for i in 0..R {
-                    dd[i] = _mm256_mul_ps(d, _mm256_set1_ps(q[rows[i] * kb + b].d));
-                }
-                for v in 0..8 {
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let lanes = _mm256_cvtepi32_ps(lane_sums(&w.qs, v, &q[rows[i] * kb + b]));
-                        acc[v] = _mm256_fmadd_ps(dd[i], lanes, acc[v]);
-                    }
-                }
-            }
-            for i in 0..R {
-                _mm256_storeu_ps(tile[i].as_mut_ptr(), hsum_lanes(&acc[i]));
-            }
-        }
+        unsafe { by_rows!(run::<W>, wg, q, rows, tile) }
     }
 
     /// Two adjacent groups (16 columns) at once in 512-bit registers: group `a`'s columns in the low
     /// half of every vector, `b`'s in the high half. Per column it is the 8-column kernel's arithmetic,
-    /// operation for operation ([`body`]'s one integer per block, or [`body_lanes`]' lanes for the
-    /// [`Q8Weights::LANE_ORDER`] types), so the same bits, with one `vpdpbusd` doing 64 products instead
-    /// of 32 (a Sapphire Rapids core issues 512-bit ones as fast as 256-bit ones).
+    /// operation for operation ([`body`]'s one integer per block), so the same bits, with one `vpdpbusd`
+    /// doing 64 products instead of 32 (a Sapphire Rapids core issues 512-bit ones as fast as 256-bit ones).
     pub fn pair_vnni<W: Unpack>(
         a: &[Group8<W::Packed>],
         b: &[Group8<W::Packed>],
@@ -490,22 +431,7 @@ mod x86 {
     ) {
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
         // (models::cpu's `avx512_vnni`).
-        unsafe {
-            if !W::LANE_ORDER {
-                return by_rows!(sums::<W>(a, b, q), rows, tile);
-            }
-            // Two rows at a time: their sixteen lane accumulators fill half of AVX-512's 32 registers
-            // (four at a time spilled them: Gemma's prefill went 749-758 -> 673-682 tok/s).
-            for (k, two) in rows.chunks(2).enumerate() {
-                let mut part = [[0f32; 2 * GROUP]; RUN];
-                match *two {
-                    [r0] => lanes::<W, 1>(a, b, q, &[r0], &mut part),
-                    [r0, r1] => lanes::<W, 2>(a, b, q, &[r0, r1], &mut part),
-                    _ => unreachable!("chunks of two"),
-                }
-                tile[2 * k..2 * k + two.len()].copy_from_slice(&part[..two.len()]);
-            }
-        }
+        unsafe { by_rows!(sums::<W>(a, b, q), rows, tile) }
     }
 
     /// [`pair_vnni`] summing each block's 32 products as one integer.
@@ -517,7 +443,7 @@ mod x86 {
         rows: &[usize; R],
         tile: &mut [[f32; 2 * GROUP]; RUN],
     ) {
-        assert!(a.len() == b.len() && !W::LANE_ORDER);
+        assert!(a.len() == b.len());
         let kb = a.len();
         // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
         unsafe {
@@ -542,44 +468,6 @@ mod x86 {
             }
             for i in 0..R {
                 _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
-            }
-        }
-    }
-
-    /// [`pair_vnni`] in ggml's AVX2 lane order: eight f32 lane accumulators per row, added as
-    /// `hsum_float_8` adds them.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-    unsafe fn lanes<W: Unpack, const R: usize>(
-        a: &[Group8<W::Packed>],
-        b: &[Group8<W::Packed>],
-        q: &Q8_0Rows,
-        rows: &[usize; R],
-        tile: &mut [[f32; 2 * GROUP]; RUN],
-    ) {
-        assert!(a.len() == b.len());
-        let kb = a.len();
-        // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the loads read whole arrays.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 8]; R];
-            for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
-                prefetch_ahead(wa);
-                prefetch_ahead(wb);
-                let x = |i: usize| &q[rows[i] * kb + k];
-                let d = half_pair(&wa.d, &wb.d);
-                let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(x(i).d)));
-                for v in 0..8 {
-                    let w = W::unsigned_pair(&wa.qs, &wb.qs, v);
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let quad = quad512(&x(i).qs, v);
-                        let sums = _mm512_dpbusd_epi32(_mm512_set1_epi32(x(i).corr[v]), w, quad);
-                        acc[v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sums), acc[v]);
-                    }
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                let even = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
-                let odd = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
-                _mm512_storeu_ps(tile[i].as_mut_ptr(), _mm512_add_ps(even, odd));
             }
         }
     }
@@ -638,24 +526,8 @@ mod tests {
 
     use super::*;
 
-    /// ggml's AVX2 dot of column `c` with row `r`, in scalar code: lane `l` accumulates the exact sum of
-    /// values `4l..4l + 4` times `d_w * d_x` with one fma per block; the lanes are added as
-    /// `hsum_float_8` adds them.
-    fn ggml_avx2_order<W: Q8Weights>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, r: usize, c: usize) -> f32 {
-        let kb = wg.len();
-        let mut l = [0f32; 8];
-        for (b, w) in wg.iter().enumerate() {
-            let a = &q[r * kb + b];
-            for (v, lane) in l.iter_mut().enumerate() {
-                let sum: i32 = (4 * v..4 * v + 4).map(|j| W::value(&w.qs, c, j) as i32 * a.qs[j] as i32).sum();
-                *lane = (w.d(c) * a.d).mul_add(sum as f32, *lane);
-            }
-        }
-        ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
-    }
-
-    /// Both SIMD paths give the floats of their order bit for bit (ggml's generic dot, or its AVX2 lanes
-    /// for `LANE_ORDER` types), on a matrix with a padded group and runs of one to four rows.
+    /// Both SIMD paths give ggml's generic dot bit for bit, on a matrix with a padded group and runs of
+    /// one to four rows.
     fn check<W: x86::Unpack>(dtype: GgmlDType) {
         if !supported() {
             return;
@@ -681,8 +553,7 @@ mod tests {
                         let mut got = [[0f32; 2 * GROUP]; RUN];
                         x86::pair_vnni::<W>(a, b, &q, run, &mut got);
                         for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                            let want =
-                                if W::LANE_ORDER { ggml_avx2_order::<W>(wg, &q, run[i], c) } else { generic[i][c] };
+                            let want = generic[i][c];
                             let got = got[i][half * GROUP + c];
                             assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} pair half {half} group {g} col {c}");
                         }
@@ -692,7 +563,7 @@ mod tests {
                     let mut got = [[0f32; GROUP]; RUN];
                     dot(wg, &q, run, &mut got);
                     for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                        let want = if W::LANE_ORDER { ggml_avx2_order::<W>(wg, &q, run[i], c) } else { generic[i][c] };
+                        let want = generic[i][c];
                         assert_eq!(
                             got[i][c].to_bits(),
                             want.to_bits(),
