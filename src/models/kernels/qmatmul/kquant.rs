@@ -175,23 +175,18 @@ fn pair(a: i16, b: i16) -> i32 {
 }
 
 pub fn quantize_q8_k(x: &[f32]) -> Q8KRows {
+    let simd = cpu::features().avx2_fma;
     super::par_map_units(x, QK_K, |x, out| {
         out.reserve(x.len() / QK_K);
         for xs in x.chunks_exact(QK_K) {
-            let (mut max, mut amax) = (0f32, 0f32);
-            for &v in xs {
-                if v.abs() > amax {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
             let mut b = Q8KBlock { qs: [0; QK_K], d: 0.0, bs: [0; 16], pair16: [0; 8], pair32: [0; 4] };
-            if amax != 0.0 {
-                let iscale = -127.0 / max;
-                for (q, &v) in b.qs.iter_mut().zip(xs) {
-                    *q = nearest_int(iscale * v).min(127) as i8;
-                }
-                b.d = 1.0 / iscale;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX2 and FMA; the chunk holds QK_K values.
+            let done = simd && unsafe { x86::quantize_values(xs, &mut b.qs, &mut b.d) };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = simd;
+            if !done {
+                quantize_values(xs, &mut b.qs, &mut b.d);
             }
             for (t, s) in b.bs.iter_mut().enumerate() {
                 *s = b.qs[16 * t..16 * t + 16].iter().map(|&q| q as i16).sum();
@@ -202,6 +197,25 @@ pub fn quantize_q8_k(x: &[f32]) -> Q8KRows {
             out.push(b);
         }
     })
+}
+
+/// ggml's `quantize_row_q8_K_ref` for one super-block's values: the scale from the value of largest
+/// magnitude (the first of equals, sign kept), each value rounded to nearest, ties to even.
+fn quantize_values(xs: &[f32], qs: &mut [i8; QK_K], d: &mut f32) {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in xs {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax != 0.0 {
+        let iscale = -127.0 / max;
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            *q = nearest_int(iscale * v).min(127) as i8;
+        }
+        *d = 1.0 / iscale;
+    }
 }
 
 /// One super-block of eight columns.
@@ -404,6 +418,63 @@ mod x86 {
         by_rows, chunk_pair, f32_pair, hsum_lanes, nibbles, nibbles_pair, prefetch_ahead, quad, quad512,
     };
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
+
+    /// [`super::quantize_values`] in AVX2, the same bits: the magnitude's maximum over vectors (`max`
+    /// with its second operand the running one passes over NaN as the scalar `>` does), then the
+    /// first value of that magnitude, then `vcvtps2dq`, which rounds to nearest, ties to even, as
+    /// `nearest_int` does. NaN products become 0 as the scalar cast makes them. Returns false, having
+    /// written nothing, for a scale too large to keep the products finite (a block whose largest
+    /// magnitude is below ~1e-28), which the scalar code then takes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_values(xs: &[f32], qs: &mut [i8; super::QK_K], d: &mut f32) -> bool {
+        assert_eq!(xs.len(), super::QK_K);
+        // SAFETY: compiled for AVX2; the loads read the QK_K values checked above, the stores write
+        // `qs` in 32-byte steps.
+        unsafe {
+            let p = xs.as_ptr();
+            let sign = _mm256_set1_ps(-0.0);
+            let mut m = _mm256_setzero_ps();
+            for i in (0..super::QK_K).step_by(8) {
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(i))), m);
+            }
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            if amax == 0.0 {
+                return true;
+            }
+            let target = _mm256_set1_ps(amax);
+            let mut max = amax;
+            for i in (0..super::QK_K).step_by(8) {
+                let eq = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(i))), target, _CMP_EQ_OQ);
+                let mask = _mm256_movemask_ps(eq);
+                if mask != 0 {
+                    max = xs[i + mask.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = -127.0 / max;
+            if iscale.abs() >= 1e30 {
+                return false;
+            }
+            let s = _mm256_set1_ps(iscale);
+            let top = _mm256_set1_epi32(127);
+            let round = |x: __m256| {
+                let x = _mm256_mul_ps(x, s);
+                let ordered = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
+                _mm256_and_si256(_mm256_min_epi32(_mm256_cvtps_epi32(x), top), ordered)
+            };
+            for i in (0..super::QK_K).step_by(32) {
+                let q = [0, 8, 16, 24].map(|j| round(_mm256_loadu_ps(p.add(i + j))));
+                // Packing works per 128-bit half; the permute puts the values back in order.
+                let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+                let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(qs.as_mut_ptr().add(i) as *mut __m256i, ordered);
+            }
+            *d = 1.0 / iscale;
+            true
+        }
+    }
 
     /// The 8-column kernel: AVX-512 VNNI CPUs take the 16-column one instead (`columns`).
     pub fn select<F: Format>() -> DotFn {
@@ -831,6 +902,64 @@ mod tests {
         }
         for v in [0.5f32, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -127.5, 127.49999, 0.499_999_97, -0.499_999_97] {
             assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
+        }
+    }
+
+    /// The AVX2 activation quantizer gives the scalar one's bytes and scale, on blocks built to hit its
+    /// edges: ties of magnitude with either sign first, exact halves after scaling, zeros, NaN, infinity,
+    /// and scales too large for it (which it must leave to the scalar code).
+    #[test]
+    fn avx2_quantizer_matches_the_scalar_one() {
+        if !cpu::detect().avx2_fma {
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut blocks: Vec<Vec<f32>> = Vec::new();
+        for k in 0..2000 {
+            let scale = [1e-3f32, 1.0, 37.5, 1e4][k % 4];
+            let mut b: Vec<f32> =
+                (0..QK_K).map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale).collect();
+            match k % 5 {
+                // The largest magnitude twice, the negative one first or second.
+                1 | 2 => {
+                    let (i, j) = ((next() % 128) as usize, 128 + (next() % 128) as usize);
+                    let sgn = if k % 5 == 1 { -1.0 } else { 1.0 };
+                    (b[i], b[j]) = (sgn * scale, -sgn * scale);
+                }
+                // Values on exact halves once scaled by 127 / 127.
+                3 => b.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 255) as f32 - 127.0) * 0.5),
+                _ => {}
+            }
+            blocks.push(b);
+        }
+        blocks.push(vec![0.0; QK_K]);
+        blocks.push((0..QK_K).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }).collect());
+        let mut nan = blocks[7].clone();
+        nan[5] = f32::NAN;
+        nan[200] = f32::NAN;
+        blocks.push(nan);
+        let mut inf = blocks[8].clone();
+        inf[9] = f32::NEG_INFINITY;
+        blocks.push(inf);
+        blocks.push((0..QK_K).map(|i| i as f32 * 1e-37).collect());
+        blocks.push((0..QK_K).map(|i| (i as f32 - 100.0) * 1e-32).collect());
+        for (k, b) in blocks.iter().enumerate() {
+            let (mut want, mut got) = (([0i8; QK_K], 0f32), ([0i8; QK_K], 0f32));
+            quantize_values(b, &mut want.0, &mut want.1);
+            // SAFETY: checked for AVX2 above.
+            if !unsafe { x86::quantize_values(b, &mut got.0, &mut got.1) } {
+                assert_eq!(got, ([0i8; QK_K], 0f32), "block {k}: declined but wrote");
+                assert!(k >= blocks.len() - 2, "block {k}: declined an ordinary scale");
+                continue;
+            }
+            assert_eq!(got.0, want.0, "block {k}: values");
+            assert_eq!(got.1.to_bits(), want.1.to_bits(), "block {k}: scale");
         }
     }
 
