@@ -264,9 +264,18 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
             let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
             // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
             // are past `n` and never written out.
-            super::column_tiles(rows, cols, out, |g, run, tile| {
-                x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
-            });
+            // From three runs up (two measured slower: the stores and loads outweigh one unpacking).
+            if rows <= 2 * RUN {
+                super::column_tiles(rows, cols, out, |g, run, tile| {
+                    x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
+                });
+            } else {
+                // Several runs of rows over each tile: unpack its weights once for all of them.
+                let mut unpacked = x86::Unpacked::default();
+                super::column_tiles(rows, cols, out, |g, run, tile| {
+                    unpacked.pair_vnni::<W>(g, blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
+                });
+            }
             return;
         }
         let dot: DotFn<W::Packed> = x86::select::<W>();
@@ -434,6 +443,94 @@ mod x86 {
         unsafe { by_rows!(sums::<W>(a, b, q), rows, tile) }
     }
 
+    /// Two groups' weights unpacked (offset bytes, and the scales as f32) for every run of rows that
+    /// goes over them: a prefill or a many-row decode step runs several four-row runs per tile, and on
+    /// AVX-512 the unpacking (shifts, masks, inserts) competes with `vpdpbusd` for the same two ports,
+    /// once per run. Loaded back from L1 it costs no ALU port.
+    #[derive(Default)]
+    pub struct Unpacked {
+        /// The tile these hold, or none yet.
+        g: Option<usize>,
+        w: Vec<__m512i>,
+        d: Vec<__m512>,
+    }
+
+    impl Unpacked {
+        /// [`pair_vnni`] for tile `g`, whose groups are `a` and `b`, unpacking them only when `g` is not
+        /// the tile unpacked last. The same bits: the same integers and float operations per column.
+        pub fn pair_vnni<W: Unpack>(
+            &mut self,
+            g: usize,
+            a: &[Group8<W::Packed>],
+            b: &[Group8<W::Packed>],
+            q: &Q8_0Rows,
+            rows: &[usize],
+            tile: &mut [[f32; 2 * GROUP]; RUN],
+        ) {
+            // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
+            // (models::cpu's `avx512_vnni`).
+            unsafe {
+                if self.g != Some(g) {
+                    self.fill::<W>(a, b);
+                    self.g = Some(g);
+                }
+                by_rows!(sums_unpacked(&self.w, &self.d, q), rows, tile)
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn fill<W: Unpack>(&mut self, a: &[Group8<W::Packed>], b: &[Group8<W::Packed>]) {
+            assert_eq!(a.len(), b.len());
+            let kb = a.len();
+            self.w.resize(8 * kb, _mm512_setzero_si512());
+            self.d.resize(kb, _mm512_setzero_ps());
+            // SAFETY: compiled for AVX-512 F and BW; the unpacking reads whole arrays.
+            unsafe {
+                for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
+                    prefetch_ahead(wa);
+                    prefetch_ahead(wb);
+                    for v in 0..8 {
+                        self.w[8 * k + v] = W::unsigned_pair(&wa.qs, &wb.qs, v);
+                    }
+                    self.d[k] = half_pair(&wa.d, &wb.d);
+                }
+            }
+        }
+    }
+
+    /// [`sums`] on weights [`Unpacked`] already: per block, eight vectors then its scales.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    unsafe fn sums_unpacked<const R: usize>(
+        w: &[__m512i],
+        d: &[__m512],
+        q: &Q8_0Rows,
+        rows: &[usize; R],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+    ) {
+        let kb = d.len();
+        assert_eq!(w.len(), 8 * kb);
+        // SAFETY: compiled for AVX-512 F, BW, VNNI and VL.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (k, (w, &d)) in w.chunks_exact(8).zip(d).enumerate() {
+                let x = |i: usize| &q[rows[i] * kb + k];
+                let mut isum: [__m512i; R] = std::array::from_fn(|i| _mm512_set1_epi32(x(i).corr_all));
+                for (v, &w) in w.iter().enumerate() {
+                    for (i, isum) in isum.iter_mut().enumerate() {
+                        *isum = _mm512_dpbusd_epi32(*isum, w, quad512(&x(i).qs, v));
+                    }
+                }
+                for i in 0..R {
+                    let dd = _mm512_mul_ps(d, _mm512_set1_ps(x(i).d));
+                    acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dd));
+                }
+            }
+            for i in 0..R {
+                _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+            }
+        }
+    }
+
     /// [`pair_vnni`] summing each block's 32 products as one integer.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
     unsafe fn sums<W: Unpack, const R: usize>(
@@ -550,12 +647,23 @@ mod tests {
                     // either half (its neighbour, or itself when it is the last, in the other).
                     let other = &m.groups[((g + 1) % n.div_ceil(GROUP)) * kb..][..kb];
                     for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
-                        let mut got = [[0f32; 2 * GROUP]; RUN];
-                        x86::pair_vnni::<W>(a, b, &q, run, &mut got);
-                        for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
-                            let want = generic[i][c];
-                            let got = got[i][half * GROUP + c];
-                            assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} pair half {half} group {g} col {c}");
+                        // Straight from the packed blocks, and unpacked once (the second call reuses
+                        // what the first unpacked).
+                        let mut got = [[[0f32; 2 * GROUP]; RUN]; 3];
+                        x86::pair_vnni::<W>(a, b, &q, run, &mut got[0]);
+                        let mut unpacked = x86::Unpacked::default();
+                        unpacked.pair_vnni::<W>(half, a, b, &q, run, &mut got[1]);
+                        unpacked.pair_vnni::<W>(half, a, b, &q, run, &mut got[2]);
+                        for (way, got) in got.iter().enumerate() {
+                            for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                                let want = generic[i][c];
+                                let got = got[i][half * GROUP + c];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{dtype:?} pair half {half} way {way} group {g} col {c}"
+                                );
+                            }
                         }
                     }
                 }
