@@ -556,10 +556,15 @@ fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<
         let at = r0 * width..r0 * width + out.len();
         let (g, u) = (&gate[at.clone()], &up[at]);
         match activation {
-            // libm's expf, one element at a time: llama.cpp's vectorized exponential here (tried) moved
-            // greedy SmolLM2 off llama.cpp's tokens on a test prompt and the fidelity run farther away
-            // (mean KLD 0.002293 -> 0.002326), for ~2% of a 16-row step.
+            // libm's expf (or its bits eight at a time, `kernels::expf`): llama.cpp's vectorized
+            // exponential here (tried) moved greedy SmolLM2 off llama.cpp's tokens on a test prompt and
+            // the fidelity run farther away (mean KLD 0.002293 -> 0.002326).
             Activation::Silu => {
+                #[cfg(target_arch = "x86_64")]
+                if super::kernels::cpu::features().avx2_fma {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { super::kernels::expf::x86::silu_gate(g, u, out) };
+                }
                 out.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u)
             }
             Activation::GeluTanh => out
