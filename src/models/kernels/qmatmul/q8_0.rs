@@ -61,22 +61,15 @@ pub(crate) fn round_half_away(v: f32) -> f32 {
 /// `offset` is the weight type's [`Q8Weights::OFFSET`], for the lane corrections.
 pub fn quantize_q8_0(x: &[f32], offset: i32) -> Q8_0Rows {
     let simd = cpu::features().avx2_fma;
-    let block = |qs: [i8; 32], d: f32| {
-        let corr: [i32; 8] =
-            std::array::from_fn(|v| -offset * qs[4 * v..4 * v + 4].iter().map(|&q| q as i32).sum::<i32>());
-        Q8_0Block { qs, d: super::f16_round(d), corr, corr_all: corr.iter().sum() }
-    };
     super::par_map_units(x, QK, |x, out| {
         out.reserve(x.len() / QK);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { quantize_q8_0_avx2(x, offset, out) };
+        }
+        let _ = simd;
         for xs in x.chunks_exact(QK) {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has AVX2 and FMA; the chunk holds 32 values.
-                let (qs, _, amax) = unsafe { super::x86::quantize_block(xs) };
-                out.push(block(qs, amax / 127.0));
-                continue;
-            }
-            let _ = simd;
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -84,9 +77,28 @@ pub fn quantize_q8_0(x: &[f32], offset: i32) -> Q8_0Rows {
             for (q, &v) in qs.iter_mut().zip(xs) {
                 *q = round_half_away(v * id) as i8;
             }
-            out.push(block(qs, d));
+            out.push(block(qs, d, offset));
         }
     })
+}
+
+/// A block of quantized values with its scale rounded to f16 and its offset corrections.
+#[inline(always)]
+fn block(qs: [i8; 32], d: f32, offset: i32) -> Q8_0Block {
+    let corr: [i32; 8] = std::array::from_fn(|v| -offset * qs[4 * v..4 * v + 4].iter().map(|&q| q as i32).sum::<i32>());
+    Q8_0Block { qs, d: super::f16_round(d), corr, corr_all: corr.iter().sum() }
+}
+
+/// [`quantize_q8_0`]'s blocks in a function compiled for AVX2, so that `quantize_block` and the
+/// corrections inline and vectorize (from portable code they were a call per block and scalar sums).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_q8_0_avx2(x: &[f32], offset: i32, out: &mut Vec<Q8_0Block>) {
+    for xs in x.chunks_exact(QK) {
+        // SAFETY: compiled for AVX2 and FMA; the chunk holds 32 values.
+        let (qs, _, amax) = unsafe { super::x86::quantize_block(xs) };
+        out.push(block(qs, amax / 127.0, offset));
+    }
 }
 
 /// The weight blocks of one format: 32 signed values each, and a scale. `Self` names the format (its
