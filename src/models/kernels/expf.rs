@@ -195,7 +195,7 @@ mod tests {
         let mut xs: Vec<f32> = (0..=u32::MAX / 65_521).map(|i| f32::from_bits(i * 65_521)).collect();
         for edge in [OVER, UNDER, 88.0, -88.0, -87.33, -103.28, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY] {
             for d in -3i32..=3 {
-                xs.push(f32::from_bits((edge.to_bits() as i32 + d) as u32));
+                xs.push(f32::from_bits(edge.to_bits().wrapping_add_signed(d)));
             }
         }
         // Dense where softmax and SiLU live.
