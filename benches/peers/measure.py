@@ -586,7 +586,8 @@ def write(out: Path, results):
             "keep below 32767) and converted once: ggml's portable order, the same bits on every path, where "
             "ggml's AVX2 build converts and multiplies-adds eight lanes per block (1.55-1.75x slower kernels, "
             "same run). The fidelity contract (the table below) allows the change of float order; the K-quants "
-            "and Q5_0, which only Gemma's Q4_K_M mix uses, keep ggml's lane order, since Gemma's margin is thin. "
+            "keep ggml's lane order, since Gemma's margin is thin, and Q5_0 (most of both Q4_K_M files) sums its "
+            "blocks as integers too since 2026-12-04. "
             "Activations are quantized per block as ggml does (AVX2, bit-identical to the scalar code), and "
             "attention runs on the team too.",
             "",
@@ -622,7 +623,7 @@ def write(out: Path, results):
             "",
             "512-bit kernels (2026-12-03, same Xeon): a microbenchmark here issues 512-bit `vpdpbusd` as fast as "
             "256-bit ones (0.155 vs 0.134 ns each, twelve independent chains), so on AVX-512 VNNI CPUs every "
-            "repacked kernel (Q4_1, Q8_0, Q4_0, Q5_0 in its lane order, and the K-quants in theirs) takes two "
+            "repacked kernel (Q4_1, Q8_0, Q4_0, Q5_0 in its lane order then, and the K-quants in theirs) takes two "
             "adjacent groups, 16 columns, per register: per column the same operations as the 8-column kernels, "
             "so the same bits (unit tests, and `omnibus compare` against the previous release: mean KLD 0). "
             "Kernel bench, 1536x512 x 64 rows, same binary capped: Q4_1 197 us (AVX2 path 370), Q5_0 388 (900), "
@@ -635,6 +636,27 @@ def write(out: Path, results):
             "returning it (the server took ~2,800 page faults a second at 8 streams, none after). That is why the "
             "resident memory below, taken right after load, rose: load-time buffers now go back 10 s later (here "
             "338 MiB at ready and 308 MiB 13 s later; the build before, 314 and 310).",
+            "",
+            "Q4_K_M work (2026-12-04, same Xeon). Q5_0 sums each block's products as one integer, as Q8_0 and "
+            "Q4_0 do: ggml's lane order cost its kernel eight conversions and multiply-adds per block and column "
+            "(kernel bench, 64 rows: 388 -> 243 us). Gemma 3's mean KLD moves 0.004378 -> 0.004475 against a "
+            "bound of 0.004482 (its fidelity table): inside the contract, with little room, on a model where "
+            "llama.cpp's own f32 runs, batched and one token at a time, are 0.004115 apart. The activation "
+            "quantizers' parallel tasks each grew a Vec whose header shared a cache line with its neighbour's, "
+            "so both threads wrote one line at every block (8% of a Q4_K_M prefill, now 2%); the Q8_K "
+            "quantizer that feeds the K-quant products runs in AVX2 (6% of a prefill), and the Q8_0/Q8_1 loops "
+            "are compiled for AVX2 so their block quantizer inlines. From three runs of four rows up (a prefill, "
+            "a 16-row step) the Q8_0/Q4_0/Q5_0 kernels unpack a tile's weights once into L1 for all its runs "
+            "(tried for the K-quants too: no served gain, dropped). Softmax and SiLU take glibc's `expf` eight "
+            "lanes at a time: glibc's own algorithm (its table and cubic, in double, with the reduction fused as "
+            "its FMA build fuses it), the same bits as libm on a sweep of a third of all floats (3-5% of a step "
+            "was libm calls). Every step but Q5_0's keeps the bits (`omnibus compare` against the build before: "
+            "mean KLD 0). Same-run served A/Bs, 256-token prefill: SmolLM2 Q4_K_M 822 -> 940-1021 (Q5_0) -> "
+            "1034 -> 1122 -> 1144-1164 -> 1235-1245 -> 1292-1322 tok/s, Gemma 3 897-923 -> 1090-1102 -> 1183 -> "
+            "1234; SmolLM2 Q4_K_M at 16 streams 566 -> 684-694 (Q5_0). Tried and dropped: FMA in the Q4_1 "
+            "kernel's per-block finish (kernel -6-8%, but SmolLM2's mean KLD went 0.002293 -> 0.002419 against a "
+            "bound of 0.002460, and a greedy token of the generation test flipped), and 512-bit weighted sums in "
+            "attention (no served gain).",
             "",
             "Where the figures stop: a one-row step streams the 96 MB of weights (66 MB of Q4_1 layers, the "
             "30 MB Q8_0 head) at 31-34 GB/s (inter-token p50 2.8-3.1 ms in that day's A/Bs). At 8 rows the step is bound by the products, and the "
