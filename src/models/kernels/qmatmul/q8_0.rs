@@ -3,15 +3,15 @@
 //! advances eight columns, and the f16 block scales are converted once at load. SmolLM2's output head
 //! is Q8_0: 49152 columns, a fifth of every decode step.
 //!
-//! Numerics: Q8_0, Q4_0 and Q5_0 are ggml's portable `ggml_vec_dot_q8_0_q8_0` / `_q4_0_` / `_q5_0_`,
-//! bit for bit, on both SIMD paths: each block's 32 products summed exactly as one integer, `sumf += sumi * (d_w * d_x)` in
-//! f32 block after block. The SIMD paths sum a block's eight four-product lanes in i32 and convert once
-//! per block (ggml's AVX2 build converts and multiplies-adds every lane and adds the lanes at the end:
-//! eight times the float work, and a different float order, which the fidelity contract of
-//! `tests/fidelity.rs` allows), so with one accumulator per row a run is four rows. Q5_0 kept ggml's
-//! lane order until the lanes cost its kernel twice Q4_1's time; its blocks summed as integers moved
-//! Gemma 3's mean KLD from 0.004378 to 0.004475, inside the bound of 0.004482, where llama.cpp's own
-//! f32 run batched and one token at a time are 0.004115 apart.
+//! Numerics: Q8_0, Q4_0 and Q5_0 are ggml's portable `ggml_vec_dot_q8_0_q8_0` / `_q4_0_` / `_q5_0_`, bit
+//! for bit, on both SIMD paths: each block's 32 products summed exactly as one integer, `sumf += sumi *
+//! (d_w * d_x)` in f32 block after block. The SIMD paths sum a block's eight four-product lanes in i32 and
+//! convert once per block (ggml's AVX2 build converts and multiplies-adds every lane and adds the lanes at
+//! the end: eight times the float work, and a different float order, which the fidelity contract of
+//! `tests/fidelity.rs` allows), so with one accumulator per row a run is four rows. Q5_0 kept ggml's lane
+//! order until the lanes cost its kernel twice Q4_1's time; its blocks summed as integers moved Gemma 3's
+//! mean KLD from 0.004378 to 0.004475, inside the bound of 0.004482, where llama.cpp's own f32 run batched
+//! and one token at a time are 0.004115 apart.
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, so the VNNI path feeds it the weights plus an offset
 //! (128 for Q8_0; Q4_0's nibbles are their values plus 8) and starts each lane at `-offset * (its four
