@@ -11,7 +11,7 @@
 //! ln(2^-150), NaN for NaN. Results that are subnormal floats round as `(float) y` does under the
 //! thread's MXCSR, as glibc's do (the compute threads flush them to zero, both ways).
 //!
-//! x86-64 with AVX2+FMA; everywhere else the callers use libm's `expf`.
+//! x86-64 with AVX2+FMA; everywhere else libm's `expf` (here for SiLU, in `attention` for softmax).
 
 /// glibc's `__exp2f_data.tab`: `bits(2^(i/32)) - (i << 47)`, so adding `k << 47` to entry `k % 32`
 /// gives `2^(k/32)`.
@@ -83,6 +83,17 @@ fn scalar(x: f32) -> f32 {
     let y = C[2].mul_add(r, 1.0);
     let y = z.mul_add(r * r, y);
     (y * s) as f32
+}
+
+/// `out[i] = g[i] / (1 + e^-g[i]) * u[i]`: SiLU's gate, eight at a time where the CPU has AVX2+FMA, the
+/// same bits either way on glibc.
+pub(crate) fn silu_gate(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::features().avx2_fma {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { x86::silu_gate(g, u, out) };
+    }
+    out.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = g / (1.0 + (-g).exp()) * u)
 }
 
 #[cfg(target_arch = "x86_64")]
