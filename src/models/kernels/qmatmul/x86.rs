@@ -26,6 +26,24 @@ macro_rules! by_rows {
 }
 pub(crate) use by_rows;
 
+/// [`by_rows`] for kernels whose runs are up to eight rows.
+macro_rules! by_rows8 {
+    ($run:ident ($($arg:expr),*), $rows:expr, $tile:expr) => {
+        match *$rows {
+            [a] => $run::<1>($($arg,)* &[a], $tile),
+            [a, b] => $run::<2>($($arg,)* &[a, b], $tile),
+            [a, b, c] => $run::<3>($($arg,)* &[a, b, c], $tile),
+            [a, b, c, d] => $run::<4>($($arg,)* &[a, b, c, d], $tile),
+            [a, b, c, d, e] => $run::<5>($($arg,)* &[a, b, c, d, e], $tile),
+            [a, b, c, d, e, f] => $run::<6>($($arg,)* &[a, b, c, d, e, f], $tile),
+            [a, b, c, d, e, f, g] => $run::<7>($($arg,)* &[a, b, c, d, e, f, g], $tile),
+            [a, b, c, d, e, f, g, h] => $run::<8>($($arg,)* &[a, b, c, d, e, f, g, h], $tile),
+            _ => unreachable!("runs are one to eight rows"),
+        }
+    };
+}
+pub(crate) use by_rows8;
+
 /// How far ahead of the block being multiplied the kernels ask for weights, in bytes. A task walks its
 /// groups' blocks in memory order, so this is a fixed distance along one stream. Without it the
 /// instructions that consume each block's first load held a third of the Q4_1 kernel's samples at
