@@ -34,6 +34,13 @@ const QK: usize = 32;
 /// row: its block's integer sums and its f32 accumulator).
 const RUN: usize = 4;
 
+/// Rows per run of the AVX-512 VNNI kernel on packed weights: eight (two registers a row of their 32),
+/// so a weight vector is unpacked once for eight rows, not twice: an eight-stream decode step is bound
+/// by these instructions, not by the weights' bytes (kernel bench, 8 rows: Q8_0 31.9 -> 25.9 us). The
+/// kernel on [`x86::Unpacked`] weights keeps runs of four: at 64 rows, runs of eight were ~10% slower.
+/// A row's arithmetic is the same either way, so are its bits.
+const RUN_VNNI: usize = 8;
+
 /// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to), and the
 /// offset correction of each lane: `-offset * (qs[4v] + .. + qs[4v + 3])` for the weight type's
 /// [`Q8Weights::OFFSET`], and of the whole block (their sum), which the VNNI kernel starts a block's
@@ -276,8 +283,8 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
             let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
             // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
             // are past `n` and never written out.
-            // From three runs up (two measured slower: the stores and loads outweigh one unpacking).
-            if rows <= 2 * RUN {
+            // Past two runs of eight (16 rows, in two runs of eight, measured as fast either way).
+            if rows <= 2 * RUN_VNNI {
                 super::column_tiles(rows, cols, out, |g, run, tile| {
                     x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
                 });
@@ -320,10 +327,10 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::x86::{
-        by_rows, bytes, chunk_pair, half_pair, half8, lane_sums_avx2, nibbles, nibbles_pair, prefetch_ahead, quad,
-        quad512,
+        by_rows, by_rows8, bytes, chunk_pair, half_pair, half8, lane_sums_avx2, nibbles, nibbles_pair, prefetch_ahead,
+        quad, quad512,
     };
-    use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN};
+    use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN, RUN_VNNI};
 
     /// Weight vector `v` of a packed block (column values `4v..4v + 4`) in registers, per path.
     pub trait Unpack: Q8Weights {
@@ -448,15 +455,15 @@ mod x86 {
         b: &[Group8<W::Packed>],
         q: &Q8_0Rows,
         rows: &[usize],
-        tile: &mut [[f32; 2 * GROUP]; RUN],
+        tile: &mut [[f32; 2 * GROUP]; RUN_VNNI],
     ) {
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
         // (models::cpu's `avx512_vnni`).
-        unsafe { by_rows!(sums::<W>(a, b, q), rows, tile) }
+        unsafe { by_rows8!(sums::<W>(a, b, q), rows, tile) }
     }
 
     /// Two groups' weights unpacked (offset bytes, and the scales as f32) for every run of rows that
-    /// goes over them: a prefill or a many-row decode step runs several four-row runs per tile, and on
+    /// goes over them: a prefill or a many-row decode step runs several runs of rows per tile, and on
     /// AVX-512 the unpacking (shifts, masks, inserts) competes with `vpdpbusd` for the same two ports,
     /// once per run. Loaded back from L1 it costs no ALU port.
     #[derive(Default)]
@@ -550,7 +557,7 @@ mod x86 {
         b: &[Group8<W::Packed>],
         q: &Q8_0Rows,
         rows: &[usize; R],
-        tile: &mut [[f32; 2 * GROUP]; RUN],
+        tile: &mut [[f32; 2 * GROUP]; RUN_VNNI],
     ) {
         assert!(a.len() == b.len());
         let kb = a.len();
@@ -636,13 +643,13 @@ mod tests {
     use super::*;
 
     /// Both SIMD paths give ggml's generic dot bit for bit, on a matrix with a padded group and runs of
-    /// one to four rows.
+    /// one to eight rows (of which the four-row kernels take the first four).
     fn check<W: x86::Unpack>(dtype: GgmlDType) {
         if !supported() {
             return;
         }
         let dev = Device::Cpu;
-        let (n, k, rows) = (13, 320, 7);
+        let (n, k, rows) = (13, 320, 10);
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let m = Q8Matrix::<W>::from_qtensor(&QTensor::quantize(&w, dtype).unwrap()).unwrap();
         let xs = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -651,9 +658,15 @@ mod tests {
         let paths: Vec<(&str, DotFn<W::Packed>)> = vec![("avx2", x86::avx2::<W>)];
         for g in 0..n.div_ceil(GROUP) {
             let wg = &m.groups[g * kb..(g + 1) * kb];
-            for run in [&[0, 1, 2, 3][..], &[4, 5, 6], &[2, 3], &[6]] {
-                let mut generic = [[0f32; GROUP]; RUN];
-                dot_portable::<W>(wg, &q, run, &mut generic);
+            let runs =
+                [&[0, 1, 2, 3, 4, 5, 6, 7][..], &[9, 1, 2, 3, 4, 5, 6], &[0, 1, 2, 3], &[4, 5, 6], &[2, 3], &[6]];
+            for run in runs {
+                let mut generic = [[0f32; GROUP]; RUN_VNNI];
+                for (i, r) in run.chunks(RUN).enumerate() {
+                    let mut part = [[0f32; GROUP]; RUN];
+                    dot_portable::<W>(wg, &q, r, &mut part);
+                    generic[i * RUN..][..r.len()].copy_from_slice(&part[..r.len()]);
+                }
                 if cpu::detect().avx512_vnni {
                     // The 16-column kernel (whatever the cap: it is what this CPU runs), with this group in
                     // either half (its neighbour, or itself when it is the last, in the other).
@@ -661,13 +674,19 @@ mod tests {
                     for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
                         // Straight from the packed blocks, and unpacked once (the second call reuses
                         // what the first unpacked).
-                        let mut got = [[[0f32; 2 * GROUP]; RUN]; 3];
+                        let mut got = [[[0f32; 2 * GROUP]; RUN_VNNI]; 3];
                         x86::pair_vnni::<W>(a, b, &q, run, &mut got[0]);
+                        // The unpacked kernel's runs are four rows at most.
+                        let short = &run[..RUN.min(run.len())];
                         let mut unpacked = x86::Unpacked::default();
-                        unpacked.pair_vnni::<W>(half, a, b, &q, run, &mut got[1]);
-                        unpacked.pair_vnni::<W>(half, a, b, &q, run, &mut got[2]);
+                        for got in &mut got[1..] {
+                            let mut part = [[0f32; 2 * GROUP]; RUN];
+                            unpacked.pair_vnni::<W>(half, a, b, &q, short, &mut part);
+                            got[..RUN].copy_from_slice(&part);
+                        }
                         for (way, got) in got.iter().enumerate() {
-                            for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                            let len = if way == 0 { run.len() } else { short.len() };
+                            for (i, c) in (0..len).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
                                 let want = generic[i][c];
                                 let got = got[i][half * GROUP + c];
                                 assert_eq!(
@@ -680,6 +699,7 @@ mod tests {
                     }
                 }
                 for (name, dot) in &paths {
+                    let run = &run[..RUN.min(run.len())];
                     let mut got = [[0f32; GROUP]; RUN];
                     dot(wg, &q, run, &mut got);
                     for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {

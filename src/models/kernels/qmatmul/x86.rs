@@ -28,16 +28,16 @@ pub(crate) use by_rows;
 
 /// [`by_rows`] for kernels whose runs are up to eight rows.
 macro_rules! by_rows8 {
-    ($run:ident ($($arg:expr),*), $rows:expr, $tile:expr) => {
+    ($run:ident $(::<$g:ty>)? ($($arg:expr),*), $rows:expr, $tile:expr) => {
         match *$rows {
-            [a] => $run::<1>($($arg,)* &[a], $tile),
-            [a, b] => $run::<2>($($arg,)* &[a, b], $tile),
-            [a, b, c] => $run::<3>($($arg,)* &[a, b, c], $tile),
-            [a, b, c, d] => $run::<4>($($arg,)* &[a, b, c, d], $tile),
-            [a, b, c, d, e] => $run::<5>($($arg,)* &[a, b, c, d, e], $tile),
-            [a, b, c, d, e, f] => $run::<6>($($arg,)* &[a, b, c, d, e, f], $tile),
-            [a, b, c, d, e, f, g] => $run::<7>($($arg,)* &[a, b, c, d, e, f, g], $tile),
-            [a, b, c, d, e, f, g, h] => $run::<8>($($arg,)* &[a, b, c, d, e, f, g, h], $tile),
+            [a] => $run::<$($g,)? 1>($($arg,)* &[a], $tile),
+            [a, b] => $run::<$($g,)? 2>($($arg,)* &[a, b], $tile),
+            [a, b, c] => $run::<$($g,)? 3>($($arg,)* &[a, b, c], $tile),
+            [a, b, c, d] => $run::<$($g,)? 4>($($arg,)* &[a, b, c, d], $tile),
+            [a, b, c, d, e] => $run::<$($g,)? 5>($($arg,)* &[a, b, c, d, e], $tile),
+            [a, b, c, d, e, f] => $run::<$($g,)? 6>($($arg,)* &[a, b, c, d, e, f], $tile),
+            [a, b, c, d, e, f, g] => $run::<$($g,)? 7>($($arg,)* &[a, b, c, d, e, f, g], $tile),
+            [a, b, c, d, e, f, g, h] => $run::<$($g,)? 8>($($arg,)* &[a, b, c, d, e, f, g, h], $tile),
             _ => unreachable!("runs are one to eight rows"),
         }
     };
