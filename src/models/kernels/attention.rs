@@ -21,6 +21,11 @@ pub fn causal(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if super::cpu::features().avx512f && head_dim.is_multiple_of(16) {
+        // SAFETY: the CPU has AVX-512 F, AVX2 and FMA (detected at run time).
+        return unsafe { causal_avx512(q, k, v, start, n_head, n_kv, head_dim, window, heads, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::cpu::features().avx2_fma && head_dim.is_multiple_of(8) {
         // SAFETY: the CPU has AVX2 and FMA (detected at run time).
         return unsafe { causal_avx2(q, k, v, start, n_head, n_kv, head_dim, window, heads, out) };
@@ -37,6 +42,7 @@ pub fn causal(
         heads,
         out,
         scores_generic,
+        max_generic,
         weighted_sum_generic,
         exp_generic,
     )
@@ -71,10 +77,129 @@ unsafe fn causal_avx2(
         heads,
         out,
         |qh, k, kvw, off, keys, scale, scores| unsafe { scores_avx2(qh, k, kvw, off, keys, scale, scores) },
+        // SAFETY: as above.
+        |scores| unsafe { max_avx2(scores) },
         |o, v, kvw, off, first, probs, inv| unsafe { weighted_sum_avx2(o, v, kvw, off, first, probs, inv) },
         // SAFETY: as above.
         |scores, max| unsafe { super::expf::x86::exp_shifted(scores, max) },
     )
+}
+
+/// [`causal_avx2`] with the weighted sum of values in 512-bit registers: half the FMAs of a prompt's
+/// attention (the larger half of its time), the same FMAs per output value, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn causal_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    n_head: usize,
+    n_kv: usize,
+    hd: usize,
+    window: usize,
+    heads: Range<usize>,
+    out: &mut [f32],
+) {
+    assert!(hd.is_multiple_of(16), "head size {hd}: the AVX-512 path takes whole vectors");
+    // SAFETY: this function is compiled for AVX-512 F, AVX2 and FMA, which the kernels below need.
+    causal_generic(
+        q,
+        k,
+        v,
+        start,
+        n_head,
+        n_kv,
+        hd,
+        window,
+        heads,
+        out,
+        |qh, k, kvw, off, keys, scale, scores| unsafe { scores_avx2(qh, k, kvw, off, keys, scale, scores) },
+        // SAFETY: as above.
+        |scores| unsafe { max_avx2(scores) },
+        |o, v, kvw, off, first, probs, inv| unsafe { weighted_sum_avx512(o, v, kvw, off, first, probs, inv) },
+        // SAFETY: as above.
+        |scores, max| unsafe { super::expf::x86::exp_shifted(scores, max) },
+    )
+}
+
+/// The largest score, eight lanes at a time: [`max_generic`]'s value, whose scalar chain of `maxss`
+/// (four cycles each, and a NaN test) was ~2% of a prompt. `max_ps(s, m)` returns `m` when `s` is NaN,
+/// as `f32::max` ignores NaN; the maximum of the rest does not depend on the order but for the sign
+/// of a zero maximum, and `s - 0.0` equals `s - -0.0` for every `s` but -0.0, whose exponential is 1
+/// either way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_avx2(scores: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let chunks = scores.chunks_exact(8);
+    let rest = chunks.remainder();
+    // SAFETY: each load reads one whole chunk of eight.
+    let lanes = unsafe {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in chunks {
+            m = _mm256_max_ps(_mm256_loadu_ps(c.as_ptr()), m);
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        lanes
+    };
+    lanes.iter().chain(rest).fold(f32::NEG_INFINITY, |m, &s| m.max(s))
+}
+
+/// [`weighted_sum_avx2`] in 512-bit registers, up to 128 values (eight vectors) at a time; the same
+/// FMAs per output value in the same key order. Needs `o.len() % 16 == 0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+unsafe fn weighted_sum_avx512(
+    o: &mut [f32],
+    v: &[f32],
+    kv_width: usize,
+    off: usize,
+    first: usize,
+    probs: &[f32],
+    inv: f32,
+) {
+    use std::arch::x86_64::*;
+    /// `L` vectors of the output from column `c0`: a constant count, so the loop over them unrolls.
+    #[inline(always)]
+    unsafe fn part<const L: usize>(o: *mut f32, v: *const f32, kv_width: usize, first: usize, probs: &[f32], inv: f32) {
+        // SAFETY: the caller checked that every key row's `L` vectors from `v` lie inside the values, and
+        // `o`'s inside the output; inlined only into the AVX-512 function below.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); L];
+            for (t, &p) in (first..).zip(probs) {
+                let p = _mm512_set1_ps(p * inv);
+                let row = v.add(t * kv_width);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(16 * i)), *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(o.add(16 * i), *acc);
+            }
+        }
+    }
+    let hd = o.len();
+    assert!(hd.is_multiple_of(16) && (first + probs.len()) * kv_width <= v.len() && off + hd <= kv_width);
+    for c0 in (0..hd).step_by(128) {
+        let (o, v) = (o[c0..].as_mut_ptr(), v[off + c0..].as_ptr());
+        // SAFETY: vector `i` of part `c0` of key row `t < first + probs.len()` reads 16 floats at
+        // `off + c0 + 16i + 16 <= off + hd`, inside `v` (checked above); the stores stay inside `o`.
+        unsafe {
+            match (hd - c0).min(128) / 16 {
+                1 => part::<1>(o, v, kv_width, first, probs, inv),
+                2 => part::<2>(o, v, kv_width, first, probs, inv),
+                3 => part::<3>(o, v, kv_width, first, probs, inv),
+                4 => part::<4>(o, v, kv_width, first, probs, inv),
+                5 => part::<5>(o, v, kv_width, first, probs, inv),
+                6 => part::<6>(o, v, kv_width, first, probs, inv),
+                7 => part::<7>(o, v, kv_width, first, probs, inv),
+                _ => part::<8>(o, v, kv_width, first, probs, inv),
+            }
+        }
+    }
 }
 
 /// [`weighted_sum_generic`] with the output held in registers, 64 values (eight vectors) at a time,
@@ -209,6 +334,12 @@ fn weighted_sum_generic(o: &mut [f32], v: &[f32], kv_width: usize, off: usize, f
     }
 }
 
+/// The largest score, NaNs ignored (`f32::max`); negative infinity when there are none.
+#[inline(always)]
+fn max_generic(scores: &[f32]) -> f32 {
+    scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s))
+}
+
 /// `scores[i] = e^(scores[i] - max)` with libm's `expf` (what `super::expf` gives eight at a time).
 #[inline(always)]
 fn exp_generic(scores: &mut [f32], max: f32) {
@@ -250,6 +381,7 @@ fn causal_generic(
     heads: Range<usize>,
     out: &mut [f32],
     scores_of: impl Fn(&[f32], &[f32], usize, usize, std::ops::Range<usize>, f32, &mut Vec<f32>),
+    max_of: impl Fn(&[f32]) -> f32,
     weighted_sum: impl Fn(&mut [f32], &[f32], usize, usize, usize, &[f32], f32),
     exp_shifted: impl Fn(&mut [f32], f32),
 ) {
@@ -269,7 +401,7 @@ fn causal_generic(
             let qh = &q[j * q_width + head * hd..j * q_width + (head + 1) * hd];
             scores.clear();
             scores_of(qh, k, kv_width, kvh * hd, first..visible, scale, &mut scores);
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let max = max_of(&scores);
             // ggml sums the exponentials in double precision. libm's expf (or `super::expf`, its
             // bits eight at a time): llama.cpp's vectorized one (tried) moved the fidelity run away
             // from llama.cpp's reference (same-top 97.20% -> 96.80%).
@@ -307,41 +439,52 @@ mod tests {
         assert_eq!(both, [10.0, 20.0, 30.0, 40.0]);
     }
 
-    /// The AVX2 scores (eight keys at a time) are the generic code's bits, for rows that see key counts
-    /// of every remainder mod 8, with grouped heads and a window.
+    /// The AVX2 and AVX-512 paths (scores eight keys at a time, vector maxima, values' weighted sums in
+    /// 256- or 512-bit registers) are the generic code's bits, for rows that see key counts of every
+    /// remainder mod 8, with grouped heads, a window, and head sizes of one, four and nine 512-bit
+    /// vectors (the last in two parts).
     #[test]
     fn avx2_is_the_generic_code_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
         if crate::models::kernels::cpu::features().avx2_fma {
-            let (n_head, n_kv, hd, len) = (6, 2, 16, 37);
-            let val = |i: usize, m: usize| ((i * m % 1009) as f32 / 1009.0 - 0.5) * 3.0;
-            let k: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 7919)).collect();
-            let v: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 104_729)).collect();
-            for (start, window) in [(0, usize::MAX), (20, usize::MAX), (5, 11)] {
-                let n = len - start;
-                let q: Vec<f32> = (0..n * n_head * hd).map(|i| val(i, 31337)).collect();
-                let mut want = vec![0f32; n * n_head * hd];
-                let all = 0..n_head;
-                causal_generic(
-                    &q,
-                    &k,
-                    &v,
-                    start,
-                    n_head,
-                    n_kv,
-                    hd,
-                    window,
-                    all.clone(),
-                    &mut want,
-                    scores_generic,
-                    weighted_sum_generic,
-                    exp_generic,
-                );
-                let mut got = vec![0f32; n * n_head * hd];
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { causal_avx2(&q, &k, &v, start, n_head, n_kv, hd, window, all, &mut got) };
-                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "start {start} window {window}");
+            for hd in [16, 64, 144] {
+                let (n_head, n_kv, len) = (6, 2, 37);
+                let val = |i: usize, m: usize| ((i * m % 1009) as f32 / 1009.0 - 0.5) * 3.0;
+                let k: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 7919)).collect();
+                let v: Vec<f32> = (0..len * n_kv * hd).map(|i| val(i, 104_729)).collect();
+                for (start, window) in [(0, usize::MAX), (20, usize::MAX), (5, 11)] {
+                    let n = len - start;
+                    let q: Vec<f32> = (0..n * n_head * hd).map(|i| val(i, 31337)).collect();
+                    let mut want = vec![0f32; n * n_head * hd];
+                    let all = 0..n_head;
+                    causal_generic(
+                        &q,
+                        &k,
+                        &v,
+                        start,
+                        n_head,
+                        n_kv,
+                        hd,
+                        window,
+                        all.clone(),
+                        &mut want,
+                        scores_generic,
+                        max_generic,
+                        weighted_sum_generic,
+                        exp_generic,
+                    );
+                    let mut got = vec![0f32; n * n_head * hd];
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { causal_avx2(&q, &k, &v, start, n_head, n_kv, hd, window, all.clone(), &mut got) };
+                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "head size {hd} start {start} window {window}");
+                    if crate::models::kernels::cpu::features().avx512f {
+                        let mut got = vec![0f32; n * n_head * hd];
+                        // SAFETY: the CPU has AVX-512 F (checked above).
+                        unsafe { causal_avx512(&q, &k, &v, start, n_head, n_kv, hd, window, all, &mut got) };
+                        assert_eq!(bits(&got), bits(&want), "avx512: head size {hd} start {start} window {window}");
+                    }
+                }
             }
         }
     }
