@@ -18,6 +18,7 @@ use candle_core::{Device, Result, bail};
 
 pub use super::families::{Activation, LlamaConfig};
 use super::kernels::qmatmul::{QMatrix, QRows};
+use super::kernels::rope::Rotation;
 use super::kernels::team::{Disjoint, Team};
 
 /// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
@@ -377,8 +378,8 @@ impl Llama {
                 q = rms_norm(&q, &layer.q_norm, c.head_dim, c.rms_eps);
                 k = rms_norm(&k, &layer.k_norm, c.head_dim, c.rms_eps);
             }
-            rope.apply(&mut q, c.n_head, c.head_dim, c.rope_neox);
-            rope.apply(&mut k, c.n_kv_head, c.head_dim, c.rope_neox);
+            rope.apply(&mut q, c.n_head, c.head_dim);
+            rope.apply(&mut k, c.n_kv_head, c.head_dim);
             let mut attn = vec![0f32; total * q_dim];
             // Append the new keys and values, then attend: every (sequence, run of rows) is a task on the
             // team, so a long prompt's attention, and a batch's, is spread over the cores too.
@@ -596,34 +597,16 @@ pub(crate) fn rope_table(
 
 /// RoPE with the cos/sin of every row's position: llama's "normal" mode rotates adjacent pairs, NeoX's
 /// (Gemma, Qwen) pairs value `i` with value `i + dims / 2`.
-struct RopeRows {
-    /// Per row, `rope_dims / 2` (cos, sin) pairs.
-    table: Vec<(f32, f32)>,
-    half: usize,
-}
+struct RopeRows(Rotation);
 
 impl RopeRows {
     fn new(c: &LlamaConfig, base: f32, scale: f32, freqs: Option<&[f32]>, positions: &[usize]) -> Self {
-        Self { table: rope_table(c, base, scale, freqs, positions), half: c.rope_dims / 2 }
+        let table = rope_table(c, base, scale, freqs, positions);
+        Self(Rotation::new(&table, c.rope_dims / 2, c.rope_neox))
     }
 
-    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, neox: bool) {
-        let row_width = heads * head_dim;
-        let half = self.half;
-        Team::global().rows(x, row_width, &|r0, part| {
-            for (i, row) in part.chunks_exact_mut(row_width).enumerate() {
-                let r = r0 + i;
-                let cs = &self.table[r * half..(r + 1) * half];
-                for head in row.chunks_exact_mut(head_dim) {
-                    for (i, &(cos, sin)) in cs.iter().enumerate() {
-                        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
-                        let (x0, x1) = (head[a], head[b]);
-                        head[a] = x0 * cos - x1 * sin;
-                        head[b] = x0 * sin + x1 * cos;
-                    }
-                }
-            }
-        });
+    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize) {
+        Team::global().rows(x, heads * head_dim, &|r0, part| self.0.apply(part, r0, heads, head_dim));
     }
 }
 
