@@ -24,6 +24,11 @@ use super::kernels::team::{Disjoint, Team};
 /// Prompt rows per attention task: later rows see more positions, so small runs balance the cores.
 const ATTENTION_ROWS: usize = 16;
 
+/// Positions a sequence's KV cache has room for from its first step (then it doubles as it grows):
+/// 128 is 5.9 MB for SmolLM2 (30 layers of 192-wide f32 keys and values), less than doubling from a
+/// 20-token prompt leaves a 64-token reply holding (160 positions).
+const KV_RESERVE: usize = 128;
+
 /// A weight matrix in our weight-stationary kernels for every GGUF type (`qmatmul`). Other devices run
 /// the device-generic decoder (`llama_device`) on candle's kernels instead.
 struct Linear(QMatrix);
@@ -37,8 +42,8 @@ impl Linear {
     }
 
     /// `x @ w.T` for `rows` rows of `x`, flattened.
-    fn forward(&self, x: Vec<f32>, rows: usize) -> Result<Vec<f32>> {
-        Ok(self.0.forward(&x, rows))
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        Ok(self.0.forward(x, rows))
     }
 }
 
@@ -357,17 +362,20 @@ impl Llama {
         // Sliding-window layers take their own base and no scaling (llama.cpp's rope_freq_scale_train_swa).
         let rope_swa =
             c.window.iter().any(Option::is_some).then(|| RopeRows::new(c, c.rope_base_swa, 1.0, freqs, &pos_of));
+        // Buffers every layer overwrites whole: zero-filled once per step, not once per layer (the
+        // allocator's zeroing of fresh ones was ~2% of the engine thread at eight streams).
+        let (mut xn, mut attn, mut act) = (Vec::new(), vec![0f32; total * q_dim], Vec::new());
         for (li, layer) in self.layers.iter().enumerate() {
             let window = c.window[li];
             let rope = if window.is_some() { rope_swa.as_ref().unwrap_or(&rope) } else { &rope };
-            let xn = rms_norm(&x, &layer.attn_norm, h, c.rms_eps);
+            rms_norm_into(&x, &layer.attn_norm, h, c.rms_eps, &mut xn);
             let (mut q, mut k, mut v) = match &layer.qkv {
                 Qkv::Split { q, k, v } => {
                     let mut out = QMatrix::forward_many(&[&q.0, &k.0, &v.0], &xn, total).into_iter();
                     (out.next().unwrap(), out.next().unwrap(), out.next().unwrap())
                 }
                 Qkv::Fused(w) => {
-                    let mut parts = split_rows(&w.forward(xn, total)?, &[q_dim, kv_dim, kv_dim]).into_iter();
+                    let mut parts = split_rows(&w.forward(&xn, total)?, &[q_dim, kv_dim, kv_dim]).into_iter();
                     (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap())
                 }
             };
@@ -380,13 +388,20 @@ impl Llama {
             }
             rope.apply(&mut q, c.n_head, c.head_dim);
             rope.apply(&mut k, c.n_kv_head, c.head_dim);
-            let mut attn = vec![0f32; total * q_dim];
             // Append the new keys and values, then attend: every (sequence, run of rows) is a task on the
             // team, so a long prompt's attention, and a batch's, is spread over the cores too.
             let mut spans = Vec::with_capacity(steps.len());
             let mut row = 0;
             for s in steps.iter_mut() {
                 let n = s.tokens.len();
+                if s.cache.k[li].is_empty() {
+                    // Room for the first KV_RESERVE positions at once: growing from the prompt's length by
+                    // doubling copied a short request's whole cache two or three times (~2% of the engine
+                    // thread at eight streams of 20 + 64 tokens).
+                    let rows = (s.cache.len + n).max(KV_RESERVE);
+                    s.cache.k[li].reserve_exact(rows * kv_dim);
+                    s.cache.v[li].reserve_exact(rows * kv_dim);
+                }
                 s.cache.k[li].extend_from_slice(&k[row * kv_dim..(row + n) * kv_dim]);
                 s.cache.v[li].extend_from_slice(&v[row * kv_dim..(row + n) * kv_dim]);
                 spans.push((row, s.cache.len));
@@ -446,24 +461,24 @@ impl Llama {
                     o,
                 );
             });
-            let mut o = layer.wo.forward(attn, total)?;
+            let mut o = layer.wo.forward(&attn, total)?;
             if c.post_norms {
                 o = rms_norm(&o, &layer.post_attn_norm, h, c.rms_eps);
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            let xn = rms_norm(&x, &layer.ffn_norm, h, c.rms_eps);
+            rms_norm_into(&x, &layer.ffn_norm, h, c.rms_eps, &mut xn);
             let (gate, up) = match &layer.gate_up {
                 GateUp::Split { gate, up } => {
                     let mut out = QMatrix::forward_many(&[&gate.0, &up.0], &xn, total).into_iter();
                     (out.next().unwrap(), out.next().unwrap())
                 }
                 GateUp::Fused(w) => {
-                    let mut parts = split_rows(&w.forward(xn, total)?, &[c.n_ff, c.n_ff]).into_iter();
+                    let mut parts = split_rows(&w.forward(&xn, total)?, &[c.n_ff, c.n_ff]).into_iter();
                     (parts.next().unwrap(), parts.next().unwrap())
                 }
             };
-            let act = gated(&gate, &up, c.n_ff, c.activation);
-            let mut down = layer.w_down.forward(act, total)?;
+            gated_into(&gate, &up, c.n_ff, c.activation, &mut act);
+            let mut down = layer.w_down.forward(&act, total)?;
             if c.post_norms {
                 down = rms_norm(&down, &layer.post_ffn_norm, h, c.rms_eps);
             }
@@ -494,7 +509,7 @@ impl Llama {
         }
         let n_head_rows = head_rows.len() / h;
         let xn = rms_norm(&head_rows, &self.norm, h, c.rms_eps);
-        let logits = self.output.forward(xn, n_head_rows)?;
+        let logits = self.output.forward(&xn, n_head_rows)?;
         let vocab = c.vocab_size;
         if let [(i, 0, _)] = wanted[..] {
             // One sequence asked (single-stream decode, a prompt): its rows are the whole buffer.
@@ -517,8 +532,15 @@ impl Llama {
 
 /// RMSNorm per row as ggml computes it: the mean square in f64, then `x * (1/sqrt(mean + eps)) * w` in f32.
 fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    Team::global().rows(&mut out, width, &|r0, out| {
+    let mut out = Vec::new();
+    rms_norm_into(x, w, width, eps, &mut out);
+    out
+}
+
+/// [`rms_norm`] into `out`, resized to `x`'s length (zero-filled only where it grows).
+fn rms_norm_into(x: &[f32], w: &[f32], width: usize, eps: f32, out: &mut Vec<f32>) {
+    out.resize(x.len(), 0.0);
+    Team::global().rows(out, width, &|r0, out| {
         for (i, o) in out.chunks_exact_mut(width).enumerate() {
             let row = &x[(r0 + i) * width..(r0 + i + 1) * width];
             let mean = (sum_of_squares(row) / width as f64) as f32;
@@ -526,7 +548,6 @@ fn rms_norm(x: &[f32], w: &[f32], width: usize, eps: f32) -> Vec<f32> {
             o.iter_mut().zip(row.iter().zip(w)).for_each(|(o, (&v, &g))| *o = (v * scale) * g);
         }
     });
-    out
 }
 
 /// The sum of a row's squares (each squared in f32, as ggml does) in f64: eight running sums added
@@ -551,9 +572,10 @@ fn sum_of_squares(row: &[f32]) -> f64 {
 }
 
 /// The feed-forward gate: `act(gate) * up`, element by element, rows spread over the team.
-fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<f32> {
-    let mut out = vec![0f32; gate.len()];
-    Team::global().rows_from(2048, &mut out, width, &|r0, out| {
+/// The result goes to `out`, resized to `gate`'s length (zero-filled only where it grows).
+fn gated_into(gate: &[f32], up: &[f32], width: usize, activation: Activation, out: &mut Vec<f32>) {
+    out.resize(gate.len(), 0.0);
+    Team::global().rows_from(2048, out, width, &|r0, out| {
         let at = r0 * width..r0 * width + out.len();
         let (g, u) = (&gate[at.clone()], &up[at]);
         match activation {
@@ -567,7 +589,6 @@ fn gated(gate: &[f32], up: &[f32], width: usize, activation: Activation) -> Vec<
                 .for_each(|(o, (&g, &u))| *o = super::kernels::ops::gelu_tanh_ggml(g) * u),
         }
     });
-    out
 }
 
 /// Per position, `rope_dims / 2` (cos, sin) pairs, with ggml's angles: theta_scale = powf(base, -2/n_dims);
