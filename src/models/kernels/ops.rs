@@ -278,14 +278,29 @@ mod tests {
 /// GELU with the tanh approximation as ggml's CPU backend computes it (`GGML_GELU_FP16`): the input
 /// rounded to f16, looked up in a table of `gelu(x)` rounded to f16; 0 below -10 and `x` above 10.
 pub fn gelu_tanh_ggml(x: f32) -> f32 {
+    gelu_value(gelu_table(), x)
+}
+
+/// `out[i] = gelu_tanh_ggml(gate[i]) * up[i]`: the feed-forward gate of GELU models (Gemma). The AVX2
+/// path rounds eight inputs to f16 with one `vcvtps2ph` (round to nearest even, as `half` does); one
+/// value at a time, `half`'s conversion was a call with a CPU-feature test, ~4% of a Gemma 3 step at
+/// eight streams. Same table, same bits.
+pub fn gelu_tanh_gate(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == out.len() && up.len() == out.len());
+    let table = gelu_table();
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::features().avx2_fma {
+        // SAFETY: the CPU has AVX2 and F16C (every AVX2 CPU with FMA here does; `models::cpu`).
+        return unsafe { gelu_tanh_gate_avx2(table, gate, up, out) };
+    }
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = gelu_value(table, g) * u;
+    }
+}
+
+fn gelu_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    if x <= -10.0 {
-        return 0.0;
-    }
-    if x >= 10.0 {
-        return x;
-    }
-    let table = TABLE.get_or_init(|| {
+    TABLE.get_or_init(|| {
         const GELU_COEF_A: f32 = 0.044715;
         const SQRT_2_OVER_PI: f32 = 0.797_884_6;
         (0..=u16::MAX)
@@ -295,8 +310,52 @@ pub fn gelu_tanh_ggml(x: f32) -> f32 {
                 half::f16::from_f32(g).to_f32()
             })
             .collect()
-    });
+    })
+}
+
+#[inline(always)]
+fn gelu_value(table: &[f32], x: f32) -> f32 {
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
     table[half::f16::from_f32(x).to_bits() as usize]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gelu_tanh_gate_avx2(table: &[f32], gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(table.len(), 1 << 16);
+    let n = out.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` for all three slices (checked by the caller); a 16-bit index is
+        // inside the 65,536-entry table (checked above).
+        unsafe {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let mut bits = [0u16; 8];
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+            _mm_storeu_si128(bits.as_mut_ptr() as *mut __m128i, h);
+            let mut xs = [0f32; 8];
+            _mm256_storeu_ps(xs.as_mut_ptr(), x);
+            for j in 0..8 {
+                let x = xs[j];
+                let g = if x <= -10.0 {
+                    0.0
+                } else if x >= 10.0 {
+                    x
+                } else {
+                    *table.get_unchecked(bits[j] as usize)
+                };
+                *out.get_unchecked_mut(i + j) = g * *up.get_unchecked(i + j);
+            }
+        }
+    }
+    for j in n..out.len() {
+        out[j] = gelu_value(table, gate[j]) * up[j];
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +371,28 @@ mod gelu_tests {
         }
         assert_eq!(super::gelu_tanh_ggml(-11.0), 0.0);
         assert_eq!(super::gelu_tanh_ggml(12.5), 12.5);
+    }
+
+    /// The gate over slices (eight at a time where the CPU has AVX2) is the one-value function times
+    /// `up`, bit for bit: every f16 rounding boundary region, ties, the +-10 edges, subnormals, infinities
+    /// and a tail shorter than eight.
+    #[test]
+    fn the_gate_is_the_scalar_function_bit_for_bit() {
+        let mut gate: Vec<f32> = (-3000..3000).map(|i| i as f32 * 0.0041).collect();
+        gate.extend([-10.0, 10.0, -9.999_999, 9.999_999, -10.000_001, 10.000_001, 1e-8, -1e-8, 6e-5, 65519.0]);
+        gate.extend([f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.000_488_3, 1.000_976_6, 2049.0, 2051.0]);
+        // Values halfway between neighbouring f16s (ties go to even) and just either side.
+        for k in 0..200u32 {
+            let mid = f32::from_bits(0x3F80_0000 + (k << 13) + (1 << 12));
+            gate.extend([mid, f32::from_bits(mid.to_bits() - 1), f32::from_bits(mid.to_bits() + 1), -mid]);
+        }
+        gate.push(0.3);
+        let up: Vec<f32> = (0..gate.len()).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let mut out = vec![0f32; gate.len()];
+        super::gelu_tanh_gate(&gate, &up, &mut out);
+        for ((&g, &u), &o) in gate.iter().zip(&up).zip(&out) {
+            assert_eq!(o.to_bits(), (super::gelu_tanh_ggml(g) * u).to_bits(), "gate {g:e}");
+        }
     }
 
     /// erf by its series (|x| < 6 here), enough for a test's reference.
