@@ -10,7 +10,6 @@
 //! KV cache is f32, RMSNorm accumulates in f64, and RoPE angles are built by repeated f32
 //! multiplication as ggml builds them. Every row's result depends only on its own sequence, so a
 //! sequence decodes to the same tokens alone or in any batch.
-use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -44,6 +43,11 @@ impl Linear {
     /// `x @ w.T` for `rows` rows of `x`, flattened.
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         Ok(self.0.forward(x, rows))
+    }
+
+    /// [`Linear::forward`] with the rows of the result in one vector per part of `parts` rows.
+    fn forward_parts(&self, x: &[f32], parts: &[usize]) -> Vec<Vec<f32>> {
+        self.0.forward_parts(x, parts)
     }
 }
 
@@ -485,7 +489,7 @@ impl Llama {
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         // Only the rows whose logits are wanted go through the head: usually each sequence's last.
-        let mut wanted = Vec::new(); // (step, first head row, rows)
+        let mut wanted = Vec::new(); // (step, rows)
         let mut head_rows = Vec::new();
         let mut row = 0;
         for (i, s) in steps.iter_mut().enumerate() {
@@ -499,7 +503,7 @@ impl Llama {
                 Logits::All => n,
             };
             if take > 0 {
-                wanted.push((i, head_rows.len() / h, take));
+                wanted.push((i, take));
                 head_rows.extend_from_slice(&x[(row - take) * h..row * h]);
             }
         }
@@ -507,24 +511,12 @@ impl Llama {
         if wanted.is_empty() {
             return Ok(out);
         }
-        let n_head_rows = head_rows.len() / h;
         let xn = rms_norm(&head_rows, &self.norm, h, c.rms_eps);
-        let logits = self.output.forward(&xn, n_head_rows)?;
-        let vocab = c.vocab_size;
-        if let [(i, 0, _)] = wanted[..] {
-            // One sequence asked (single-stream decode, a prompt): its rows are the whole buffer.
-            out[i] = Some(logits);
-            return Ok(out);
-        }
-        // Each sequence's rows into a vector of its own, one task per sequence: 16 rows' logits are
-        // 3 MB, and copying them on the engine thread alone left the team idle for ~2% of the step.
-        let parts: Vec<OnceLock<Vec<f32>>> = wanted.iter().map(|_| OnceLock::new()).collect();
-        Team::global().run(wanted.len(), &|t| {
-            let (_, first, take) = wanted[t];
-            let _ = parts[t].set(logits[first * vocab..(first + take) * vocab].to_vec());
-        });
-        for ((i, _, _), part) in wanted.iter().zip(parts) {
-            out[*i] = part.into_inner();
+        // Each sequence's rows straight into a vector of its own: 16 rows' logits are 3 MB (Gemma 3's,
+        // 16 MB), and copying them out of one buffer was ~2% of an eight-stream step.
+        let parts: Vec<usize> = wanted.iter().map(|&(_, take)| take).collect();
+        for ((i, _), logits) in wanted.iter().zip(self.output.forward_parts(&xn, &parts)) {
+            out[*i] = Some(logits);
         }
         Ok(out)
     }

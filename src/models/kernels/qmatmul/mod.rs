@@ -32,10 +32,13 @@ use q8_0::Q8Matrix;
 
 use super::team::Team;
 
-/// Where a kernel writes its results: `rows x n`, row-major. Each task owns a disjoint range of
-/// columns, so concurrent writes never touch the same element.
+/// Where a kernel writes its results: `rows x n`, row-major in one buffer, or with each row at a
+/// pointer of its own (rows of several buffers: each sequence's logits). Each task owns a disjoint
+/// range of columns, so concurrent writes never touch the same element.
 pub(crate) struct Out {
     ptr: *mut f32,
+    /// Row `r`'s first value, when the rows are not one buffer (else empty).
+    bases: Vec<*mut f32>,
     rows: usize,
     n: usize,
 }
@@ -47,14 +50,33 @@ impl Out {
     /// Tasks' view of `buf`, `rows x n` row-major; `buf` must outlive every task writing through it.
     pub(crate) fn new(buf: &mut [f32], rows: usize, n: usize) -> Self {
         assert_eq!(buf.len(), rows * n);
-        Self { ptr: buf.as_mut_ptr(), rows, n }
+        Self { ptr: buf.as_mut_ptr(), bases: Vec::new(), rows, n }
     }
 
     /// The same over `buf`'s allocation, `rows x n` values of it, which may not be written yet (only
     /// raw pointers touch them until the caller sets the length once the tasks are done).
     fn unwritten(buf: &mut Vec<f32>, rows: usize, n: usize) -> Self {
         assert!(buf.capacity() >= rows * n);
-        Self { ptr: buf.as_mut_ptr(), rows, n }
+        Self { ptr: buf.as_mut_ptr(), bases: Vec::new(), rows, n }
+    }
+
+    /// [`Out::unwritten`] over several buffers in turn, `bufs[i]` holding the next `parts[i]` rows.
+    fn unwritten_parts(bufs: &mut [Vec<f32>], parts: &[usize], n: usize) -> Self {
+        assert_eq!(bufs.len(), parts.len());
+        let mut bases = Vec::with_capacity(parts.iter().sum());
+        for (buf, &rows) in bufs.iter_mut().zip(parts) {
+            assert!(buf.capacity() >= rows * n);
+            // SAFETY: row `j < rows` starts at `j * n`, inside the buffer's allocation (checked above).
+            bases.extend((0..rows).map(|j| unsafe { buf.as_mut_ptr().add(j * n) }));
+        }
+        Self { ptr: std::ptr::null_mut(), rows: bases.len(), bases, n }
+    }
+
+    /// Row `r`'s first value (`r < rows`).
+    #[inline(always)]
+    unsafe fn row(&self, r: usize) -> *mut f32 {
+        // SAFETY: `r < rows` (the callers check), so inside the one buffer or a row of `bases`.
+        if self.bases.is_empty() { unsafe { self.ptr.add(r * self.n) } } else { self.bases[r] }
     }
 
     /// # Safety
@@ -64,7 +86,7 @@ impl Out {
     pub(crate) unsafe fn set(&self, r: usize, c: usize, v: f32) {
         assert!(r < self.rows && c < self.n);
         // SAFETY: in bounds (checked above) and owned by the calling task (the caller's promise).
-        unsafe { *self.ptr.add(r * self.n + c) = v }
+        unsafe { *self.row(r).add(c) = v }
     }
 
     /// Writes `vals` to row `r`, columns `c..c + vals.len()`.
@@ -77,7 +99,7 @@ impl Out {
         assert!(r < self.rows && c + vals.len() <= self.n);
         // SAFETY: in bounds (checked above) and owned by the calling task (the caller's promise).
         unsafe {
-            let dst = self.ptr.add(r * self.n + c);
+            let dst = self.row(r).add(c);
             if vals.len() == GROUP {
                 // A whole group, the common case: a fixed-size copy the compiler keeps in registers. The
                 // general copy was a call to libc's memmove per 32 bytes, ~2% of a 16-row decode step.
@@ -212,6 +234,37 @@ fn matmul_many<K: Kernel>(kernels: &[&K], x: &[f32], rows: usize) -> Vec<Vec<f32
     let mut outs: Vec<Vec<f32>> = kernels.iter().map(|m| output_buffer(rows * m.out_features())).collect();
     let views: Vec<Out> =
         outs.iter_mut().zip(kernels).map(|(o, m)| Out::unwritten(o, rows, m.out_features())).collect();
+    run_columns(kernels, &act, rows, &views);
+    drop(views);
+    for (o, m) in outs.iter_mut().zip(kernels) {
+        // SAFETY: the tasks' column chunks cover `0..n` and each `columns` call wrote every row of its
+        // chunk (the `Kernel` contract, which the NaN-poisoned debug builds test); the region is over.
+        unsafe { o.set_len(rows * m.out_features()) }
+    }
+    outs
+}
+
+/// [`matmul`] with the result's rows in buffers of their own: the first `parts[0]` rows in the first,
+/// and so on (each sequence's logits, written where the engine takes them instead of copied there
+/// from one buffer: 8 MB a step for Gemma 3's 262k-token vocabulary at eight streams).
+fn matmul_parts<K: Kernel>(kernel: &K, x: &[f32], parts: &[usize]) -> Vec<Vec<f32>> {
+    let (k, n, rows) = (kernel.in_features(), kernel.out_features(), parts.iter().sum::<usize>());
+    assert_eq!(x.len(), rows * k, "activations are {} values, expected {rows} x {k}", x.len());
+    let act = kernel.quantize(x, rows);
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|&p| output_buffer(p * n)).collect();
+    let view = Out::unwritten_parts(&mut outs, parts, n);
+    run_columns(&[kernel], &act, rows, std::slice::from_ref(&view));
+    drop(view);
+    for (o, &p) in outs.iter_mut().zip(parts) {
+        // SAFETY: as in `matmul_many`: every row of every part was written, and the region is over.
+        unsafe { o.set_len(p * n) }
+    }
+    outs
+}
+
+/// The parallel region of a product: every kernel's columns in chunks, as tasks on the team, each
+/// writing its chunk of every row into the kernel's view.
+fn run_columns<K: Kernel>(kernels: &[&K], act: &K::Act, rows: usize, views: &[Out]) {
     let team = Team::global();
     let chunk = column_chunk(kernels.iter().map(|m| m.out_features()).sum(), rows, team.threads());
     let tasks: Vec<(usize, Range<usize>)> = kernels
@@ -224,15 +277,8 @@ fn matmul_many<K: Kernel>(kernels: &[&K], x: &[f32], rows: usize) -> Vec<Vec<f32
         .collect();
     team.run(tasks.len(), &|t| {
         let (i, ref cols) = tasks[t];
-        kernels[i].columns(&act, rows, cols.clone(), &views[i])
+        kernels[i].columns(act, rows, cols.clone(), &views[i])
     });
-    drop(views);
-    for (o, m) in outs.iter_mut().zip(kernels) {
-        // SAFETY: the tasks' column chunks cover `0..n` and each `columns` call wrote every row of its
-        // chunk (the `Kernel` contract, which the NaN-poisoned debug builds test); the region is over.
-        unsafe { o.set_len(rows * m.out_features()) }
-    }
-    outs
 }
 
 /// A product's output buffer, with room for `len` values, before the tasks write every one of them.
@@ -480,6 +526,12 @@ impl QMatrix {
         each!(self, m => matmul(m, x, rows))
     }
 
+    /// [`QMatrix::forward`] of `parts.iter().sum()` rows, returned as one buffer per part (the first
+    /// `parts[0]` rows, then the next `parts[1]`, ...): the same bits, without copying the parts out.
+    pub fn forward_parts(&self, x: &[f32], parts: &[usize]) -> Vec<Vec<f32>> {
+        each!(self, m => matmul_parts(m, x, parts))
+    }
+
     /// Each matrix's `forward` of the same `x` (Q, K and V; gate and up). Matrices of one weight type,
     /// the usual case, share one quantization of `x` and one parallel region: a decode step had
     /// quantized each layer's input five times and paid for five regions, two of them only 192 columns
@@ -592,6 +644,31 @@ mod tests {
     }
 
     /// A row looked up in its blocks is the whole matrix's dequantization, row for row.
+    /// A product returned in parts (each sequence's logits) is the whole product's rows, bit for bit,
+    /// for every weight type and parts of one row and of several, with a padded last group.
+    #[test]
+    fn a_product_in_parts_is_the_whole_product() {
+        let dev = Device::Cpu;
+        for dtype in TYPES {
+            let (n, k) = (45, 2 * dtype.block_size().max(32));
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(), dtype).unwrap();
+            let m = QMatrix::from_qtensor(&q).unwrap();
+            let parts = [1, 3, 1, 5, 2];
+            let rows: usize = parts.iter().sum();
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let whole = m.forward(&x, rows);
+            let got = m.forward_parts(&x, &parts);
+            assert_eq!(got.len(), parts.len());
+            let mut first = 0;
+            for (part, &p) in got.iter().zip(&parts) {
+                let want = &whole[first * n..(first + p) * n];
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(part), bits(want), "{dtype:?} rows {first}..{}", first + p);
+                first += p;
+            }
+        }
+    }
+
     #[test]
     fn rows_dequantize_as_the_whole_matrix_does() {
         let dev = Device::Cpu;
