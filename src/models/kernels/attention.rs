@@ -64,25 +64,12 @@ unsafe fn causal_avx2(
     out: &mut [f32],
 ) {
     assert!(hd.is_multiple_of(8), "head size {hd}: the AVX2 path takes whole vectors");
-    // SAFETY: this function is compiled for AVX2 and FMA, which `scores_avx2` and `weighted_sum_avx2` need.
-    causal_generic(
-        q,
-        k,
-        v,
-        start,
-        n_head,
-        n_kv,
-        hd,
-        window,
-        heads,
-        out,
-        |qh, k, kvw, off, keys, scale, scores| unsafe { scores_avx2(qh, k, kvw, off, keys, scale, scores) },
-        // SAFETY: as above.
-        |scores| unsafe { max_avx2(scores) },
-        |o, v, kvw, off, first, probs, inv| unsafe { weighted_sum_avx2(o, v, kvw, off, first, probs, inv) },
-        // SAFETY: as above.
-        |scores, max| unsafe { super::expf::x86::exp_shifted(scores, max) },
-    )
+    // SAFETY: this function is compiled for AVX2 and FMA, which `causal_x86` and `weighted_sum_avx2` need.
+    unsafe {
+        causal_x86(q, k, v, start, n_head, n_kv, hd, window, heads, out, |o, v, kvw, off, first, probs, inv| {
+            weighted_sum_avx2(o, v, kvw, off, first, probs, inv)
+        })
+    }
 }
 
 /// [`causal_avx2`] with the weighted sum of values in 512-bit registers: half the FMAs of a prompt's
@@ -103,7 +90,36 @@ unsafe fn causal_avx512(
     out: &mut [f32],
 ) {
     assert!(hd.is_multiple_of(16), "head size {hd}: the AVX-512 path takes whole vectors");
-    // SAFETY: this function is compiled for AVX-512 F, AVX2 and FMA, which the kernels below need.
+    // SAFETY: this function is compiled for AVX-512 F, AVX2 and FMA, which `causal_x86` and
+    // `weighted_sum_avx512` need.
+    unsafe {
+        causal_x86(q, k, v, start, n_head, n_kv, hd, window, heads, out, |o, v, kvw, off, first, probs, inv| {
+            weighted_sum_avx512(o, v, kvw, off, first, probs, inv)
+        })
+    }
+}
+
+/// The x86 paths' shared part: scores eight keys at a time, vector maxima and glibc's `expf` eight
+/// lanes at a time, with the caller's weighted sum of values.
+///
+/// # Safety
+/// Inlined only into functions compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn causal_x86(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    n_head: usize,
+    n_kv: usize,
+    hd: usize,
+    window: usize,
+    heads: Range<usize>,
+    out: &mut [f32],
+    weighted_sum: impl Fn(&mut [f32], &[f32], usize, usize, usize, &[f32], f32),
+) {
     causal_generic(
         q,
         k,
@@ -115,10 +131,11 @@ unsafe fn causal_avx512(
         window,
         heads,
         out,
+        // SAFETY: the caller is compiled for AVX2 and FMA, which these need.
         |qh, k, kvw, off, keys, scale, scores| unsafe { scores_avx2(qh, k, kvw, off, keys, scale, scores) },
         // SAFETY: as above.
         |scores| unsafe { max_avx2(scores) },
-        |o, v, kvw, off, first, probs, inv| unsafe { weighted_sum_avx512(o, v, kvw, off, first, probs, inv) },
+        weighted_sum,
         // SAFETY: as above.
         |scores, max| unsafe { super::expf::x86::exp_shifted(scores, max) },
     )
