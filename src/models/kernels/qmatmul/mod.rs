@@ -106,6 +106,8 @@ impl Out {
                 (dst as *mut [f32; GROUP]).write_unaligned(*(vals.as_ptr() as *const [f32; GROUP]));
             } else if vals.len() == 2 * GROUP {
                 (dst as *mut [f32; 2 * GROUP]).write_unaligned(*(vals.as_ptr() as *const [f32; 2 * GROUP]));
+            } else if vals.len() == 4 * GROUP {
+                (dst as *mut [f32; 4 * GROUP]).write_unaligned(*(vals.as_ptr() as *const [f32; 4 * GROUP]));
             } else {
                 std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, vals.len())
             }
@@ -190,9 +192,14 @@ pub(crate) fn column_tiles<const N: usize, const W: usize>(
 /// 16 columns (a 64-byte line of one output row, so no two tasks write the same cache line in a decode
 /// step; a multiple of [`GROUP`], so no weight group straddles two tasks). How columns are split never
 /// changes a bit of the result.
+///
+/// Above 16 rows, multiples of 32: the Q8_0-family kernels there take 32-column tiles, and a chunk of
+/// an odd number of 16s leaves one half-width tile per chunk (a third of the tiles in a 1536-column
+/// matrix's 48-column chunks).
 fn column_chunk(n: usize, rows: usize, threads: usize) -> usize {
     let per_thread = if rows >= 4 { 16 } else { 8 };
-    n.div_ceil(threads * per_thread).next_multiple_of(16).clamp(16, 512)
+    let unit = if rows > 16 { 32 } else { 16 };
+    n.div_ceil(threads * per_thread).next_multiple_of(unit).clamp(unit, 512)
 }
 
 pub(crate) fn matmul<K: Kernel>(kernel: &K, x: &[f32], rows: usize) -> Vec<f32> {

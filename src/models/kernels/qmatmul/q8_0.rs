@@ -30,16 +30,23 @@ use crate::models::kernels::cpu;
 
 const QK: usize = 32;
 
-/// Activation rows per run of a tile: one unpacked weight vector serves four rows (two registers per
+/// Activation rows per run of the AVX2 kernel's tile: one unpacked weight vector serves four rows (two registers per
 /// row: its block's integer sums and its f32 accumulator).
 const RUN: usize = 4;
 
 /// Rows per run of the AVX-512 VNNI kernel on packed weights: eight (two registers a row of their 32),
 /// so a weight vector is unpacked once for eight rows, not twice: an eight-stream decode step is bound
 /// by these instructions, not by the weights' bytes (kernel bench, 8 rows: Q8_0 31.9 -> 25.2 us). The
-/// kernel on [`x86::Unpacked`] weights keeps runs of four: at 64 rows, runs of eight were ~10% slower.
-/// A row's arithmetic is the same either way, so are its bits.
+/// kernel on [`x86::Unpacked`] weights takes wider tiles instead ([`WIDE`], [`WIDE_RUN`]). A row's
+/// arithmetic is the same either way, so are its bits.
 const RUN_VNNI: usize = 8;
+
+/// Columns per tile of the kernel on [`x86::Unpacked`] weights: two pairs of groups.
+const WIDE: usize = 4 * GROUP;
+
+/// Rows per run over a [`WIDE`] tile: 12 integer sums and 12 accumulators in registers, two weight
+/// vectors per step. Kernel bench, Q5_0 1536x512 x 64 rows: 135 us with four, 130 with six.
+const WIDE_RUN: usize = 6;
 
 /// One block of activations quantized to Q8_0 (the f16 scale kept as the f32 it converts to), and the
 /// offset correction of each lane: `-offset * (qs[4v] + .. + qs[4v + 3])` for the weight type's
@@ -290,11 +297,24 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
                     x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
                 });
             } else {
-                // Several runs of rows over each tile: unpack its weights once for all of them.
+                // Several runs of rows over each tile: unpack its weights once for all of them. Tiles of
+                // 32 columns (two 512-bit weight vectors a step), so that each activation broadcast
+                // feeds two `vpdpbusd`, not one: with 16 columns the kernel issued more loads than
+                // products. A chunk's last 16 columns, when it has an odd number, are a tile alone.
                 let mut unpacked = x86::Unpacked::default();
-                super::column_tiles(rows, cols, out, |g, run, tile| {
-                    unpacked.pair_vnni::<W>(g, blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
-                });
+                let group = |g: usize| blocks(g.min(groups - 1));
+                for rb in (0..rows).step_by(super::ROW_BLOCK) {
+                    let re = (rb + super::ROW_BLOCK).min(rows);
+                    for c0 in cols.clone().step_by(WIDE) {
+                        let width = (cols.end - c0).min(WIDE);
+                        let g = c0 / GROUP;
+                        let pairs = if width > 2 * GROUP { 2 } else { 1 };
+                        let tiles = [group(g), group(g + 1), group(g + 2), group(g + 3)];
+                        // SAFETY: this CPU has AVX-512 VNNI (checked above); `c0..c0 + width` is within
+                        // `cols`, this task's own columns.
+                        unsafe { unpacked.wide_vnni::<W>((g, pairs), tiles, pairs, q, rb..re, (c0, width), out) };
+                    }
+                }
             }
             return;
         }
@@ -327,11 +347,13 @@ fn dot_portable<W: Q8Weights>(wg: &[Group8<W::Packed>], q: &Q8_0Rows, rows: &[us
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::Out;
     use super::super::x86::{
         by_rows, by_rows8, bytes, chunk_pair, half_pair, half8, lane_sums_avx2, nibbles, nibbles_pair, prefetch_ahead,
         quad, quad512,
     };
-    use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN, RUN_VNNI};
+    use super::{DotFn, GROUP, Group8, Q8_0Block, Q8_0Rows, Q8Weights, RUN, RUN_VNNI, WIDE, WIDE_RUN};
+    use std::ops::Range;
 
     /// Weight vector `v` of a packed block (column values `4v..4v + 4`) in registers, per path.
     pub trait Unpack: Q8Weights {
@@ -463,90 +485,178 @@ mod x86 {
         unsafe { by_rows8!(sums::<W>(a, b, q), rows, tile) }
     }
 
-    /// Two groups' weights unpacked (offset bytes, and the scales as f32) for every run of rows that
-    /// goes over them: a prefill or a many-row decode step runs several runs of rows per tile, and on
-    /// AVX-512 the unpacking (shifts, masks, inserts) competes with `vpdpbusd` for the same two ports,
-    /// once per run. Loaded back from L1 it costs no ALU port.
+    /// One or two pairs of groups' weights unpacked (offset bytes, and the scales as f32) for every run
+    /// of rows that goes over them: a prefill or a many-row decode step runs several runs of rows per
+    /// tile, and on AVX-512 the unpacking (shifts, masks, inserts) competes with `vpdpbusd` for the same
+    /// two ports, once per run. Loaded back from L1 it costs no ALU port.
     #[derive(Default)]
     pub struct Unpacked {
-        /// The tile these hold, or none yet.
-        g: Option<usize>,
-        w: Vec<__m512i>,
-        d: Vec<__m512>,
+        /// The tile these hold (its first group and how many pairs), or none yet.
+        key: Option<(usize, usize)>,
+        /// Per pair, block `k`'s eight weight vectors at `8k..8k + 8`.
+        w: [Vec<__m512i>; 2],
+        /// Per pair, block `k`'s sixteen scales.
+        d: [Vec<__m512>; 2],
     }
 
     impl Unpacked {
-        /// [`pair_vnni`] for tile `g`, whose groups are `a` and `b`, unpacking them only when `g` is not
-        /// the tile unpacked last. The same bits: the same integers and float operations per column.
-        pub fn pair_vnni<W: Unpack>(
+        /// Writes rows `rows` of columns `cols.0..cols.0 + cols.1` (at most `16 * pairs` of them) into
+        /// `out`: the products with the groups in `groups` (`groups[2t]` and `groups[2t + 1]` are pair
+        /// `t`), in runs of [`WIDE_RUN`] rows, unpacking them only when `key` differs from the tile unpacked
+        /// last. Per column it is [`pair_vnni`]'s arithmetic, operation for operation: the same integers,
+        /// the same float operations in the same order, so the same bits.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512 F, BW, VNNI and VL besides AVX2, FMA and F16C (models::cpu's
+        /// `avx512_vnni`), and the columns must be the calling task's own (see [`Out::set_span`]).
+        /// Compiled for those features, so that no legacy SSE code runs between the kernels, and each
+        /// run's rows are `r0..r0 + R`, passed as `r0`: a row array built on the stack and read back
+        /// whole (a store forward that fails) held a sixth of this path's samples.
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+        pub unsafe fn wide_vnni<W: Unpack>(
             &mut self,
-            g: usize,
-            a: &[Group8<W::Packed>],
-            b: &[Group8<W::Packed>],
+            key: (usize, usize),
+            groups: [&[Group8<W::Packed>]; 4],
+            pairs: usize,
             q: &Q8_0Rows,
-            rows: &[usize],
-            tile: &mut [[f32; 2 * GROUP]; RUN],
+            rows: Range<usize>,
+            (c0, width): (usize, usize),
+            out: &Out,
         ) {
-            // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
-            // (models::cpu's `avx512_vnni`).
+            assert!((pairs == 1 || pairs == 2) && width <= 2 * GROUP * pairs);
+            // SAFETY: compiled for the features the kernels use (the caller's promise that they run);
+            // the columns are the caller's.
             unsafe {
-                if self.g != Some(g) {
-                    self.fill::<W>(a, b);
-                    self.g = Some(g);
+                if self.key != Some(key) {
+                    for t in 0..pairs {
+                        self.fill::<W>(t, groups[2 * t], groups[2 * t + 1]);
+                    }
+                    self.key = Some(key);
                 }
-                by_rows!(sums_unpacked(&self.w, &self.d, q), rows, tile)
+                let (w, d) = (&self.w, &self.d);
+                let mut tile = [[0f32; WIDE]; WIDE_RUN];
+                for r0 in rows.clone().step_by(WIDE_RUN) {
+                    let n = (rows.end - r0).min(WIDE_RUN);
+                    match (pairs, n) {
+                        (1, 6) => sums_unpacked1::<6>(w, d, q, r0, &mut tile),
+                        (1, 5) => sums_unpacked1::<5>(w, d, q, r0, &mut tile),
+                        (1, 4) => sums_unpacked1::<4>(w, d, q, r0, &mut tile),
+                        (1, 3) => sums_unpacked1::<3>(w, d, q, r0, &mut tile),
+                        (1, 2) => sums_unpacked1::<2>(w, d, q, r0, &mut tile),
+                        (1, _) => sums_unpacked1::<1>(w, d, q, r0, &mut tile),
+                        (_, 6) => sums_unpacked2::<6>(w, d, q, r0, &mut tile),
+                        (_, 5) => sums_unpacked2::<5>(w, d, q, r0, &mut tile),
+                        (_, 4) => sums_unpacked2::<4>(w, d, q, r0, &mut tile),
+                        (_, 3) => sums_unpacked2::<3>(w, d, q, r0, &mut tile),
+                        (_, 2) => sums_unpacked2::<2>(w, d, q, r0, &mut tile),
+                        (_, _) => sums_unpacked2::<1>(w, d, q, r0, &mut tile),
+                    }
+                    for (i, row) in tile.iter().enumerate().take(n) {
+                        out.set_span(r0 + i, c0, &row[..width]);
+                    }
+                }
             }
         }
 
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-        unsafe fn fill<W: Unpack>(&mut self, a: &[Group8<W::Packed>], b: &[Group8<W::Packed>]) {
+        unsafe fn fill<W: Unpack>(&mut self, t: usize, a: &[Group8<W::Packed>], b: &[Group8<W::Packed>]) {
             assert_eq!(a.len(), b.len());
             let kb = a.len();
-            self.w.resize(8 * kb, _mm512_setzero_si512());
-            self.d.resize(kb, _mm512_setzero_ps());
+            let (w, d) = (&mut self.w[t], &mut self.d[t]);
+            w.resize(8 * kb, _mm512_setzero_si512());
+            d.resize(kb, _mm512_setzero_ps());
             // SAFETY: compiled for AVX-512 F and BW; the unpacking reads whole arrays.
             unsafe {
                 for (k, (wa, wb)) in a.iter().zip(b).enumerate() {
                     prefetch_ahead(wa);
                     prefetch_ahead(wb);
                     for v in 0..8 {
-                        self.w[8 * k + v] = W::unsigned_pair(&wa.qs, &wb.qs, v);
+                        w[8 * k + v] = W::unsigned_pair(&wa.qs, &wb.qs, v);
                     }
-                    self.d[k] = half_pair(&wa.d, &wb.d);
+                    d[k] = half_pair(&wa.d, &wb.d);
                 }
             }
         }
     }
 
-    /// [`sums`] on weights [`Unpacked`] already: per block, eight vectors then its scales.
+    /// [`sums_unpacked`] of one pair (16 columns).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-    unsafe fn sums_unpacked<const R: usize>(
-        w: &[__m512i],
-        d: &[__m512],
+    #[inline(never)]
+    unsafe fn sums_unpacked1<const R: usize>(
+        w: &[Vec<__m512i>; 2],
+        d: &[Vec<__m512>; 2],
         q: &Q8_0Rows,
-        rows: &[usize; R],
-        tile: &mut [[f32; 2 * GROUP]; RUN],
+        r0: usize,
+        tile: &mut [[f32; WIDE]; WIDE_RUN],
     ) {
-        let kb = d.len();
-        assert_eq!(w.len(), 8 * kb);
-        // SAFETY: compiled for AVX-512 F, BW, VNNI and VL.
+        // SAFETY: compiled for the features `sums_unpacked` uses.
+        unsafe { sums_unpacked::<1, R>(w, d, q, r0, tile) }
+    }
+
+    /// [`sums_unpacked`] of two pairs (32 columns).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    #[inline(never)]
+    unsafe fn sums_unpacked2<const R: usize>(
+        w: &[Vec<__m512i>; 2],
+        d: &[Vec<__m512>; 2],
+        q: &Q8_0Rows,
+        r0: usize,
+        tile: &mut [[f32; WIDE]; WIDE_RUN],
+    ) {
+        // SAFETY: compiled for the features `sums_unpacked` uses.
+        unsafe { sums_unpacked::<2, R>(w, d, q, r0, tile) }
+    }
+
+    /// [`sums`] on `T` pairs of weights [`Unpacked`] already: per block, eight steps (each one activation
+    /// broadcast per row against `T` weight vectors), then its scales.
+    #[inline(always)]
+    unsafe fn sums_unpacked<const T: usize, const R: usize>(
+        w: &[Vec<__m512i>; 2],
+        d: &[Vec<__m512>; 2],
+        q: &Q8_0Rows,
+        r0: usize,
+        tile: &mut [[f32; WIDE]; WIDE_RUN],
+    ) {
+        let kb = d[0].len();
+        assert!(R <= WIDE_RUN && (r0 + R) * kb <= q.len());
+        for t in 0..T {
+            assert!(w[t].len() == 8 * kb && d[t].len() == kb);
+        }
+        // SAFETY: inlined only into functions compiled for AVX-512 F, BW, VNNI and VL; the indexing
+        // is within the lengths checked above.
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for (k, (w, &d)) in w.chunks_exact(8).zip(d).enumerate() {
-                let x = |i: usize| &q[rows[i] * kb + k];
-                let mut isum: [__m512i; R] = std::array::from_fn(|i| _mm512_set1_epi32(x(i).corr_all));
-                for (v, &w) in w.iter().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            for k in 0..kb {
+                let x = |i: usize| q.get_unchecked((r0 + i) * kb + k);
+                let mut isum = [[_mm512_setzero_si512(); T]; R];
+                for (i, isum) in isum.iter_mut().enumerate() {
+                    *isum = [_mm512_set1_epi32(x(i).corr_all); T];
+                }
+                for v in 0..8 {
+                    let mut wv = [_mm512_setzero_si512(); T];
+                    for (t, wv) in wv.iter_mut().enumerate() {
+                        *wv = *w[t].get_unchecked(8 * k + v);
+                    }
                     for (i, isum) in isum.iter_mut().enumerate() {
-                        *isum = _mm512_dpbusd_epi32(*isum, w, quad512(&x(i).qs, v));
+                        let quad = quad512(&x(i).qs, v);
+                        for t in 0..T {
+                            isum[t] = _mm512_dpbusd_epi32(isum[t], wv[t], quad);
+                        }
                     }
                 }
                 for i in 0..R {
-                    let dd = _mm512_mul_ps(d, _mm512_set1_ps(x(i).d));
-                    acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dd));
+                    let xd = _mm512_set1_ps(x(i).d);
+                    for t in 0..T {
+                        let dd = _mm512_mul_ps(*d[t].get_unchecked(k), xd);
+                        acc[i][t] = _mm512_add_ps(acc[i][t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i][t]), dd));
+                    }
                 }
             }
             for i in 0..R {
-                _mm512_storeu_ps(tile[i].as_mut_ptr(), acc[i]);
+                for t in 0..T {
+                    _mm512_storeu_ps(tile[i][2 * GROUP * t..].as_mut_ptr(), acc[i][t]);
+                }
             }
         }
     }
@@ -675,19 +785,48 @@ mod tests {
                     for (half, (a, b)) in [(0, (wg, other)), (1, (other, wg))] {
                         // Straight from the packed blocks, and unpacked once (the second call reuses
                         // what the first unpacked).
-                        let mut got = [[[0f32; 2 * GROUP]; RUN_VNNI]; 3];
+                        let mut got = [[[0f32; 2 * GROUP]; RUN_VNNI]; 1];
                         x86::pair_vnni::<W>(a, b, &q, run, &mut got[0]);
-                        // The unpacked kernel's runs are four rows at most.
-                        let short = &run[..RUN.min(run.len())];
-                        let mut unpacked = x86::Unpacked::default();
-                        for got in &mut got[1..] {
-                            let mut part = [[0f32; 2 * GROUP]; RUN];
-                            unpacked.pair_vnni::<W>(half, a, b, &q, short, &mut part);
-                            got[..RUN].copy_from_slice(&part);
+                        // The unpacked kernel over contiguous rows, in runs of up to four: one pair
+                        // (a, b), or two (a, b, then b, a), the second time from what the first
+                        // unpacked, against the pair kernel's results for the same rows.
+                        let (r0, len) = (run[0], run.len().min(rows - run[0]));
+                        for pairs in [1, 2] {
+                            let mut unpacked = x86::Unpacked::default();
+                            for _ in 0..2 {
+                                let mut buf = vec![f32::NAN; rows * WIDE];
+                                let out = Out::new(&mut buf, rows, WIDE);
+                                let width = 2 * GROUP * pairs;
+                                // SAFETY: the CPU has AVX-512 VNNI (checked above); nothing else writes.
+                                unsafe {
+                                    unpacked.wide_vnni::<W>(
+                                        (half, pairs),
+                                        [a, b, b, a],
+                                        pairs,
+                                        &q,
+                                        r0..r0 + len,
+                                        (0, width),
+                                        &out,
+                                    )
+                                };
+                                for r in r0..r0 + len {
+                                    let mut want = [[0f32; 2 * GROUP]; RUN_VNNI];
+                                    x86::pair_vnni::<W>(a, b, &q, &[r], &mut want);
+                                    for c in 0..width {
+                                        // Column c is column c % 16 of pair (a, b), or of (b, a) in the
+                                        // second pair.
+                                        let c16 = if c < 2 * GROUP { c } else { (c + GROUP) % (2 * GROUP) };
+                                        assert_eq!(
+                                            buf[r * WIDE + c].to_bits(),
+                                            want[0][c16].to_bits(),
+                                            "{dtype:?} wide ({pairs} pairs) half {half} group {g} row {r} col {c}"
+                                        );
+                                    }
+                                }
+                            }
                         }
                         for (way, got) in got.iter().enumerate() {
-                            let len = if way == 0 { run.len() } else { short.len() };
-                            for (i, c) in (0..len).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
+                            for (i, c) in (0..run.len()).flat_map(|i| (0..GROUP).map(move |c| (i, c))) {
                                 let want = generic[i][c];
                                 let got = got[i][half * GROUP + c];
                                 assert_eq!(
