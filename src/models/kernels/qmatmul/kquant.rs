@@ -17,8 +17,8 @@
 //! farther from llama.cpp: Gemma 3's mean KL divergence against it rose 2%, past llama.cpp's own f16-KV
 //! bound.) A column's result never depends on the rows beside it.
 //! x86-64 only: AVX2 and FMA, eight columns per instruction, or on AVX-512 VNNI CPUs two groups (16
-//! columns) per 512-bit register, chosen at run time; elsewhere these types go through candle's
-//! per-block `vec_dot`.
+//! columns) per 512-bit register, chosen at run time, with each tile's weights unpacked once for all its
+//! runs of rows above 16 rows (a prefill); elsewhere these types go through candle's per-block `vec_dot`.
 use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -335,9 +335,24 @@ impl<F: Format> Kernel for KMatrix<F> {
             let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
             // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
             // are past `n` and never written out.
-            super::column_tiles(rows, cols, out, |g, run, tile| {
-                x86::pair_vnni::<F>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
-            });
+            if rows <= 16 {
+                super::column_tiles(rows, cols, out, |g, run, tile| {
+                    x86::pair_vnni::<F>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
+                });
+            } else {
+                // Several runs of rows over each tile: unpack its weights once for all of them.
+                let mut unpacked = x86::Unpacked::default();
+                for rb in (0..rows).step_by(super::ROW_BLOCK) {
+                    let re = (rb + super::ROW_BLOCK).min(rows);
+                    for c0 in cols.clone().step_by(2 * GROUP) {
+                        let (g, width) = (c0 / GROUP, (cols.end - c0).min(2 * GROUP));
+                        let (a, b) = (blocks(g), blocks((g + 1).min(groups - 1)));
+                        // SAFETY: this CPU has AVX-512 VNNI (checked above); `c0..c0 + width` is within
+                        // `cols`, this task's own columns.
+                        unsafe { unpacked.tile_vnni::<F>(g, a, b, q, rb..re, (c0, width), out) };
+                    }
+                }
+            }
             return;
         }
         let dot: DotFn = x86::select::<F>();
@@ -417,6 +432,9 @@ mod x86 {
     use super::super::x86::{
         by_rows, chunk_pair, f32_pair, hsum_lanes, nibbles, nibbles_pair, prefetch_ahead, quad, quad512,
     };
+    use std::ops::Range;
+
+    use super::super::Out;
     use super::{DotFn, Format, GROUP, Group8, Q8KRows, RUN};
 
     /// [`super::quantize_values`] in AVX2, the same bits: the magnitude's maximum over vectors (`max`
@@ -589,90 +607,225 @@ mod x86 {
             rows: &[usize; R],
             tile: &mut [[f32; 2 * GROUP]; RUN],
         ) {
-            assert_eq!(wa.len(), wb.len());
-            let kb = wa.len();
-            // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; loads read whole arrays.
+            // SAFETY: compiled for the features `pair_body` uses.
             unsafe {
-                let mut acc = [[_mm512_setzero_ps(); 8]; R];
-                let mut acc_m = [[_mm512_setzero_ps(); 4]; R];
-                let mut summs = [_mm512_setzero_ps(); R];
-                for (b, (wa, wb)) in wa.iter().zip(wb).enumerate() {
-                    prefetch_ahead(wa);
-                    prefetch_ahead(wb);
-                    let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
-                    let scales: [__m512i; 16] = std::array::from_fn(|t| doubled_pair(&wa.sc[t], &wb.sc[t]));
-                    let d = f32_pair(&wa.d, &wb.d);
-                    let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_set1_ps(a[i].d), d));
-                    for v in 0..8 {
-                        let mut sumi = [_mm512_setzero_si512(); R];
-                        for s in 0..8 {
-                            let wv = unsigned_pair::<F>(wa, wb, s, v);
-                            let scale = scales[2 * s + v / 4];
-                            for i in 0..R {
-                                let x = quad512(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
-                                sumi[i] = _mm512_dpwssd_epi32(sumi[i], scale, _mm512_maddubs_epi16(wv, x));
-                            }
-                        }
-                        if F::OFFSET != 0 {
-                            let sc = paired_pair(
-                                [bytes(&wa.sc[2 * v]), bytes(&wa.sc[2 * v + 1])],
-                                [bytes(&wb.sc[2 * v]), bytes(&wb.sc[2 * v + 1])],
-                                true,
-                            );
-                            for i in 0..R {
-                                let sub = _mm512_madd_epi16(sc, _mm512_set1_epi32(a[i].pair16[v]));
-                                sumi[i] = _mm512_sub_epi32(sumi[i], _mm512_slli_epi32::<5>(sub));
-                            }
-                        }
-                        for i in 0..R {
-                            acc[i][v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sumi[i]), acc[i][v]);
-                        }
-                    }
-                    if F::OFFSET == 0 {
-                        let dmin = f32_pair(&wa.dmin, &wb.dmin);
-                        for i in 0..R {
-                            let dm = _mm512_mul_ps(_mm512_set1_ps(-a[i].d), dmin);
-                            let mut total = _mm512_setzero_si512();
-                            for (t, lane) in acc_m[i].iter_mut().enumerate() {
-                                let m = paired_pair(
-                                    [&wa.m[2 * t], &wa.m[2 * t + 1]],
-                                    [&wb.m[2 * t], &wb.m[2 * t + 1]],
-                                    false,
-                                );
-                                let prod = _mm512_madd_epi16(m, _mm512_set1_epi32(a[i].pair32[t]));
-                                if F::HI == 1 {
-                                    total = _mm512_add_epi32(total, prod);
-                                } else {
-                                    *lane = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(prod), *lane);
-                                }
-                            }
-                            if F::HI == 1 {
-                                summs[i] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(total), summs[i]);
-                            }
-                        }
-                    }
-                }
-                for i in 0..R {
-                    let l = &acc[i];
-                    let even = _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6]));
-                    let odd = _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7]));
-                    let mut sum = _mm512_add_ps(even, odd);
-                    if F::OFFSET == 0 {
-                        let m = &acc_m[i];
-                        let extra = if F::HI == 1 {
-                            summs[i]
-                        } else {
-                            _mm512_add_ps(_mm512_add_ps(m[0], m[2]), _mm512_add_ps(m[1], m[3]))
-                        };
-                        sum = _mm512_add_ps(sum, extra);
-                    }
-                    _mm512_storeu_ps(tile[i].as_mut_ptr(), sum);
-                }
+                pair_body::<F, R>(
+                    wa,
+                    wb,
+                    q,
+                    rows,
+                    tile,
+                    |_, wa, wb| std::array::from_fn(|t| doubled_pair(&wa.sc[t], &wb.sc[t])),
+                    |_, wa, wb, s, v| unsigned_pair::<F>(wa, wb, s, v),
+                )
             }
         }
         // SAFETY: only called when the CPU has AVX-512 F, BW, VNNI and VL besides AVX2 and FMA
         // (models::cpu's `avx512_vnni`).
         unsafe { by_rows!(run::<F>(a, b, q), rows, tile) }
+    }
+
+    /// A pair of groups' weight vectors and doubled scales, unpacked once for every run of rows that
+    /// goes over them (a prefill runs sixteen per 64-row block): unpacking is a third to a half of the
+    /// kernel's vector instructions at four rows, on the two ports `vpdpwssd` needs.
+    #[derive(Default)]
+    pub struct Unpacked {
+        /// The tile these hold, or none yet.
+        key: Option<usize>,
+        /// Super-block `b`'s weight vector `(s, v)` at `64b + 8s + v`.
+        w: Vec<__m512i>,
+        /// Super-block `b`'s sixteen doubled scales at `16b..`.
+        scales: Vec<__m512i>,
+    }
+
+    impl Unpacked {
+        /// Writes rows `rows` of columns `cols.0..cols.0 + cols.1` (at most 16) into `out`: the products
+        /// with the pair `(wa, wb)`, in runs of [`RUN`] rows, unpacking it only when `key` differs from
+        /// the tile unpacked last. [`pair_vnni`]'s arithmetic, operation for operation, so the same bits.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512 F, BW, VNNI and VL besides AVX2 and FMA (models::cpu's
+        /// `avx512_vnni`), and the columns must be the calling task's own (see [`Out::set_span`]).
+        /// Compiled for those features, so no legacy SSE code runs between runs, whose rows are built
+        /// here (see `q8_0`'s `wide_vnni`).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        pub unsafe fn tile_vnni<F: Format>(
+            &mut self,
+            key: usize,
+            wa: &[Group8],
+            wb: &[Group8],
+            q: &Q8KRows,
+            rows: Range<usize>,
+            (c0, width): (usize, usize),
+            out: &Out,
+        ) {
+            assert!(wa.len() == wb.len() && width <= 2 * GROUP);
+            // SAFETY: compiled for the features the kernels use (the caller's promise that they run);
+            // the columns are the caller's.
+            unsafe {
+                if self.key != Some(key) {
+                    self.fill::<F>(wa, wb);
+                    self.key = Some(key);
+                }
+                let mut tile = [[0f32; 2 * GROUP]; RUN];
+                for r0 in rows.clone().step_by(RUN) {
+                    let n = (rows.end - r0).min(RUN);
+                    match n {
+                        4 => self.sums::<F, 4>(wa, wb, q, r0, &mut tile),
+                        3 => self.sums::<F, 3>(wa, wb, q, r0, &mut tile),
+                        2 => self.sums::<F, 2>(wa, wb, q, r0, &mut tile),
+                        _ => self.sums::<F, 1>(wa, wb, q, r0, &mut tile),
+                    }
+                    for (i, row) in tile.iter().enumerate().take(n) {
+                        out.set_span(r0 + i, c0, &row[..width]);
+                    }
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn fill<F: Format>(&mut self, wa: &[Group8], wb: &[Group8]) {
+            let kb = wa.len();
+            self.w.resize(64 * kb, _mm512_setzero_si512());
+            self.scales.resize(16 * kb, _mm512_setzero_si512());
+            // SAFETY: compiled for AVX-512 F and BW; the unpacking reads whole arrays.
+            unsafe {
+                for (b, (wa, wb)) in wa.iter().zip(wb).enumerate() {
+                    for s in 0..8 {
+                        for v in 0..8 {
+                            self.w[64 * b + 8 * s + v] = unsigned_pair::<F>(wa, wb, s, v);
+                        }
+                    }
+                    for t in 0..16 {
+                        self.scales[16 * b + t] = doubled_pair(&wa.sc[t], &wb.sc[t]);
+                    }
+                }
+            }
+        }
+
+        /// One run of `R` rows from `r0` on the unpacked tile.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        #[inline(never)]
+        unsafe fn sums<F: Format, const R: usize>(
+            &self,
+            wa: &[Group8],
+            wb: &[Group8],
+            q: &Q8KRows,
+            r0: usize,
+            tile: &mut [[f32; 2 * GROUP]; RUN],
+        ) {
+            let kb = wa.len();
+            assert!(self.w.len() == 64 * kb && self.scales.len() == 16 * kb);
+            let rows: [usize; R] = std::array::from_fn(|i| r0 + i);
+            let (w, sc) = (&self.w, &self.scales);
+            // SAFETY: compiled for the features `pair_body` uses; the indexes are below the lengths
+            // checked above.
+            unsafe {
+                pair_body::<F, R>(
+                    wa,
+                    wb,
+                    q,
+                    &rows,
+                    tile,
+                    |b, _, _| *(sc.as_ptr().add(16 * b) as *const [__m512i; 16]),
+                    |b, _, _, s, v| *w.get_unchecked(64 * b + 8 * s + v),
+                )
+            }
+        }
+    }
+
+    /// [`pair_vnni`]'s body: `scales(b, wa, wb)` gives super-block `b`'s sixteen doubled scales and
+    /// `weights(b, wa, wb, s, v)` its weight vector `v` of chunk `s`, as unsigned bytes (unpacked there
+    /// or loaded from an [`Unpacked`] tile).
+    #[inline(always)]
+    unsafe fn pair_body<F: Format, const R: usize>(
+        wa: &[Group8],
+        wb: &[Group8],
+        q: &Q8KRows,
+        rows: &[usize; R],
+        tile: &mut [[f32; 2 * GROUP]; RUN],
+        scales: impl Fn(usize, &Group8, &Group8) -> [__m512i; 16],
+        weights: impl Fn(usize, &Group8, &Group8, usize, usize) -> __m512i,
+    ) {
+        assert_eq!(wa.len(), wb.len());
+        let kb = wa.len();
+        // SAFETY: inlined only into functions compiled for AVX-512 F, BW, VNNI and VL; loads read whole
+        // arrays.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 8]; R];
+            let mut acc_m = [[_mm512_setzero_ps(); 4]; R];
+            let mut summs = [_mm512_setzero_ps(); R];
+            for (b, (wa, wb)) in wa.iter().zip(wb).enumerate() {
+                prefetch_ahead(wa);
+                prefetch_ahead(wb);
+                let a: [_; R] = std::array::from_fn(|i| &q[rows[i] * kb + b]);
+                let scales: [__m512i; 16] = scales(b, wa, wb);
+                let d = f32_pair(&wa.d, &wb.d);
+                let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_set1_ps(a[i].d), d));
+                for v in 0..8 {
+                    let mut sumi = [_mm512_setzero_si512(); R];
+                    for s in 0..8 {
+                        let wv = weights(b, wa, wb, s, v);
+                        let scale = scales[2 * s + v / 4];
+                        for i in 0..R {
+                            let x = quad512(&*(a[i].qs.as_ptr().add(32 * s) as *const [i8; 32]), v);
+                            sumi[i] = _mm512_dpwssd_epi32(sumi[i], scale, _mm512_maddubs_epi16(wv, x));
+                        }
+                    }
+                    if F::OFFSET != 0 {
+                        let sc = paired_pair(
+                            [bytes(&wa.sc[2 * v]), bytes(&wa.sc[2 * v + 1])],
+                            [bytes(&wb.sc[2 * v]), bytes(&wb.sc[2 * v + 1])],
+                            true,
+                        );
+                        for i in 0..R {
+                            let sub = _mm512_madd_epi16(sc, _mm512_set1_epi32(a[i].pair16[v]));
+                            sumi[i] = _mm512_sub_epi32(sumi[i], _mm512_slli_epi32::<5>(sub));
+                        }
+                    }
+                    for i in 0..R {
+                        acc[i][v] = _mm512_fmadd_ps(dd[i], _mm512_cvtepi32_ps(sumi[i]), acc[i][v]);
+                    }
+                }
+                if F::OFFSET == 0 {
+                    let dmin = f32_pair(&wa.dmin, &wb.dmin);
+                    for i in 0..R {
+                        let dm = _mm512_mul_ps(_mm512_set1_ps(-a[i].d), dmin);
+                        let mut total = _mm512_setzero_si512();
+                        for (t, lane) in acc_m[i].iter_mut().enumerate() {
+                            let m =
+                                paired_pair([&wa.m[2 * t], &wa.m[2 * t + 1]], [&wb.m[2 * t], &wb.m[2 * t + 1]], false);
+                            let prod = _mm512_madd_epi16(m, _mm512_set1_epi32(a[i].pair32[t]));
+                            if F::HI == 1 {
+                                total = _mm512_add_epi32(total, prod);
+                            } else {
+                                *lane = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(prod), *lane);
+                            }
+                        }
+                        if F::HI == 1 {
+                            summs[i] = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(total), summs[i]);
+                        }
+                    }
+                }
+            }
+            for i in 0..R {
+                let l = &acc[i];
+                let even = _mm512_add_ps(_mm512_add_ps(l[0], l[4]), _mm512_add_ps(l[2], l[6]));
+                let odd = _mm512_add_ps(_mm512_add_ps(l[1], l[5]), _mm512_add_ps(l[3], l[7]));
+                let mut sum = _mm512_add_ps(even, odd);
+                if F::OFFSET == 0 {
+                    let m = &acc_m[i];
+                    let extra = if F::HI == 1 {
+                        summs[i]
+                    } else {
+                        _mm512_add_ps(_mm512_add_ps(m[0], m[2]), _mm512_add_ps(m[1], m[3]))
+                    };
+                    sum = _mm512_add_ps(sum, extra);
+                }
+                _mm512_storeu_ps(tile[i].as_mut_ptr(), sum);
+            }
+        }
     }
 
     /// Eight i8 (one per column) as i16 pairs `(x_c, x_c)`, one per 32-bit lane: what `vpmaddwd`
@@ -869,6 +1022,25 @@ mod tests {
                                 got.to_bits(),
                                 want.to_bits(),
                                 "{:?} pair half {half}: group {g} col {c}",
+                                F::DTYPE
+                            );
+                        }
+                    }
+                    // The unpacked tile over rows 0..5 (runs of four and one), twice: the second time
+                    // from what the first unpacked.
+                    let mut unpacked = x86::Unpacked::default();
+                    for _ in 0..2 {
+                        let mut buf = vec![f32::NAN; rows * 2 * GROUP];
+                        let out = Out::new(&mut buf, rows, 2 * GROUP);
+                        // SAFETY: the CPU has AVX-512 VNNI (checked above); nothing else writes.
+                        unsafe { unpacked.tile_vnni::<F>(half, a, b, &q, 0..rows, (0, 2 * GROUP), &out) };
+                        for (r, c) in (0..rows).flat_map(|r| (0..GROUP).map(move |c| (r, c))) {
+                            let want = ggml_order::<F>(wg, &q, r, c);
+                            let got = buf[r * 2 * GROUP + half * GROUP + c];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{:?} unpacked half {half}: group {g} row {r} col {c}",
                                 F::DTYPE
                             );
                         }
