@@ -682,6 +682,23 @@ def write(out: Path, results):
             "regions for the norms and quantizers from 4K values (slower: a region's hand-off costs more than "
             "~2 us of work), and decode attention split into one task per key-value head (no gain).",
             "",
+            "Wider prefill tiles (2026-12-04, third session, same Xeon). A microbenchmark put this core at two "
+            "512-bit `vpdpbusd` a cycle (6.9 G a second), and the prefill kernel for Q8_0, Q5_0 and Q4_0 at a "
+            "third of that: each activation broadcast fed one `vpdpbusd` on a 16-column tile, so the kernel issued "
+            "more loads than products. Its tiles are now 32 columns (two weight vectors a step) with runs of six "
+            "rows, the runs are looped inside a function compiled for AVX-512 with each run's rows passed as its "
+            "first index (a row array built on the stack and read back whole held a sixth of the samples), and "
+            "above 16 rows the tasks' column chunks are multiples of 32. The K-quant kernels got the same "
+            "dispatch and, above 16 rows, each tile's weight vectors and scales unpacked once for all its runs "
+            "(Q6_K's bit planes cost more to unpack than its products). Kernel bench, 1536x512 x 64 rows, "
+            "alternated: Q5_0 175 -> 130 us, Q4_K 283 -> 263 us, Q6_K 371 -> 266 us. Served 256-token prefill: "
+            "SmolLM2 Q4_K_M 1340 -> 1554 tok/s, Gemma 3 1406 -> 1557; SmolLM2 Q4_K_M at 16 streams 908 -> 970 "
+            "(its joining prompts are prefills). No bit moved (`omnibus compare`: mean KLD 0 on both files; "
+            "unit tests against the pair kernels and ggml's order). Tried and dropped: two chains of four "
+            "`vpdpbusd` a row instead of one of eight (10% slower), runs of eight rows on 16-column tiles (4% "
+            "slower), 128- and 256-row blocks (no gain), and the unpacked kernels from 9 rows (or, for the "
+            "K-quants, from 5) in decode steps (no gain at 8 or 16 streams).",
+            "",
             "Where the figures stop: a one-row step streams the 96 MB of weights (66 MB of Q4_1 layers, the "
             "30 MB Q8_0 head) at 31-34 GB/s (inter-token p50 2.7-3.0 ms in that day's A/Bs). At 8 rows the step is bound by the products, and the "
             "Q4_1 kernel, at ~42% of it (~55 products a cycle a core), spends as many instructions on each block's f32 scaling (convert, two "

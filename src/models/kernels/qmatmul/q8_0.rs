@@ -30,8 +30,8 @@ use crate::models::kernels::cpu;
 
 const QK: usize = 32;
 
-/// Activation rows per run of the AVX2 kernel's tile: one unpacked weight vector serves four rows (two registers per
-/// row: its block's integer sums and its f32 accumulator).
+/// Activation rows per run of the AVX2 kernel's tile: one unpacked weight vector serves four rows (two
+/// registers per row: its block's integer sums and its f32 accumulator).
 const RUN: usize = 4;
 
 /// Rows per run of the AVX-512 VNNI kernel on packed weights: eight (two registers a row of their 32),
