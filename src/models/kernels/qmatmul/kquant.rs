@@ -335,7 +335,7 @@ impl<F: Format> Kernel for KMatrix<F> {
             let (groups, blocks) = (self.n.div_ceil(GROUP), |g: usize| &self.groups[g * kb..(g + 1) * kb]);
             // A matrix's last group, when alone, stands in for its missing neighbour too: those 8 columns
             // are past `n` and never written out.
-            if rows <= 16 {
+            if rows <= super::UNPACK_ABOVE {
                 super::column_tiles(rows, cols, out, |g, run, tile| {
                     x86::pair_vnni::<F>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
                 });

@@ -132,6 +132,11 @@ pub(crate) trait Kernel: Sync {
 /// stay in L1.
 const ROW_BLOCK: usize = 64;
 
+/// Above this many rows (a prefill, a prompt chunk), the AVX-512 kernels unpack each tile's weights once
+/// for all its runs of rows, and the Q8_0 family's tiles are 32 columns wide ([`column_chunk`]'s unit).
+/// At 16 rows and below (decode steps) they unpack per run: earlier thresholds gained nothing served.
+const UNPACK_ABOVE: usize = 16;
+
 /// Output columns per weight group in the repacked layouts: one 256-bit register holds a value for each.
 pub(crate) const GROUP: usize = 8;
 
@@ -198,7 +203,7 @@ pub(crate) fn column_tiles<const N: usize, const W: usize>(
 /// matrix's 48-column chunks).
 fn column_chunk(n: usize, rows: usize, threads: usize) -> usize {
     let per_thread = if rows >= 4 { 16 } else { 8 };
-    let unit = if rows > 16 { 32 } else { 16 };
+    let unit = if rows > UNPACK_ABOVE { 32 } else { 16 };
     n.div_ceil(threads * per_thread).next_multiple_of(unit).clamp(unit, 512)
 }
 

@@ -292,7 +292,7 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
             // are past `n` and never written out.
             // Up to two runs of eight straight from the packed blocks (a 16-row step served ~3% faster so
             // than as four runs of four on unpacked weights); from three runs up, unpacked once per tile.
-            if rows <= 2 * RUN_VNNI {
+            if rows <= super::UNPACK_ABOVE {
                 super::column_tiles(rows, cols, out, |g, run, tile| {
                     x86::pair_vnni::<W>(blocks(g), blocks((g + 1).min(groups - 1)), q, run, tile)
                 });
@@ -539,18 +539,18 @@ mod x86 {
                 for r0 in rows.clone().step_by(WIDE_RUN) {
                     let n = (rows.end - r0).min(WIDE_RUN);
                     match (pairs, n) {
-                        (1, 6) => sums_unpacked1::<6>(w, d, q, r0, &mut tile),
-                        (1, 5) => sums_unpacked1::<5>(w, d, q, r0, &mut tile),
-                        (1, 4) => sums_unpacked1::<4>(w, d, q, r0, &mut tile),
-                        (1, 3) => sums_unpacked1::<3>(w, d, q, r0, &mut tile),
-                        (1, 2) => sums_unpacked1::<2>(w, d, q, r0, &mut tile),
-                        (1, _) => sums_unpacked1::<1>(w, d, q, r0, &mut tile),
-                        (_, 6) => sums_unpacked2::<6>(w, d, q, r0, &mut tile),
-                        (_, 5) => sums_unpacked2::<5>(w, d, q, r0, &mut tile),
-                        (_, 4) => sums_unpacked2::<4>(w, d, q, r0, &mut tile),
-                        (_, 3) => sums_unpacked2::<3>(w, d, q, r0, &mut tile),
-                        (_, 2) => sums_unpacked2::<2>(w, d, q, r0, &mut tile),
-                        (_, _) => sums_unpacked2::<1>(w, d, q, r0, &mut tile),
+                        (1, 6) => sums_unpacked::<1, 6>(w, d, q, r0, &mut tile),
+                        (1, 5) => sums_unpacked::<1, 5>(w, d, q, r0, &mut tile),
+                        (1, 4) => sums_unpacked::<1, 4>(w, d, q, r0, &mut tile),
+                        (1, 3) => sums_unpacked::<1, 3>(w, d, q, r0, &mut tile),
+                        (1, 2) => sums_unpacked::<1, 2>(w, d, q, r0, &mut tile),
+                        (1, _) => sums_unpacked::<1, 1>(w, d, q, r0, &mut tile),
+                        (_, 6) => sums_unpacked::<2, 6>(w, d, q, r0, &mut tile),
+                        (_, 5) => sums_unpacked::<2, 5>(w, d, q, r0, &mut tile),
+                        (_, 4) => sums_unpacked::<2, 4>(w, d, q, r0, &mut tile),
+                        (_, 3) => sums_unpacked::<2, 3>(w, d, q, r0, &mut tile),
+                        (_, 2) => sums_unpacked::<2, 2>(w, d, q, r0, &mut tile),
+                        (_, _) => sums_unpacked::<2, 1>(w, d, q, r0, &mut tile),
                     }
                     for (i, row) in tile.iter().enumerate().take(n) {
                         out.set_span(r0 + i, c0, &row[..width]);
@@ -580,37 +580,10 @@ mod x86 {
         }
     }
 
-    /// [`sums_unpacked`] of one pair (16 columns).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-    #[inline(never)]
-    unsafe fn sums_unpacked1<const R: usize>(
-        w: &[Vec<__m512i>; 2],
-        d: &[Vec<__m512>; 2],
-        q: &Q8_0Rows,
-        r0: usize,
-        tile: &mut [[f32; WIDE]; WIDE_RUN],
-    ) {
-        // SAFETY: compiled for the features `sums_unpacked` uses.
-        unsafe { sums_unpacked::<1, R>(w, d, q, r0, tile) }
-    }
-
-    /// [`sums_unpacked`] of two pairs (32 columns).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-    #[inline(never)]
-    unsafe fn sums_unpacked2<const R: usize>(
-        w: &[Vec<__m512i>; 2],
-        d: &[Vec<__m512>; 2],
-        q: &Q8_0Rows,
-        r0: usize,
-        tile: &mut [[f32; WIDE]; WIDE_RUN],
-    ) {
-        // SAFETY: compiled for the features `sums_unpacked` uses.
-        unsafe { sums_unpacked::<2, R>(w, d, q, r0, tile) }
-    }
-
     /// [`sums`] on `T` pairs of weights [`Unpacked`] already: per block, eight steps (each one activation
     /// broadcast per row against `T` weight vectors), then its scales.
-    #[inline(always)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+    #[inline(never)]
     unsafe fn sums_unpacked<const T: usize, const R: usize>(
         w: &[Vec<__m512i>; 2],
         d: &[Vec<__m512>; 2],
@@ -623,8 +596,8 @@ mod x86 {
         for t in 0..T {
             assert!(w[t].len() == 8 * kb && d[t].len() == kb);
         }
-        // SAFETY: inlined only into functions compiled for AVX-512 F, BW, VNNI and VL; the indexing
-        // is within the lengths checked above.
+        // SAFETY: compiled for AVX-512 F, BW, VNNI and VL; the indexing is within the lengths checked
+        // above.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); T]; R];
             for k in 0..kb {
