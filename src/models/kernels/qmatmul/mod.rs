@@ -198,7 +198,7 @@ pub(crate) fn column_tiles<const N: usize, const W: usize>(
 /// step; a multiple of [`GROUP`], so no weight group straddles two tasks). How columns are split never
 /// changes a bit of the result.
 ///
-/// Above 16 rows, multiples of 32: the Q8_0-family kernels there take 32-column tiles, and a chunk of
+/// Above [`UNPACK_ABOVE`] rows, multiples of 32: the Q8_0-family kernels there take 32-column tiles, and a chunk of
 /// an odd number of 16s leaves one half-width tile per chunk (a third of the tiles in a 1536-column
 /// matrix's 48-column chunks).
 fn column_chunk(n: usize, rows: usize, threads: usize) -> usize {

@@ -312,7 +312,7 @@ impl<W: Q8Weights + x86::Unpack> Kernel for Q8Matrix<W> {
                         let tiles = [group(g), group(g + 1), group(g + 2), group(g + 3)];
                         // SAFETY: this CPU has AVX-512 VNNI (checked above); `c0..c0 + width` is within
                         // `cols`, this task's own columns.
-                        unsafe { unpacked.wide_vnni::<W>((g, pairs), tiles, pairs, q, rb..re, (c0, width), out) };
+                        unsafe { unpacked.wide_vnni::<W>((g, pairs), tiles, q, rb..re, (c0, width), out) };
                     }
                 }
             }
@@ -486,8 +486,8 @@ mod x86 {
     }
 
     /// One or two pairs of groups' weights unpacked (offset bytes, and the scales as f32) for every run
-    /// of rows that goes over them: a prefill or a many-row decode step runs several runs of rows per
-    /// tile, and on AVX-512 the unpacking (shifts, masks, inserts) competes with `vpdpbusd` for the same
+    /// of rows that goes over them: a prefill (above [`super::super::UNPACK_ABOVE`] rows) runs several
+    /// runs of rows per tile, and on AVX-512 the unpacking (shifts, masks, inserts) competes with `vpdpbusd` for the same
     /// two ports, once per run. Loaded back from L1 it costs no ALU port.
     #[derive(Default)]
     pub struct Unpacked {
@@ -501,8 +501,8 @@ mod x86 {
 
     impl Unpacked {
         /// Writes rows `rows` of columns `cols.0..cols.0 + cols.1` (at most `16 * pairs` of them) into
-        /// `out`: the products with the groups in `groups` (`groups[2t]` and `groups[2t + 1]` are pair
-        /// `t`), in runs of [`WIDE_RUN`] rows, unpacking them only when `key` differs from the tile unpacked
+        /// `out`: the products with the first `pairs` pairs of `groups` (`groups[2t]` and `groups[2t + 1]`
+        /// are pair `t`), where `key` is `(the tile's first group, pairs)`, in runs of [`WIDE_RUN`] rows, unpacking them only when `key` differs from the tile unpacked
         /// last. Per column it is [`pair_vnni`]'s arithmetic, operation for operation: the same integers,
         /// the same float operations in the same order, so the same bits.
         ///
@@ -518,12 +518,12 @@ mod x86 {
             &mut self,
             key: (usize, usize),
             groups: [&[Group8<W::Packed>]; 4],
-            pairs: usize,
             q: &Q8_0Rows,
             rows: Range<usize>,
             (c0, width): (usize, usize),
             out: &Out,
         ) {
+            let pairs = key.1;
             assert!((pairs == 1 || pairs == 2) && width <= 2 * GROUP * pairs);
             // SAFETY: compiled for the features the kernels use (the caller's promise that they run);
             // the columns are the caller's.
@@ -775,7 +775,6 @@ mod tests {
                                     unpacked.wide_vnni::<W>(
                                         (half, pairs),
                                         [a, b, b, a],
-                                        pairs,
                                         &q,
                                         r0..r0 + len,
                                         (0, width),
