@@ -107,8 +107,9 @@ pub struct ServeArgs {
 
     /// Prompt tokens read per decode step across new sequences (chunked prefill): a long prompt is read
     /// in chunks so running streams keep getting tokens while it loads, and prompts that arrive together
-    /// get their first tokens one chunk after another instead of all at the end. Default: 32 on the CPU
-    /// (its matrix products run as fast per row from ~32 rows up), 512 on GPUs.
+    /// get their first tokens one chunk after another instead of all at the end. Default: on the CPU 32,
+    /// or 256 while a sequence is alone (nothing runs beside it to stall, and longer steps are faster per
+    /// token); 512 on GPUs. Set, it holds in every case.
     #[arg(long, env = "OMNIBUS_PREFILL_CHUNK")]
     pub prefill_chunk: Option<u32>,
 

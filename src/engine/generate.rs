@@ -133,23 +133,57 @@ struct Sequence<C> {
     stops: StopMatcher,
 }
 
-/// Prompt tokens per step on the CPU when the operator sets none. Our kernels run as fast per row from
-/// ~32 rows up (a 1,024-token prompt read in chunks of 32, 64 or 256 measured the same, ~390 tokens/s
-/// on 2 cores), so a small chunk costs long prompts nothing, while it lets prompts that arrive together
-/// start streaming one after another: 16 clients' median time to first token fell from ~300-420 ms
-/// with 256 to ~120-150 ms, and a step never stalls running streams for more than ~50 ms of prompt.
+/// Prompt tokens per step on the CPU when the operator sets none, while other sequences run or wait
+/// beside the prompt. A small chunk lets prompts that arrive together start streaming one after another
+/// (16 clients' median time to first token fell from ~300-420 ms with 256 to ~120-150 ms with 32), and
+/// a step never stalls running streams for more than ~20 ms of prompt.
 pub const CPU_PREFILL_CHUNK: usize = 32;
+/// Prompt tokens per step on the CPU when the operator sets none and the prompt's sequence is the only
+/// one: no stream is running to stall and no other prompt waits for its turn, and longer steps pay. The
+/// prefill kernels unpack each weight tile once per step for all its rows, and a longer step reloads the
+/// keys fewer times: a lone 256-token prompt on SmolLM2 Q4_K_M ran at 1607, 1795, 1918 and 1984
+/// tokens/s in steps of 32, 64, 128 and 256 (alternated, 2 cores). A request that arrives meanwhile
+/// waits for the step in progress (~130 ms at 256 rows), as llama-server's default 512-token batches
+/// make it wait too.
+pub const CPU_PREFILL_CHUNK_ALONE: usize = 256;
 /// On GPUs a step's cost hardly grows with its rows until hundreds: chunks that big, as vLLM's are.
 pub const DEVICE_PREFILL_CHUNK: usize = 512;
+
+/// How many prompt tokens one step may read, across the sequences it feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillChunk {
+    /// While other sequences run or wait beside the prompt: bounds how long one step can stall the
+    /// running streams' next tokens while a long prompt is read.
+    pub shared: usize,
+    /// While the prompt's sequence is the only one.
+    pub alone: usize,
+}
+
+impl PrefillChunk {
+    /// The operator's chunk (`--prefill-chunk`) in every case, or the device's defaults.
+    pub fn new(operator: Option<usize>, device: &Device) -> Self {
+        match operator {
+            Some(n) => Self { shared: n.max(1), alone: n.max(1) },
+            None if device.is_cpu() => Self { shared: CPU_PREFILL_CHUNK, alone: CPU_PREFILL_CHUNK_ALONE },
+            None => Self { shared: DEVICE_PREFILL_CHUNK, alone: DEVICE_PREFILL_CHUNK },
+        }
+    }
+
+    /// This step's budget of prompt tokens, with `sequences` live (decoding or reading their prompts).
+    /// A sequence that asked for prompt log-probabilities keeps the shared chunk even alone: each of its
+    /// rows returns a whole vocabulary of logits (256 rows of Gemma 3's 262k would be 268 MB).
+    pub fn budget(&self, sequences: usize, prompt_logprobs: bool) -> usize {
+        if sequences == 1 && !prompt_logprobs { self.alone.max(self.shared) } else { self.shared }
+    }
+}
 
 /// The real generator: a decoder of any family, on our kernels (`Llama`) or candle's (`DeviceLlama`),
 /// and its tokenizer.
 pub struct LlamaGenerator<D: Decoder = Llama> {
     model: D,
     tokenizer: Arc<GgufTokenizer>,
-    /// Prompt tokens fed per step across all sequences: bounds how long one step can stall the
-    /// running streams' next tokens while a long prompt is read.
-    prefill_chunk: usize,
+    /// Prompt tokens fed per step across all sequences.
+    prefill_chunk: PrefillChunk,
     seqs: BTreeMap<SeqId, Sequence<D::Cache>>,
 }
 
@@ -238,7 +272,7 @@ pub fn ready_generator(
     device: &Device,
     prefill_chunk: Option<usize>,
 ) -> Result<ReadyGenerator, EngineError> {
-    let prefill_chunk = prefill_chunk.unwrap_or(if device.is_cpu() { CPU_PREFILL_CHUNK } else { DEVICE_PREFILL_CHUNK });
+    let prefill_chunk = PrefillChunk::new(prefill_chunk, device);
     // The one place the decoder is chosen: our kernels on the CPU, candle's ops on any other device
     // (or on the CPU too, when OMNIBUS_ENGINE=device-generic asks, as the device-generic tests do).
     let (engine, tokenizer, context_length, kv_bytes_per_token) = if super::device::device_generic(device) {
@@ -260,12 +294,12 @@ pub fn ready_generator(
 }
 
 impl<D: Decoder> LlamaGenerator<D> {
-    pub fn new(model: D, tokenizer: Arc<GgufTokenizer>, prefill_chunk: usize) -> Self {
-        Self { model, tokenizer, prefill_chunk: prefill_chunk.max(1), seqs: BTreeMap::new() }
+    pub fn new(model: D, tokenizer: Arc<GgufTokenizer>, prefill_chunk: PrefillChunk) -> Self {
+        Self { model, tokenizer, prefill_chunk, seqs: BTreeMap::new() }
     }
 
     /// Loads a llama GGUF and its tokenizer from the same file, and warms it with one forward pass.
-    pub fn load(path: &Path, device: &Device, prefill_chunk: usize) -> Result<LoadedLlama<D>, EngineError> {
+    pub fn load(path: &Path, device: &Device, prefill_chunk: PrefillChunk) -> Result<LoadedLlama<D>, EngineError> {
         let started = std::time::Instant::now();
         let mut file = std::fs::File::open(path).map_err(|e| EngineError::load(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::load(path, e))?;
@@ -377,7 +411,8 @@ impl<D: Decoder> Generator for LlamaGenerator<D> {
         // This step's rows: one token per decoding sequence, prompt chunks within the prefill budget.
         // Each input: the sequence, its tokens, where they start, whether the next token is sampled
         // after them (the prompt's last chunk, or a decode row), and which rows' logits are wanted.
-        let mut budget = self.prefill_chunk;
+        let lone_logprobs = self.seqs.values().next().is_some_and(|s| s.prompt_logprobs > 0);
+        let mut budget = self.prefill_chunk.budget(self.seqs.len(), lone_logprobs);
         let mut inputs: Vec<(SeqId, Vec<u32>, usize, bool, Logits)> = Vec::new();
         for (&id, seq) in &self.seqs {
             if seq.fed < seq.prompt.len() {
@@ -459,5 +494,26 @@ impl<D: Decoder> Generator for LlamaGenerator<D> {
             self.seqs.remove(&id);
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_prompt_takes_the_long_chunk_and_company_the_short_one() {
+        let cpu = PrefillChunk::new(None, &Device::Cpu);
+        assert_eq!(cpu, PrefillChunk { shared: CPU_PREFILL_CHUNK, alone: CPU_PREFILL_CHUNK_ALONE });
+        assert_eq!(cpu.budget(1, false), CPU_PREFILL_CHUNK_ALONE);
+        // Another sequence decoding or reading its prompt beside it: the short chunk.
+        assert_eq!(cpu.budget(2, false), CPU_PREFILL_CHUNK);
+        assert_eq!(cpu.budget(16, false), CPU_PREFILL_CHUNK);
+        // Prompt log-probabilities return every row's logits: the short chunk even alone.
+        assert_eq!(cpu.budget(1, true), CPU_PREFILL_CHUNK);
+        // The operator's chunk holds in every case (and at least one token).
+        let set = PrefillChunk::new(Some(64), &Device::Cpu);
+        assert_eq!((set.budget(1, false), set.budget(3, false)), (64, 64));
+        assert_eq!(PrefillChunk::new(Some(0), &Device::Cpu).budget(1, false), 1);
     }
 }
