@@ -73,8 +73,8 @@ unsafe fn causal_avx2(
 }
 
 /// [`causal_avx2`]'s bits, with the weighted sum of values in 512-bit registers (half the FMAs of the
-/// 256-bit one, the same FMAs per output value) and the query heads of one kv head taken two at a
-/// time: see [`causal_pairs_avx512`].
+/// 256-bit one, the same FMAs per output value) and the query heads of one kv head taken four or two
+/// at a time: see [`causal_groups_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -91,31 +91,39 @@ unsafe fn causal_avx512(
     out: &mut [f32],
 ) {
     assert!(hd.is_multiple_of(16), "head size {hd}: the AVX-512 path takes whole vectors");
-    // SAFETY: this function is compiled for AVX-512 F, AVX2 and FMA, which `causal_pairs_avx512` needs.
-    unsafe { causal_pairs_avx512(q, k, v, start, n_head, n_kv, hd, window, heads, out) }
+    // SAFETY: this function is compiled for AVX-512 F, AVX2 and FMA, which `causal_groups_avx512` needs.
+    unsafe { causal_groups_avx512(q, k, v, start, n_head, n_kv, hd, window, heads, out) }
 }
 
 /// One query head of one row: its query, the keys it sees, and where its output goes.
+#[derive(Clone)]
 struct Unit {
     q: Range<usize>,
     keys: Range<usize>,
     out: Range<usize>,
 }
 
-/// Attention with each kv head's (row, query head) units taken two at a time, row by row and head by
-/// head within a row (the three heads of a SmolLM2 group pair as h0+h1, h2+next row's h0, ...). A
-/// pair's two queries are scored against each loaded key chunk and its two weighted sums share each
-/// loaded value row, so the keys and values that a prompt chunk's rows reread from L2 (64 KB a kv head
-/// at 256 positions: more than L1) are read half as often. Every (query, key) score, every output
-/// value's FMA chain and every softmax sum takes the same operations in the same order as one unit
-/// alone: the same bits as [`causal_generic`], whatever the pairing.
+/// The keys every unit of `units` sees.
+fn shared_keys(units: &[Unit]) -> Range<usize> {
+    let lo = units.iter().map(|u| u.keys.start).max().unwrap_or(0);
+    let hi = units.iter().map(|u| u.keys.end).min().unwrap_or(0);
+    lo..hi.max(lo)
+}
+
+/// Attention with each kv head's (row, query head) units taken four at a time, else two, row by row
+/// and head by head within a row (a SmolLM2 group of three heads groups as h0 h1 h2 + the next row's
+/// h0, ...). A group's queries are scored against each loaded key chunk and its weighted sums share
+/// each loaded value row, so the keys and values that a prompt chunk's rows reread from L2 (64 KB a kv
+/// head at 256 positions of SmolLM2, 256 KB of Gemma 3: more than L1) are read a fourth as often. Every
+/// (query, key) score, every output value's FMA chain and every softmax sum takes the same operations
+/// in the same order as one unit alone: the same bits as [`causal_generic`], whatever the grouping.
 ///
 /// # Safety
 /// Needs AVX-512 F, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn causal_pairs_avx512(
+unsafe fn causal_groups_avx512(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -135,10 +143,11 @@ unsafe fn causal_pairs_avx512(
     let o_width = heads.len() * hd;
     assert_eq!(out.len(), n * o_width, "{n} rows of heads {heads:?}");
     assert!(hd.is_multiple_of(16) && n_kv * group == n_head);
-    let (mut sa, mut sb) = (Vec::with_capacity(start + n), Vec::with_capacity(start + n));
     if heads.is_empty() {
         return;
     }
+    let mut scores: [Vec<f32>; 4] = std::array::from_fn(|_| Vec::with_capacity(start + n));
+    let at = Attend { q, k, v, kv_width, scale };
     for kvh in heads.start / group..=(heads.end - 1) / group {
         let hs = heads.start.max(kvh * group)..heads.end.min((kvh + 1) * group);
         let m = hs.len();
@@ -156,74 +165,87 @@ unsafe fn causal_pairs_avx512(
         let units = n * m;
         let mut u = 0;
         while u < units {
-            let a = unit(u);
-            let b = (u + 1 < units).then(|| unit(u + 1));
-            // Keys both see: a pair needs at least one block of eight of them to gain anything.
-            let shared = b.as_ref().map(|b| a.keys.start.max(b.keys.start)..a.keys.end.min(b.keys.end));
-            match (b, shared) {
-                (Some(b), Some(shared)) if shared.start + 8 <= shared.end => {
-                    let (qa, qb) = (&q[a.q.clone()], &q[b.q.clone()]);
-                    let whole = shared.start + (shared.len() / 8) * 8;
-                    sa.clear();
-                    sb.clear();
-                    // SAFETY: compiled for AVX-512 F, AVX2 and FMA, which these need. Each unit's
-                    // scores are pushed in key order: the keys before the shared blocks, the shared
-                    // blocks, then the rest.
-                    unsafe {
-                        scores_avx2(qa, k, kv_width, off, a.keys.start..shared.start, scale, &mut sa);
-                        scores_avx2(qb, k, kv_width, off, b.keys.start..shared.start, scale, &mut sb);
-                        scores_pair_avx512(qa, qb, k, kv_width, off, shared.start..whole, scale, &mut sa, &mut sb);
-                        scores_avx2(qa, k, kv_width, off, whole..a.keys.end, scale, &mut sa);
-                        scores_avx2(qb, k, kv_width, off, whole..b.keys.end, scale, &mut sb);
-                        let (ma, mb) = (max_avx2(&sa), max_avx2(&sb));
-                        super::expf::x86::exp_shifted(&mut sa, ma);
-                        super::expf::x86::exp_shifted(&mut sb, mb);
-                    }
-                    let (ia, ib) = inverse_sums(&sa, &sb);
-                    let (oa, ob) = two_mut(out, a.out, b.out);
-                    // SAFETY: as above.
-                    unsafe {
-                        weighted_sum_pair_avx512(
-                            oa,
-                            ob,
-                            v,
-                            kv_width,
-                            off,
-                            (a.keys.start, &sa, ia),
-                            (b.keys.start, &sb, ib),
-                        )
-                    };
-                    u += 2;
+            // A group needs at least one block of eight keys that all its units see to gain anything.
+            let group_of = |g: usize| -> Option<Vec<Unit>> {
+                let us: Vec<Unit> = (u..u + g).map(unit).collect();
+                (shared_keys(&us).len() >= 8).then_some(us)
+            };
+            let four = if u + 4 <= units { group_of(4) } else { None };
+            let two = if four.is_none() && u + 2 <= units { group_of(2) } else { None };
+            // SAFETY: compiled for AVX-512 F, AVX2 and FMA, which `Attend`'s functions need.
+            u += unsafe {
+                match (four, two) {
+                    (Some(us), _) => at.group::<4, 2>(off, std::array::from_fn(|i| us[i].clone()), &mut scores, out),
+                    (_, Some(us)) => at.group::<2, 1>(off, std::array::from_fn(|i| us[i].clone()), &mut scores, out),
+                    _ => at.one(off, unit(u), &mut scores[0], out),
                 }
-                _ => {
-                    sa.clear();
-                    let qa = &q[a.q.clone()];
-                    // SAFETY: as above.
-                    unsafe {
-                        scores_avx2(qa, k, kv_width, off, a.keys.clone(), scale, &mut sa);
-                        let max = max_avx2(&sa);
-                        super::expf::x86::exp_shifted(&mut sa, max);
-                    }
-                    let inv = inverse_sum(&sa);
-                    // SAFETY: as above.
-                    unsafe { weighted_sum_avx512(&mut out[a.out], v, kv_width, off, a.keys.start, &sa, inv) };
-                    u += 1;
-                }
-            }
+            };
         }
     }
 }
 
-/// Two disjoint ranges of one slice, mutably (`a` and `b` in either order).
-fn two_mut(x: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
-    if a.start < b.start {
-        assert!(a.end <= b.start);
-        let (lo, hi) = x.split_at_mut(b.start);
-        (&mut lo[a], &mut hi[..b.len()])
-    } else {
-        assert!(b.end <= a.start);
-        let (lo, hi) = x.split_at_mut(a.start);
-        (&mut hi[..a.len()], &mut lo[b])
+/// What every unit of one [`causal_groups_avx512`] call reads.
+#[cfg(target_arch = "x86_64")]
+struct Attend<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_width: usize,
+    scale: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Attend<'_> {
+    /// One unit alone, as [`causal_avx2`] computes it; returns 1 (units done).
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn one(&self, off: usize, a: Unit, s: &mut Vec<f32>, out: &mut [f32]) -> usize {
+        s.clear();
+        // SAFETY: compiled for AVX-512 F, AVX2 and FMA, which these need.
+        unsafe {
+            scores_avx2(&self.q[a.q], self.k, self.kv_width, off, a.keys.clone(), self.scale, s);
+            let max = max_avx2(s);
+            super::expf::x86::exp_shifted(s, max);
+            let inv = inverse_sum(s);
+            weighted_sum_avx512(&mut out[a.out], self.v, self.kv_width, off, a.keys.start, s, inv);
+        }
+        1
+    }
+
+    /// `U` units (`P = U / 2` pairs) that share at least eight keys, together; returns `U`. Each unit's
+    /// scores are pushed in key order: its keys before the shared blocks (scored alone), the shared
+    /// blocks of eight (together), then the rest (alone).
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn group<const U: usize, const P: usize>(
+        &self,
+        off: usize,
+        us: [Unit; U],
+        scores: &mut [Vec<f32>; 4],
+        out: &mut [f32],
+    ) -> usize {
+        assert!(U == 2 * P && U <= scores.len());
+        let shared = shared_keys(&us);
+        let whole = shared.start + (shared.len() / 8) * 8;
+        let qs: [&[f32]; U] = std::array::from_fn(|i| &self.q[us[i].q.clone()]);
+        let (k, kvw, scale) = (self.k, self.kv_width, self.scale);
+        // SAFETY: compiled for AVX-512 F, AVX2 and FMA, which these need.
+        unsafe {
+            for (s, (a, q)) in scores.iter_mut().zip(us.iter().zip(qs)) {
+                s.clear();
+                scores_avx2(q, k, kvw, off, a.keys.start..shared.start, scale, s);
+            }
+            scores_group_avx512::<U, P>(qs, k, kvw, off, shared.start..whole, scale, &mut scores[..U]);
+            for (s, (a, q)) in scores.iter_mut().zip(us.iter().zip(qs)) {
+                scores_avx2(q, k, kvw, off, whole..a.keys.end, scale, s);
+                let max = max_avx2(s);
+                super::expf::x86::exp_shifted(s, max);
+            }
+        }
+        let inv = inverse_sums::<U>(std::array::from_fn(|i| &scores[i][..]));
+        let parts: [(Range<usize>, usize, &[f32], f32); U] =
+            std::array::from_fn(|i| (us[i].out.clone(), us[i].keys.start, &scores[i][..], inv[i]));
+        // SAFETY: as above.
+        unsafe { weighted_sum_group_avx512::<U>(out, self.v, kvw, off, parts) };
+        U
     }
 }
 
@@ -233,114 +255,114 @@ fn inverse_sum(exps: &[f32]) -> f32 {
     (1.0 / exps.iter().fold(0f64, |sum, &s| sum + s as f64)) as f32
 }
 
-/// [`inverse_sum`] of two units at once: each is one chain of dependent double adds (four cycles
-/// each), so running the two chains side by side takes about the time of one. Each chain keeps its
-/// order: the same bits.
+/// [`inverse_sum`] of `U` units at once: each is one chain of dependent double adds (four cycles
+/// each), so running the chains side by side takes about the time of one. Each chain keeps its order:
+/// the same bits.
 #[inline(always)]
-fn inverse_sums(a: &[f32], b: &[f32]) -> (f32, f32) {
-    let both = a.len().min(b.len());
-    let (mut x, mut y) = (0f64, 0f64);
-    for (&s, &t) in a[..both].iter().zip(&b[..both]) {
-        x += s as f64;
-        y += t as f64;
+fn inverse_sums<const U: usize>(exps: [&[f32]; U]) -> [f32; U] {
+    let both = exps.iter().map(|e| e.len()).min().unwrap_or(0);
+    let mut sums = [0f64; U];
+    for i in 0..both {
+        for (sum, e) in sums.iter_mut().zip(&exps) {
+            *sum += e[i] as f64;
+        }
     }
-    x = a[both..].iter().fold(x, |sum, &s| sum + s as f64);
-    y = b[both..].iter().fold(y, |sum, &s| sum + s as f64);
-    ((1.0 / x) as f32, (1.0 / y) as f32)
+    std::array::from_fn(|u| (1.0 / exps[u][both..].iter().fold(sums[u], |sum, &s| sum + s as f64)) as f32)
 }
 
-/// [`scores_avx2`] for two queries against the same eight keys at a time: query `a`'s eight lanes in
-/// the low half of each 512-bit accumulator and `b`'s in the high half, each key chunk loaded once
-/// into both halves. The 8x8 transposes run in both halves at once (the 128-bit-lane shuffles do not
-/// cross halves); each lane of each (query, key) accumulator takes the FMAs of [`dot`] in its order,
-/// and the fold adds lane 0, then lane 1, ... as `dot` does. `keys.len() % 8 == 0`.
+/// [`scores_avx2`] for `U = 2P` queries against the same eight keys at a time: per pair of queries,
+/// the first's eight lanes in the low half of a 512-bit accumulator and the second's in the high half,
+/// each key chunk loaded once into both halves and used by every pair. The 8x8 transposes run in both
+/// halves at once (the 128-bit-lane shuffles do not cross halves); each lane of each (query, key)
+/// accumulator takes the FMAs of [`dot`] in its order, and the fold adds lane 0, then lane 1, ... as
+/// `dot` does. `keys.len() % 8 == 0`; `out[u]` gets query `u`'s scores.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores_pair_avx512(
-    qa: &[f32],
-    qb: &[f32],
+unsafe fn scores_group_avx512<const U: usize, const P: usize>(
+    qs: [&[f32]; U],
     k: &[f32],
     kv_width: usize,
     off: usize,
     keys: Range<usize>,
     scale: f32,
-    sa: &mut Vec<f32>,
-    sb: &mut Vec<f32>,
+    out: &mut [Vec<f32>],
 ) {
     use std::arch::x86_64::*;
-    let hd = qa.len();
-    assert!(hd.is_multiple_of(8) && qb.len() == hd && keys.len().is_multiple_of(8));
+    let hd = qs[0].len();
+    assert!(U == 2 * P && out.len() == U && qs.iter().all(|q| q.len() == hd));
+    assert!(hd.is_multiple_of(8) && keys.len().is_multiple_of(8));
     assert!(keys.end * kv_width <= k.len() && off + hd <= kv_width);
-    // SAFETY: every load reads 8 floats of `qa` or `qb` (c + 8 <= hd) or of key row `t + j < keys.end`
-    // at `off + c`, within `k` (checked above).
+    // SAFETY: every load reads 8 floats of a query (c + 8 <= hd) or of key row `t + j < keys.end` at
+    // `off + c`, within `k` (checked above).
     unsafe {
         for t in keys.step_by(8) {
-            let mut acc = [_mm512_setzero_ps(); 8];
+            let mut acc = [[_mm512_setzero_ps(); 8]; P];
             for c in (0..hd).step_by(8) {
-                let low = _mm512_castps256_ps512(_mm256_loadu_ps(qa.as_ptr().add(c)));
-                let qv = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                    _mm512_castps_pd(low),
-                    _mm256_castps_pd(_mm256_loadu_ps(qb.as_ptr().add(c))),
-                ));
-                for (j, acc) in acc.iter_mut().enumerate() {
+                let qv: [__m512; P] = std::array::from_fn(|p| {
+                    let low = _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(qs[2 * p].as_ptr().add(c))));
+                    let high = _mm256_castps_pd(_mm256_loadu_ps(qs[2 * p + 1].as_ptr().add(c)));
+                    _mm512_castpd_ps(_mm512_insertf64x4::<1>(low, high))
+                });
+                for j in 0..8 {
                     let key = k.as_ptr().add((t + j) * kv_width + off + c);
                     let kv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(key.cast())));
-                    *acc = _mm512_fmadd_ps(qv, kv, *acc);
+                    for p in 0..P {
+                        acc[p][j] = _mm512_fmadd_ps(qv[p], kv, acc[p][j]);
+                    }
                 }
             }
-            let [r0, r1, r2, r3, r4, r5, r6, r7] = acc;
-            let (t0, t1) = (_mm512_unpacklo_ps(r0, r1), _mm512_unpackhi_ps(r0, r1));
-            let (t2, t3) = (_mm512_unpacklo_ps(r2, r3), _mm512_unpackhi_ps(r2, r3));
-            let (t4, t5) = (_mm512_unpacklo_ps(r4, r5), _mm512_unpackhi_ps(r4, r5));
-            let (t6, t7) = (_mm512_unpacklo_ps(r6, r7), _mm512_unpackhi_ps(r6, r7));
-            let (s0, s1) = (_mm512_shuffle_ps::<0x44>(t0, t2), _mm512_shuffle_ps::<0xEE>(t0, t2));
-            let (s2, s3) = (_mm512_shuffle_ps::<0x44>(t1, t3), _mm512_shuffle_ps::<0xEE>(t1, t3));
-            let (s4, s5) = (_mm512_shuffle_ps::<0x44>(t4, t6), _mm512_shuffle_ps::<0xEE>(t4, t6));
-            let (s6, s7) = (_mm512_shuffle_ps::<0x44>(t5, t7), _mm512_shuffle_ps::<0xEE>(t5, t7));
-            // 128-bit lanes of `lane[i]`: a's keys t..t+4, b's keys t..t+4, a's t+4..t+8, b's
-            // t+4..t+8, each value accumulator lane i of its (query, key).
-            const LOWS: i32 = 0b10_00_10_00;
-            const HIGHS: i32 = 0b11_01_11_01;
-            let lane = [
-                _mm512_shuffle_f32x4::<LOWS>(s0, s4),
-                _mm512_shuffle_f32x4::<LOWS>(s1, s5),
-                _mm512_shuffle_f32x4::<LOWS>(s2, s6),
-                _mm512_shuffle_f32x4::<LOWS>(s3, s7),
-                _mm512_shuffle_f32x4::<HIGHS>(s0, s4),
-                _mm512_shuffle_f32x4::<HIGHS>(s1, s5),
-                _mm512_shuffle_f32x4::<HIGHS>(s2, s6),
-                _mm512_shuffle_f32x4::<HIGHS>(s3, s7),
-            ];
-            let sum = lane[1..].iter().fold(lane[0], |s, &l| _mm512_add_ps(s, l));
-            let scaled = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
-            // a's eight keys, then b's.
-            let ordered = _mm512_shuffle_f32x4::<0b11_01_10_00>(scaled, scaled);
-            let mut sixteen = [0f32; 16];
-            _mm512_storeu_ps(sixteen.as_mut_ptr(), ordered);
-            sa.extend_from_slice(&sixteen[..8]);
-            sb.extend_from_slice(&sixteen[8..]);
+            for (p, &[r0, r1, r2, r3, r4, r5, r6, r7]) in acc.iter().enumerate() {
+                let (t0, t1) = (_mm512_unpacklo_ps(r0, r1), _mm512_unpackhi_ps(r0, r1));
+                let (t2, t3) = (_mm512_unpacklo_ps(r2, r3), _mm512_unpackhi_ps(r2, r3));
+                let (t4, t5) = (_mm512_unpacklo_ps(r4, r5), _mm512_unpackhi_ps(r4, r5));
+                let (t6, t7) = (_mm512_unpacklo_ps(r6, r7), _mm512_unpackhi_ps(r6, r7));
+                let (s0, s1) = (_mm512_shuffle_ps::<0x44>(t0, t2), _mm512_shuffle_ps::<0xEE>(t0, t2));
+                let (s2, s3) = (_mm512_shuffle_ps::<0x44>(t1, t3), _mm512_shuffle_ps::<0xEE>(t1, t3));
+                let (s4, s5) = (_mm512_shuffle_ps::<0x44>(t4, t6), _mm512_shuffle_ps::<0xEE>(t4, t6));
+                let (s6, s7) = (_mm512_shuffle_ps::<0x44>(t5, t7), _mm512_shuffle_ps::<0xEE>(t5, t7));
+                // 128-bit lanes of `lane[i]`: the first query's keys t..t+4, the second's, the first's
+                // t+4..t+8, the second's, each value accumulator lane i of its (query, key).
+                const LOWS: i32 = 0b10_00_10_00;
+                const HIGHS: i32 = 0b11_01_11_01;
+                let lane = [
+                    _mm512_shuffle_f32x4::<LOWS>(s0, s4),
+                    _mm512_shuffle_f32x4::<LOWS>(s1, s5),
+                    _mm512_shuffle_f32x4::<LOWS>(s2, s6),
+                    _mm512_shuffle_f32x4::<LOWS>(s3, s7),
+                    _mm512_shuffle_f32x4::<HIGHS>(s0, s4),
+                    _mm512_shuffle_f32x4::<HIGHS>(s1, s5),
+                    _mm512_shuffle_f32x4::<HIGHS>(s2, s6),
+                    _mm512_shuffle_f32x4::<HIGHS>(s3, s7),
+                ];
+                let sum = lane[1..].iter().fold(lane[0], |s, &l| _mm512_add_ps(s, l));
+                let scaled = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
+                // The first query's eight keys, then the second's.
+                let ordered = _mm512_shuffle_f32x4::<0b11_01_10_00>(scaled, scaled);
+                let mut sixteen = [0f32; 16];
+                _mm512_storeu_ps(sixteen.as_mut_ptr(), ordered);
+                out[2 * p].extend_from_slice(&sixteen[..8]);
+                out[2 * p + 1].extend_from_slice(&sixteen[8..]);
+            }
         }
     }
 }
 
-/// [`weighted_sum_avx512`] for two units over the same values: each value row's vectors are loaded
-/// once for both where both units see the key. Each unit's output values take their FMAs in key order
-/// from zero, as alone. A unit is (its first key, its probabilities, `1 / their sum`); the two key
-/// ranges must overlap.
+/// [`weighted_sum_avx512`] for `U` units over the same values: each value row's vectors are loaded
+/// once for all the units that see the key. Each unit's output values take their FMAs in key order
+/// from zero, as alone. A unit is (its output's range in `out`, its first key, its probabilities,
+/// `1 / their sum`); the outputs are disjoint and the key ranges share at least one key.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
-unsafe fn weighted_sum_pair_avx512(
-    oa: &mut [f32],
-    ob: &mut [f32],
+unsafe fn weighted_sum_group_avx512<const U: usize>(
+    out: &mut [f32],
     v: &[f32],
     kv_width: usize,
     off: usize,
-    a: (usize, &[f32], f32),
-    b: (usize, &[f32], f32),
+    units: [(Range<usize>, usize, &[f32], f32); U],
 ) {
     use std::arch::x86_64::*;
-    /// One unit's FMAs for key row `row`.
+    /// One unit's FMAs for the value row at `row`.
     #[inline(always)]
     unsafe fn one<const L: usize>(acc: &mut [__m512; L], row: *const f32, p: f32) {
         // SAFETY: the caller checked that the row's `L` vectors lie inside the values; inlined only
@@ -352,67 +374,78 @@ unsafe fn weighted_sum_pair_avx512(
             }
         }
     }
-    /// `L` vectors of both outputs from column `c0` (`o*`, `v` point there).
+    /// `L` vectors of every unit's output from column `c0` (`o[u]` and `v` point there).
     #[inline(always)]
-    unsafe fn part<const L: usize>(
-        oa: *mut f32,
-        ob: *mut f32,
+    unsafe fn part<const U: usize, const L: usize>(
+        o: [*mut f32; U],
         v: *const f32,
         kv_width: usize,
-        (fa, pa, ia): (usize, &[f32], f32),
-        (fb, pb, ib): (usize, &[f32], f32),
+        units: &[(Range<usize>, usize, &[f32], f32); U],
     ) {
-        let (ea, eb) = (fa + pa.len(), fb + pb.len());
-        let (lo, hi) = (fa.max(fb), ea.min(eb));
+        let lo = units.iter().map(|u| u.1).max().unwrap_or(0);
+        let hi = units.iter().map(|u| u.1 + u.2.len()).min().unwrap_or(0);
         // SAFETY: the caller checked that every key row's `L` vectors from `v` lie inside the values,
-        // and `o*`'s inside the outputs; inlined only into the AVX-512 function below.
+        // and `o[u]`'s inside the output; inlined only into the AVX-512 function below.
         unsafe {
-            let (mut acc_a, mut acc_b) = ([_mm512_setzero_ps(); L], [_mm512_setzero_ps(); L]);
-            for t in fa..lo {
-                one(&mut acc_a, v.add(t * kv_width), pa[t - fa] * ia);
-            }
-            for t in fb..lo {
-                one(&mut acc_b, v.add(t * kv_width), pb[t - fb] * ib);
+            let mut acc = [[_mm512_setzero_ps(); L]; U];
+            for (acc, &(_, first, probs, inv)) in acc.iter_mut().zip(units) {
+                for t in first..lo {
+                    one(acc, v.add(t * kv_width), probs[t - first] * inv);
+                }
             }
             for t in lo..hi {
-                let (p, q) = (_mm512_set1_ps(pa[t - fa] * ia), _mm512_set1_ps(pb[t - fb] * ib));
+                let p: [__m512; U] = std::array::from_fn(|u| _mm512_set1_ps(units[u].2[t - units[u].1] * units[u].3));
                 let row = v.add(t * kv_width);
                 for i in 0..L {
                     let x = _mm512_loadu_ps(row.add(16 * i));
-                    acc_a[i] = _mm512_fmadd_ps(p, x, acc_a[i]);
-                    acc_b[i] = _mm512_fmadd_ps(q, x, acc_b[i]);
+                    for u in 0..U {
+                        acc[u][i] = _mm512_fmadd_ps(p[u], x, acc[u][i]);
+                    }
                 }
             }
-            for t in hi..ea {
-                one(&mut acc_a, v.add(t * kv_width), pa[t - fa] * ia);
+            for (acc, &(_, first, probs, inv)) in acc.iter_mut().zip(units) {
+                for t in hi..first + probs.len() {
+                    one(acc, v.add(t * kv_width), probs[t - first] * inv);
+                }
             }
-            for t in hi..eb {
-                one(&mut acc_b, v.add(t * kv_width), pb[t - fb] * ib);
-            }
-            for i in 0..L {
-                _mm512_storeu_ps(oa.add(16 * i), acc_a[i]);
-                _mm512_storeu_ps(ob.add(16 * i), acc_b[i]);
+            for u in 0..U {
+                for i in 0..L {
+                    _mm512_storeu_ps(o[u].add(16 * i), acc[u][i]);
+                }
             }
         }
     }
-    let hd = oa.len();
-    let end = (a.0 + a.1.len()).max(b.0 + b.1.len());
-    assert!(hd.is_multiple_of(16) && ob.len() == hd && end * kv_width <= v.len() && off + hd <= kv_width);
-    assert!(a.0.max(b.0) <= (a.0 + a.1.len()).min(b.0 + b.1.len()), "the two key ranges overlap");
-    for c0 in (0..hd).step_by(128) {
-        let (pa, pb, pv) = (oa[c0..].as_mut_ptr(), ob[c0..].as_mut_ptr(), v[off + c0..].as_ptr());
+    let hd = units[0].0.len();
+    let end = units.iter().map(|u| u.1 + u.2.len()).max().unwrap_or(0);
+    assert!(hd.is_multiple_of(16) && end * kv_width <= v.len() && off + hd <= kv_width);
+    let lo = units.iter().map(|u| u.1).max().unwrap_or(0);
+    assert!(lo < units.iter().map(|u| u.1 + u.2.len()).min().unwrap_or(0), "the key ranges share a key");
+    for (i, a) in units.iter().enumerate() {
+        assert!(a.0.len() == hd && a.0.end <= out.len(), "unit {i}'s output lies inside `out`");
+        for b in &units[..i] {
+            assert!(a.0.end <= b.0.start || b.0.end <= a.0.start, "the outputs are disjoint");
+        }
+    }
+    // At most 16 accumulators: eight vectors per part for two units, four for four.
+    let most = (16 / U).min(8);
+    let base = out.as_mut_ptr();
+    for c0 in (0..hd).step_by(16 * most) {
+        // SAFETY: each unit's output range lies inside `out` (checked above).
+        let o: [*mut f32; U] = std::array::from_fn(|u| unsafe { base.add(units[u].0.start + c0) });
+        let pv = v[off + c0..].as_ptr();
         // SAFETY: vector `i` of part `c0` of key row `t < end` reads 16 floats at
-        // `off + c0 + 16i + 16 <= off + hd`, inside `v` (checked above); the stores stay inside `o*`.
+        // `off + c0 + 16i + 16 <= off + hd`, inside `v` (checked above); the stores stay inside each
+        // unit's own output, and the outputs are disjoint (checked above).
         unsafe {
-            match (hd - c0).min(128) / 16 {
-                1 => part::<1>(pa, pb, pv, kv_width, a, b),
-                2 => part::<2>(pa, pb, pv, kv_width, a, b),
-                3 => part::<3>(pa, pb, pv, kv_width, a, b),
-                4 => part::<4>(pa, pb, pv, kv_width, a, b),
-                5 => part::<5>(pa, pb, pv, kv_width, a, b),
-                6 => part::<6>(pa, pb, pv, kv_width, a, b),
-                7 => part::<7>(pa, pb, pv, kv_width, a, b),
-                _ => part::<8>(pa, pb, pv, kv_width, a, b),
+            match (hd - c0).min(16 * most) / 16 {
+                1 => part::<U, 1>(o, pv, kv_width, &units),
+                2 => part::<U, 2>(o, pv, kv_width, &units),
+                3 => part::<U, 3>(o, pv, kv_width, &units),
+                4 => part::<U, 4>(o, pv, kv_width, &units),
+                5 => part::<U, 5>(o, pv, kv_width, &units),
+                6 => part::<U, 6>(o, pv, kv_width, &units),
+                7 => part::<U, 7>(o, pv, kv_width, &units),
+                _ => part::<U, 8>(o, pv, kv_width, &units),
             }
         }
     }
