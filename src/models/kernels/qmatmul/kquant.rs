@@ -176,7 +176,7 @@ fn pair(a: i16, b: i16) -> i32 {
 
 pub fn quantize_q8_k(x: &[f32]) -> Q8KRows {
     let simd = cpu::features().avx2_fma;
-    super::par_map_units(x, QK_K, |x, out| {
+    super::par_map_units(x, QK_K, 1, |x, out| {
         out.reserve(x.len() / QK_K);
         for xs in x.chunks_exact(QK_K) {
             let mut b = Q8KBlock { qs: [0; QK_K], d: 0.0, bs: [0; 16], pair16: [0; 8], pair32: [0; 4] };

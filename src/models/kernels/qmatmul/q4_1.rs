@@ -145,7 +145,7 @@ impl Kernel for Q4_1Matrix {
 /// candle's `BlockQ8_1::from_float`, value for value.
 fn quantize_q8_1(x: &[f32]) -> Q8_1Rows {
     let simd = cpu::features().avx2_fma;
-    super::par_map_units(x, QK, |x, out| {
+    super::par_map_units(x, QK, 1, |x, out| {
         out.reserve(x.len() / QK);
         #[cfg(target_arch = "x86_64")]
         if simd {

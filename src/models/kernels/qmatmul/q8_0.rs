@@ -75,7 +75,7 @@ pub(crate) fn round_half_away(v: f32) -> f32 {
 /// `offset` is the weight type's [`Q8Weights::OFFSET`], for the lane corrections.
 pub fn quantize_q8_0(x: &[f32], offset: i32) -> Q8_0Rows {
     let simd = cpu::features().avx2_fma;
-    super::par_map_units(x, QK, |x, out| {
+    super::par_map_units(x, QK, 1, |x, out| {
         out.reserve(x.len() / QK);
         #[cfg(target_arch = "x86_64")]
         if simd {
