@@ -307,8 +307,8 @@ unsafe fn scores_group_avx512<const U: usize, const P: usize>(
                 for j in 0..8 {
                     let key = k.as_ptr().add((t + j) * kv_width + off + c);
                     let kv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(key.cast())));
-                    for p in 0..P {
-                        acc[p][j] = _mm512_fmadd_ps(qv[p], kv, acc[p][j]);
+                    for (acc, &qv) in acc.iter_mut().zip(&qv) {
+                        acc[j] = _mm512_fmadd_ps(qv, kv, acc[j]);
                     }
                 }
             }
@@ -398,8 +398,8 @@ unsafe fn weighted_sum_group_avx512<const U: usize>(
                 let row = v.add(t * kv_width);
                 for i in 0..L {
                     let x = _mm512_loadu_ps(row.add(16 * i));
-                    for u in 0..U {
-                        acc[u][i] = _mm512_fmadd_ps(p[u], x, acc[u][i]);
+                    for (acc, &p) in acc.iter_mut().zip(&p) {
+                        acc[i] = _mm512_fmadd_ps(p, x, acc[i]);
                     }
                 }
             }
@@ -408,9 +408,9 @@ unsafe fn weighted_sum_group_avx512<const U: usize>(
                     one(acc, v.add(t * kv_width), probs[t - first] * inv);
                 }
             }
-            for u in 0..U {
-                for i in 0..L {
-                    _mm512_storeu_ps(o[u].add(16 * i), acc[u][i]);
+            for (acc, o) in acc.iter().zip(o) {
+                for (i, &acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(16 * i), acc);
                 }
             }
         }

@@ -343,7 +343,6 @@ pub(crate) fn par_map_units<B: Send>(
             slot.write(item);
         }
     });
-    drop(slots);
     // SAFETY: the tasks cover units 0..units and each wrote its `per_unit` items a unit (asserted);
     // the region is over. A task that panicked left the length at zero.
     unsafe { out.set_len(units * per_unit) };
