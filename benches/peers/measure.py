@@ -597,9 +597,10 @@ def write(out: Path, results):
             "",
             "Q, K and V (and gate and up) share one quantization of their input and one parallel region, and a "
             "decode step of one or two sequences spreads attention's heads over the team. Prompts are read 32 "
-            "tokens per step on the CPU (`--prefill-chunk`; it was 256): our kernels run as fast per row from ~32 "
-            "rows up, so long prompts lose nothing, while clients that arrive together start streaming one after "
-            "another instead of all waiting for the whole wave's prompts (the time to first token at 16 clients).",
+            "tokens per step on the CPU while other sequences run or wait (`--prefill-chunk`; it was 256), so "
+            "clients that arrive together start streaming one after another instead of all waiting for the whole "
+            "wave's prompts (the time to first token at 16 clients); a sequence alone reads 256 a step (see the "
+            "fourth session of 2026-12-04 below).",
             "",
             "Work the team waits on is the other lever at 2 cores: in a 16-row served step's profile the second "
             "thread spun ~13% of the time while the engine thread worked alone (filling outputs with NaN, "
@@ -698,6 +699,24 @@ def write(out: Path, results):
             "`vpdpbusd` a row instead of one of eight (10% slower), runs of eight rows on 16-column tiles (4% "
             "slower), 128- and 256-row blocks (no gain), and the unpacked kernels from 9 rows (or, for the "
             "K-quants, from 5) in decode steps (no gain at 8 or 16 streams).",
+            "",
+            "Longer steps for a lone prompt, grouped attention (2026-12-04, fourth session, same Xeon). Every "
+            "prompt was read 32 tokens a step, a bound meant for prompts that arrive together and for the streams "
+            "running beside them; a lone 256-token prompt ran as eight 32-row steps, each unpacking every weight "
+            "tile again (which is also why the 128- and 256-row blocks above gained nothing). A sequence alone in "
+            "the engine, without prompt log-probabilities, now reads 256 tokens a step; the 32-token chunk holds "
+            "whenever another sequence runs or waits, and an operator's `--prefill-chunk` always. A lone 256-token "
+            "SmolLM2 Q4_K_M prompt, alternated: 1607, 1795, 1918 and 1984 tok/s in steps of 32, 64, 128 and 256. "
+            "On AVX-512, attention takes a kv head's (row, query head) units four at a time, or two, where they "
+            "share eight keys: their queries in the halves of 512-bit accumulators against each key chunk loaded "
+            "once, and each value row shared by their weighted sums, so keys and values come from L2 a fourth as "
+            "often; the softmax sums' f64 chains run side by side. The RMS norms are compiled for AVX2 (the f64 "
+            "sums in two registers of four, in the same order), and the activation quantizers move their parts "
+            "into the result in parallel instead of appending them on the engine thread. Served 256-token "
+            "prefill, alternated, the session's first binary against its last: SmolLM2 Q4_K_M 1474 -> 2004, Gemma 3 "
+            "1509 -> 1936, SmolLM2 Q4_1 1768 -> 2122 tok/s (medians of three; 8 streams of SmolLM2 Q4_1 unchanged, 1065 vs 1065). No bit moved (`omnibus compare` over held-out text: mean KLD 0 "
+            "on all three files; unit tests of every AVX-512 grouping, across rows, partial head groups and "
+            "windows, against the generic code).",
             "",
             "Where the figures stop: a one-row step streams the 96 MB of weights (66 MB of Q4_1 layers, the "
             "30 MB Q8_0 head) at 31-34 GB/s (inter-token p50 2.7-3.0 ms in that day's A/Bs). At 8 rows the step is bound by the products, and the "
