@@ -72,30 +72,8 @@ unsafe fn causal_avx2(
     }
 }
 
-/// [`causal_avx2`]'s bits, with the weighted sum of values in 512-bit registers (half the FMAs of the
-/// 256-bit one, the same FMAs per output value) and the query heads of one kv head taken four or two
-/// at a time: see [`causal_groups_avx512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn causal_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    start: usize,
-    n_head: usize,
-    n_kv: usize,
-    hd: usize,
-    window: usize,
-    heads: Range<usize>,
-    out: &mut [f32],
-) {
-    assert!(hd.is_multiple_of(16), "head size {hd}: the AVX-512 path takes whole vectors");
-    // SAFETY: this function is compiled for AVX-512 F, AVX2 and FMA, which `causal_groups_avx512` needs.
-    unsafe { causal_groups_avx512(q, k, v, start, n_head, n_kv, hd, window, heads, out) }
-}
-
 /// One query head of one row: its query, the keys it sees, and where its output goes.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone)]
 struct Unit {
     q: Range<usize>,
@@ -104,13 +82,16 @@ struct Unit {
 }
 
 /// The keys every unit of `units` sees.
+#[cfg(target_arch = "x86_64")]
 fn shared_keys(units: &[Unit]) -> Range<usize> {
     let lo = units.iter().map(|u| u.keys.start).max().unwrap_or(0);
     let hi = units.iter().map(|u| u.keys.end).min().unwrap_or(0);
     lo..hi.max(lo)
 }
 
-/// Attention with each kv head's (row, query head) units taken four at a time, else two, row by row
+/// [`causal_avx2`]'s bits, with the weighted sum of values in 512-bit registers (half the FMAs of the
+/// 256-bit one, the same FMAs per output value) and each kv head's (row, query head) units taken four
+/// at a time, else two, row by row
 /// and head by head within a row (a SmolLM2 group of three heads groups as h0 h1 h2 + the next row's
 /// h0, ...). A group's queries are scored against each loaded key chunk and its weighted sums share
 /// each loaded value row, so the keys and values that a prompt chunk's rows reread from L2 (64 KB a kv
@@ -123,7 +104,7 @@ fn shared_keys(units: &[Unit]) -> Range<usize> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn causal_groups_avx512(
+unsafe fn causal_avx512(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -142,7 +123,8 @@ unsafe fn causal_groups_avx512(
     let n = q.len() / q_width;
     let o_width = heads.len() * hd;
     assert_eq!(out.len(), n * o_width, "{n} rows of heads {heads:?}");
-    assert!(hd.is_multiple_of(16) && n_kv * group == n_head);
+    assert!(hd.is_multiple_of(16), "head size {hd}: the AVX-512 path takes whole vectors");
+    assert_eq!(n_kv * group, n_head, "{n_head} query heads over {n_kv} kv heads");
     if heads.is_empty() {
         return;
     }
@@ -184,7 +166,7 @@ unsafe fn causal_groups_avx512(
     }
 }
 
-/// What every unit of one [`causal_groups_avx512`] call reads.
+/// What every unit of one [`causal_avx512`] call reads.
 #[cfg(target_arch = "x86_64")]
 struct Attend<'a> {
     q: &'a [f32],
@@ -258,6 +240,7 @@ fn inverse_sum(exps: &[f32]) -> f32 {
 /// [`inverse_sum`] of `U` units at once: each is one chain of dependent double adds (four cycles
 /// each), so running the chains side by side takes about the time of one. Each chain keeps its order:
 /// the same bits.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn inverse_sums<const U: usize>(exps: [&[f32]; U]) -> [f32; U] {
     let both = exps.iter().map(|e| e.len()).min().unwrap_or(0);
