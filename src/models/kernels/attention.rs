@@ -74,7 +74,6 @@ unsafe fn causal_avx2(
 
 /// One query head of one row: its query, the keys it sees, and where its output goes.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone)]
 struct Unit {
     q: Range<usize>,
     keys: Range<usize>,
@@ -148,17 +147,19 @@ unsafe fn causal_avx512(
         let mut u = 0;
         while u < units {
             // A group needs at least one block of eight keys that all its units see to gain anything.
-            let group_of = |g: usize| -> Option<Vec<Unit>> {
-                let us: Vec<Unit> = (u..u + g).map(unit).collect();
-                (shared_keys(&us).len() >= 8).then_some(us)
-            };
-            let four = if u + 4 <= units { group_of(4) } else { None };
-            let two = if four.is_none() && u + 2 <= units { group_of(2) } else { None };
+            // Built on the stack: this runs once per group of a prompt's attention.
+            fn group_of<const G: usize>(u: usize, units: usize, unit: impl Fn(usize) -> Unit) -> Option<[Unit; G]> {
+                (u + G <= units)
+                    .then(|| std::array::from_fn(|i| unit(u + i)))
+                    .filter(|us: &[Unit; G]| shared_keys(us).len() >= 8)
+            }
+            let four = group_of::<4>(u, units, unit);
+            let two = if four.is_none() { group_of::<2>(u, units, unit) } else { None };
             // SAFETY: compiled for AVX-512 F, AVX2 and FMA, which `Attend`'s functions need.
             u += unsafe {
                 match (four, two) {
-                    (Some(us), _) => at.group::<4, 2>(off, std::array::from_fn(|i| us[i].clone()), &mut scores, out),
-                    (_, Some(us)) => at.group::<2, 1>(off, std::array::from_fn(|i| us[i].clone()), &mut scores, out),
+                    (Some(us), _) => at.group::<4, 2>(off, us, &mut scores, out),
+                    (_, Some(us)) => at.group::<2, 1>(off, us, &mut scores, out),
                     _ => at.one(off, unit(u), &mut scores[0], out),
                 }
             };
