@@ -61,7 +61,14 @@ def main():
         w.add_tensor(name, q[0], raw_dtype=q[1])
 
     hd = s["width"] // s["heads"]
-    add("token_embd.weight", mat(n, s["width"], gguf.GGMLQuantizationType.Q8_0, scale=1.0))
+    # The tied head's rows have norm ~1 (entries of std width^-0.5), so the logits of the unit-RMS last state
+    # have a spread of ~1 nat. Entries of std 1 (the first GPU run) gave logits of std ~24 (sqrt(width)): near
+    # one-hot distributions in which rounding that two correct engines are free to differ in (30 random layers
+    # amplify it) moved log-probabilities by whole nats. On the SmolLM2 shape, our CPU kernels against candle's
+    # CPU ops then differed by mean KLD 0.012, and by 0.00046 with std 3 * width^-0.5, but by 1e-6 with this
+    # scale, so a wrong graph (KLD of order 0.1-1) stands out from rounding by five orders of magnitude. The
+    # same-top rate means little on such flat distributions; the KLD is the figure to read.
+    add("token_embd.weight", mat(n, s["width"], gguf.GGMLQuantizationType.Q8_0))
     w.add_tensor("output_norm.weight", norm(s["width"]))
     for i in range(s["layers"]):
         p = f"blk.{i}"
