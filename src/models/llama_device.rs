@@ -264,8 +264,11 @@ impl DeviceLlama {
             let pos = start + j;
             let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let seen = pos + 1 - first;
-            let k = keys.narrow(1, first, seen)?.contiguous()?;
-            let v = values.narrow(1, first, seen)?.contiguous()?;
+            // Views into the slab, not copies: the matrix products take the slab's row stride (cuBLAS as
+            // a strided batch, a transposed one for the keys), so a row no longer copies its whole
+            // context twice per layer, two kernel launches of O(context) each on a GPU.
+            let k = keys.narrow(1, first, seen)?;
+            let v = values.narrow(1, first, seen)?;
             // This row's queries grouped by their KV head: [kv_heads, group, head_dim].
             let q = qs.narrow(1, j, 1)?.reshape((kv_heads, group, hd))?;
             let scores = (q.matmul(&k.t()?)? * scale)?;
