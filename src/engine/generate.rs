@@ -146,7 +146,10 @@ pub const CPU_PREFILL_CHUNK: usize = 32;
 /// waits for the step in progress (~130 ms at 256 rows), as llama-server's default 512-token batches
 /// make it wait too.
 pub const CPU_PREFILL_CHUNK_ALONE: usize = 256;
-/// On GPUs a step's cost hardly grows with its rows until hundreds: chunks that big, as vLLM's are.
+/// On GPUs, chunks as big as vLLM's. That rests on a GPU step costing little more with more rows, which
+/// holds for a GPU's arithmetic but not for today's device path, whose cost per row is launches
+/// (attention row by row, products in 8-row chunks); a smaller chunk would stall running streams for
+/// less at a time. Not yet measured on a GPU.
 pub const DEVICE_PREFILL_CHUNK: usize = 512;
 
 /// How many prompt tokens one step may read, across the sequences it feeds.

@@ -6,9 +6,10 @@
 //!
 //! Batching is the same as the kernel path's: the linear layers run every sequence's rows as one
 //! matrix, attention runs per sequence over its own cache. Each row's result depends only on its own
-//! sequence as long as the matrix-product kernel computes rows independently, which candle's quantized
-//! kernels do on the CPU (each row is quantized and dotted alone); on CUDA that depends on candle's
-//! choice of kernel by row count, which `scripts/gpu-check` measures.
+//! sequence as long as the matrix-product kernel computes rows independently. candle's quantized
+//! kernels do on the CPU (each row is quantized and dotted alone). On CUDA they sum in an order that
+//! follows the row count, so there every product runs on chunks of exactly 8 rows
+//! ([`DEVICE_PRODUCT_ROWS`]); `scripts/gpu-check` measures whether a row's bits then hold.
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, bail};
@@ -95,6 +96,8 @@ pub struct DeviceLlama {
     /// The sliding-window layers' own base, without scaling; None when no layer slides.
     rope_swa: Option<Rope>,
     pub weight_types: Vec<GgmlDType>,
+    /// Rows per quantized product ([`DEVICE_PRODUCT_ROWS`] on GPUs), or None: whole products.
+    product_rows: Option<usize>,
 }
 
 /// One sequence's keys and values on the device: per layer a `[kv_heads, capacity, head_dim]` slab,
@@ -132,17 +135,14 @@ impl DeviceCache {
 /// takes four warps per weight row up to four activation rows and two from five to eight, and above
 /// eight the tiled MMQ kernel takes over. On the first H200 run a prompt read 4 rows a step scored
 /// differently from the same prompt read whole (mean KLD 9e-6, |dlogprob| up to 0.21). With every
-/// product at eight rows (the last chunk padded with zero rows), each row goes through the same
-/// kernel with the same partition of its sums, and the kernel computes each activation row apart
-/// from the others, so a row's bits no longer depend on the rows beside it. The cost is prefill: a
-/// prompt's rows go eight to a launch. (On the CPU candle's products already compute each row alone.)
+/// product at eight rows, each row goes through the same kernel with the same partition of its sums,
+/// and the kernel computes each activation row apart from the others, so a row's bits no longer
+/// depend on the rows beside it. A step's rows are padded once, at the embedding, to a multiple of
+/// eight (the pad rows ride along and are never attended to, cached or read out), so the chunks are
+/// views; only the attention output and the head's rows are padded again. The cost: a 1-row step
+/// computes 8, and a step of more than 8 rows runs one launch per 8 rows, each reading the weights.
+/// (On the CPU candle's products already compute each row alone, and run whole.)
 const DEVICE_PRODUCT_ROWS: usize = 8;
-
-/// `w` times the `[rows, k]` activations `x`: whole on the CPU, in chunks of [`DEVICE_PRODUCT_ROWS`]
-/// on other devices.
-fn product(w: &QMatMul, x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() { w.forward(x) } else { fixed_rows(w, x, DEVICE_PRODUCT_ROWS) }
-}
 
 /// `w.forward(x)` computed on chunks of exactly `n` rows, the last padded with zero rows whose results
 /// are dropped.
@@ -161,6 +161,15 @@ fn fixed_rows(w: &QMatMul, x: &Tensor, n: usize) -> Result<Tensor> {
     match outs.len() {
         1 => Ok(outs.remove(0)),
         _ => Tensor::cat(&outs, 0),
+    }
+}
+
+/// `x` (`[r, k]`) with zero rows appended up to `rows`.
+fn pad_rows(x: Tensor, rows: usize) -> Result<Tensor> {
+    let (r, k) = x.dims2()?;
+    match r < rows {
+        true => Tensor::cat(&[&x, &Tensor::zeros((rows - r, k), x.dtype(), x.device())?], 0),
+        false => Ok(x),
     }
 }
 
@@ -259,7 +268,27 @@ impl DeviceLlama {
             true => Some(Rope::new(&config, config.rope_base_swa, 1.0, freqs.as_deref(), device)?),
             false => None,
         };
-        Ok(Self { config, device: device.clone(), embed, layers, norm, output, rope, rope_swa, weight_types: types })
+        let product_rows = (!device.is_cpu()).then_some(DEVICE_PRODUCT_ROWS);
+        Ok(Self {
+            config,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            output,
+            rope,
+            rope_swa,
+            weight_types: types,
+            product_rows,
+        })
+    }
+
+    /// `w` times the `[rows, k]` activations `x`, whole or in chunks of `product_rows`.
+    fn product(&self, w: &QMatMul, x: &Tensor) -> Result<Tensor> {
+        match self.product_rows {
+            None => w.forward(x),
+            Some(n) => fixed_rows(w, x, n),
+        }
     }
 
     /// One sequence's attention at layer `li` over rows `row0..row0 + n` of the projections
@@ -365,7 +394,11 @@ impl Decoder for DeviceLlama {
             }
             ids.extend_from_slice(s.tokens);
         }
-        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        // The rows every product runs on: the step's, padded on GPUs (see DEVICE_PRODUCT_ROWS) with token
+        // 0, whose rows nothing reads.
+        let rows = self.product_rows.map_or(total, |n| total.next_multiple_of(n));
+        ids.resize(rows, 0);
+        let ids = Tensor::from_vec(ids, rows, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         if let Some(scale) = c.embed_scale {
             x = (x * scale as f64)?;
@@ -373,16 +406,16 @@ impl Decoder for DeviceLlama {
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let (q, k, v) = match &layer.qkv {
-                Qkv::Split { q, k, v } => (product(q, &xn)?, product(k, &xn)?, product(v, &xn)?),
+                Qkv::Split { q, k, v } => (self.product(q, &xn)?, self.product(k, &xn)?, self.product(v, &xn)?),
                 Qkv::Fused(w) => {
-                    let qkv = product(w, &xn)?;
+                    let qkv = self.product(w, &xn)?;
                     (qkv.narrow(1, 0, q_dim)?, qkv.narrow(1, q_dim, kv_dim)?, qkv.narrow(1, q_dim + kv_dim, kv_dim)?)
                 }
             };
             let (mut q, mut k, v) = (add_bias(q, &layer.bq)?, add_bias(k, &layer.bk)?, add_bias(v, &layer.bv)?);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q.reshape((total, c.n_head, c.head_dim))?, qn, c.rms_eps)?.reshape((total, q_dim))?;
-                k = rms_norm(&k.reshape((total, c.n_kv_head, c.head_dim))?, kn, c.rms_eps)?.reshape((total, kv_dim))?;
+                q = rms_norm(&q.reshape((rows, c.n_head, c.head_dim))?, qn, c.rms_eps)?.reshape((rows, q_dim))?;
+                k = rms_norm(&k.reshape((rows, c.n_kv_head, c.head_dim))?, kn, c.rms_eps)?.reshape((rows, kv_dim))?;
             }
             let mut outs = Vec::with_capacity(steps.len());
             let mut row = 0;
@@ -393,17 +426,17 @@ impl Decoder for DeviceLlama {
                 }
                 row += n;
             }
-            let attn = Tensor::cat(&outs, 0)?;
-            let mut o = product(&layer.wo, &attn)?;
+            let attn = pad_rows(Tensor::cat(&outs, 0)?, rows)?;
+            let mut o = self.product(&layer.wo, &attn)?;
             if let Some(w) = &layer.post_attn_norm {
                 o = rms_norm(&o, w, c.rms_eps)?;
             }
             x = (x + o)?;
             let xn = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let (gate, up) = match &layer.gate_up {
-                GateUp::Split { gate, up } => (product(gate, &xn)?, product(up, &xn)?),
+                GateUp::Split { gate, up } => (self.product(gate, &xn)?, self.product(up, &xn)?),
                 GateUp::Fused(w) => {
-                    let gu = product(w, &xn)?;
+                    let gu = self.product(w, &xn)?;
                     (gu.narrow(1, 0, c.n_ff)?, gu.narrow(1, c.n_ff, c.n_ff)?)
                 }
             };
@@ -411,7 +444,7 @@ impl Decoder for DeviceLlama {
                 Activation::Silu => candle_nn::ops::silu(&gate)?,
                 Activation::GeluTanh => gate.gelu()?,
             };
-            let mut down = product(&layer.w_down, &(act * up)?)?;
+            let mut down = self.product(&layer.w_down, &(act * up)?)?;
             if let Some(w) = &layer.post_ffn_norm {
                 down = rms_norm(&down, w, c.rms_eps)?;
             }
@@ -446,7 +479,8 @@ impl Decoder for DeviceLlama {
             return Ok(out);
         }
         let head = rms_norm(&Tensor::cat(&rows, 0)?, &self.norm, c.rms_eps)?;
-        let logits = product(&self.output, &head)?.to_device(&Device::Cpu)?;
+        // Contiguous first: a view of a padded product's rows would bring the padding down too.
+        let logits = self.product(&self.output, &head)?.force_contiguous()?.to_device(&Device::Cpu)?;
         let mut first = 0;
         for (i, take) in wanted {
             out[i] = Some(logits.i(first..first + take)?.flatten_all()?.to_vec1::<f32>()?);
@@ -459,6 +493,51 @@ impl Decoder for DeviceLlama {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A decoder that pads its steps and runs its products in 8-row chunks (what GPUs run), here on the
+    /// CPU, gives the whole-product decoder's logits bit for bit: the pad rows are never attended to,
+    /// cached or read out. On SmolLM2 (Q4_1) and Gemma 3 (Q4_K_M: Q/K norms, post-norms, sliding
+    /// windows), across steps of two sequences with 1 to 13 rows. Quantized files, because candle's CPU
+    /// products compute each row alone only for quantized weights: the tiny test files' f32 matrices go
+    /// through a general matrix product whose sums follow the row count.
+    #[test]
+    fn device_generic_padded_steps_give_the_unpadded_logits() {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+        for file in ["SmolLM2-135M-Instruct.Q4_1.gguf", "optional/gemma-3-270m-q4_k_m.gguf"] {
+            let path = root.join(file);
+            assert!(path.exists(), "{} is missing: python3 models/fetch.py --with gemma3", path.display());
+            let load = || {
+                let mut f = std::fs::File::open(&path).unwrap();
+                let content = Content::read(&mut f).unwrap();
+                DeviceLlama::load_from(&content, &mut f, &Device::Cpu).unwrap()
+            };
+            let whole = load();
+            let mut padded = load();
+            padded.product_rows = Some(DEVICE_PRODUCT_ROWS);
+            let ids: Vec<u32> = (0..40u32).map(|i| 1000 + i * 37).collect();
+            // (tokens of sequence a, tokens of sequence b) per step, logits of every row.
+            let steps = [(0..5, 5..8), (8..9, 9..10), (10..19, 19..23), (23..24, 24..24), (24..25, 25..37)];
+            let run = |m: &DeviceLlama| {
+                let (mut a, mut b) = (m.new_cache().unwrap(), m.new_cache().unwrap());
+                let mut out = Vec::new();
+                for (ra, rb) in steps.clone() {
+                    let logits = m
+                        .forward(&mut [
+                            Step { tokens: &ids[ra], cache: &mut a, logits: Logits::All },
+                            Step { tokens: &ids[rb], cache: &mut b, logits: Logits::All },
+                        ])
+                        .unwrap();
+                    out.push(logits.into_iter().map(|l| l.map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())));
+                }
+                out.into_iter().flatten().collect::<Vec<_>>()
+            };
+            let (got, want) = (run(&padded), run(&whole));
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(g == w, "{file}: step {} sequence {} differs", i / 2, i % 2);
+            }
+        }
+    }
 
     /// Products in fixed chunks of rows, the last padded (what GPUs run), give the whole product's bits
     /// for every row count around the chunk, on the CPU where a product computes each row alone.
