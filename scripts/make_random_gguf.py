@@ -50,8 +50,8 @@ def main():
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
 
-    def mat(rows, cols, qtype=gguf.GGMLQuantizationType.Q4_1, scale=None):
-        x = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(scale or cols ** -0.5)
+    def mat(rows, cols, qtype=gguf.GGMLQuantizationType.Q4_1):
+        x = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cols ** -0.5)
         return gguf.quants.quantize(x, qtype), qtype
 
     def norm(k):
