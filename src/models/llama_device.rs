@@ -147,15 +147,12 @@ const DEVICE_PRODUCT_ROWS: usize = 8;
 /// `w.forward(x)` computed on chunks of exactly `n` rows, the last padded with zero rows whose results
 /// are dropped.
 fn fixed_rows(w: &QMatMul, x: &Tensor, n: usize) -> Result<Tensor> {
-    let (rows, k) = x.dims2()?;
+    let rows = x.dim(0)?;
     let mut outs = Vec::with_capacity(rows.div_ceil(n));
     for r0 in (0..rows).step_by(n) {
         let take = (rows - r0).min(n);
-        let chunk = x.narrow(0, r0, take)?;
-        let chunk = match take < n {
-            true => Tensor::cat(&[&chunk, &Tensor::zeros((n - take, k), x.dtype(), x.device())?], 0)?,
-            false => chunk.contiguous()?,
-        };
+        // A whole chunk of contiguous rows is a view; only a last, short one is copied, to pad it.
+        let chunk = pad_rows(x.narrow(0, r0, take)?, n)?.contiguous()?;
         outs.push(w.forward(&chunk)?.narrow(0, 0, take)?);
     }
     match outs.len() {
