@@ -476,8 +476,13 @@ impl Decoder for DeviceLlama {
             return Ok(out);
         }
         let head = rms_norm(&Tensor::cat(&rows, 0)?, &self.norm, c.rms_eps)?;
-        // Contiguous first: a view of a padded product's rows would bring the padding down too.
-        let logits = self.product(&self.output, &head)?.force_contiguous()?.to_device(&Device::Cpu)?;
+        let mut logits = self.product(&self.output, &head)?;
+        if self.product_rows.is_some() {
+            // A view of a padded product's rows would bring the padding down too. (A whole product's
+            // logits are their own tensor already; copying them again would cost vocab x rows a step.)
+            logits = logits.force_contiguous()?;
+        }
+        let logits = logits.to_device(&Device::Cpu)?;
         let mut first = 0;
         for (i, take) in wanted {
             out[i] = Some(logits.i(first..first + take)?.flatten_all()?.to_vec1::<f32>()?);
